@@ -1,0 +1,47 @@
+"""State-space layer math written once against the Python array API standard.
+
+Pure functions of ``(x, state, params)`` returning ``(y, new_state)``, on any
+array-API array (NumPy, CuPy, torch, MLX, array-api-strict). Features are the
+last axis of ``x``. No array library is imported here: the namespace comes from
+the arguments, or from ``xp=`` when the caller already knows it.
+
+Functional API, uniform over the four layers::
+
+    y, state = ssm_core.s4_step(x, state, params)      # S4State(state)
+    y, state = ssm_core.s5_step(x, state, params)      # S5State(global_state)
+    y, state = ssm_core.s6_step(x, state, params)      # S6State(state)
+    y, state = ssm_core.mamba_step(x, state, params)   # MambaState(ssm_state, conv_buffer)
+
+``ssm_core.S4`` ... ``ssm_core.Mamba`` are :class:`LayerSpec` records tying each
+layer's config, parameter and state containers and functions together, e.g.
+``ssm_core.S6.params_from_mapping(torch_layer.state_dict())`` and
+``ssm_core.S6.zero_state(config, batch_shape, xp)``.
+"""
+
+from ._array import phi1, register_native, silu, softplus
+from .discretize import zoh
+from .init import Draws
+from .lti import (
+    S4, S5,
+    S4Config, S4Dynamics, S4Params, S4State, s4_discretize, s4_init, s4_step, s4_step_discrete,
+    S5Config, S5Dynamics, S5Params, S5State, s5_discretize, s5_init, s5_step, s5_step_discrete,
+)
+from .selective import (
+    S6, Mamba,
+    MambaConfig, MambaParams, MambaState, mamba_init, mamba_step,
+    S6Config, S6Params, S6State, s6_init, s6_step,
+    causal_conv_step, selective_step,
+)
+from .spec import LayerSpec, StateSlot
+
+LAYERS = {spec.name: spec for spec in (S4, S5, S6, Mamba)}
+
+__all__ = [
+    "LAYERS", "LayerSpec", "StateSlot", "Draws",
+    "phi1", "softplus", "silu", "zoh", "register_native",
+    "S4", "S4Config", "S4Params", "S4State", "S4Dynamics", "s4_init", "s4_discretize", "s4_step_discrete", "s4_step",
+    "S5", "S5Config", "S5Params", "S5State", "S5Dynamics", "s5_init", "s5_discretize", "s5_step_discrete", "s5_step",
+    "S6", "S6Config", "S6Params", "S6State", "s6_init", "s6_step",
+    "Mamba", "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step",
+    "selective_step", "causal_conv_step",
+]

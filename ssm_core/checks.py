@@ -1,0 +1,85 @@
+"""Argument and input checks shared by every binding.
+
+Pure Python on shapes and flags, so the torch layers and the NumPy/CuPy/MLX
+layers raise the same errors with the same words. Every message names the
+layer, what it expected and what it got.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "check_int",
+    "check_axis",
+    "check_dim",
+    "check_step_input",
+    "expected_state_shape",
+    "check_state_shapes",
+]
+
+
+def check_int(layer: str, name: str, value, minimum: int, *, also: tuple = ()) -> int:
+    """``value`` as an int ``>= minimum`` (or one of ``also``), else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{layer}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum and value not in also:
+        allowed = f"an int >= {minimum}" + "".join(f" or {a}" for a in also)
+        raise ValueError(f"{layer}: {name} must be {allowed}, got {value}")
+    return value
+
+
+def check_axis(layer: str, name: str, value) -> int:
+    """An axis argument: any int (its range is checked against each input)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{layer}: {name} must be an int, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_dim(layer: str, dim, ndim: int, name: str = "dim") -> int:
+    """Normalise an axis index for an array of ``ndim`` axes."""
+    check_axis(layer, name, dim)
+    if not -ndim <= dim < ndim:
+        raise ValueError(
+            f"{layer}: {name}={dim} is out of range for an input with {ndim} axes "
+            f"(expected {-ndim} <= {name} < {ndim})"
+        )
+    return dim % ndim
+
+
+def check_step_input(layer: str, shape: tuple, is_floating: bool, dtype, dim: int, num_neurons: int) -> int:
+    """Check one step's input; return ``dim`` normalised to ``[0, ndim)``."""
+    if not is_floating:
+        raise TypeError(f"{layer}: expected a real floating-point input, got dtype {dtype}")
+    if len(shape) == 0:
+        raise ValueError(f"{layer}: expected an input with a feature axis of size {num_neurons}, got a 0-d array")
+    axis = check_dim(layer, dim, len(shape))
+    if shape[axis] != num_neurons:
+        raise ValueError(
+            f"{layer}: expected {num_neurons} features on axis dim={dim}, got input of shape "
+            f"{tuple(shape)} with {shape[axis]} there"
+        )
+    return axis
+
+
+def expected_state_shape(x_shape: tuple, axis: int, size: int, trailing: int | None) -> tuple:
+    """A state's shape in the traceTorch layout for an input of ``x_shape``.
+
+    The input's feature axis ``axis`` becomes ``size``; ``trailing`` (the state
+    or kernel size), when given, is appended as a last axis.
+    """
+    shape = list(x_shape)
+    shape[axis] = size
+    if trailing is not None:
+        shape.append(trailing)
+    return tuple(shape)
+
+
+def check_state_shapes(layer: str, held: dict, expected: dict) -> None:
+    """Raise if a held state does not fit the incoming input's batch shape."""
+    for name, shape in expected.items():
+        current = held.get(name)
+        if current is not None and tuple(current) != shape:
+            raise ValueError(
+                f"{layer}: input needs {name} of shape {shape}, but the held {name} has shape "
+                f"{tuple(current)}; the batch shape changed while states are held: "
+                "call zero_states() first"
+            )

@@ -1,0 +1,220 @@
+"""S4 and S5: time-invariant diagonal state-space layers, one step at a time.
+
+Layout: features last. ``x`` is ``[..., N]``; the S4 state is ``[..., N, d]``
+(one ``d_state`` vector per feature), the S5 state ``[..., d]`` (one vector
+shared by all features). The dynamics depend on parameters only, so they are
+computed by ``*_discretize`` and may be kept across steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ._array import namespace
+from .checks import check_axis, check_int
+from .discretize import zoh
+from .init import Draws, log_uniform_log_dt, s4d_real_A_log
+from .spec import LayerSpec, StateSlot
+
+__all__ = [
+    "S4Config", "S4Params", "S4State", "S4Dynamics", "s4_init", "s4_discretize", "s4_step_discrete", "s4_step",
+    "S5Config", "S5Params", "S5State", "S5Dynamics", "s5_init", "s5_discretize", "s5_step_discrete", "s5_step",
+    "S4", "S5",
+]
+
+
+# ----------------------------------------------------------------------------- S4
+
+
+@dataclass(frozen=True)
+class S4Config:
+    """``S4(num_neurons, d_state=64, dim=-1)``, checked."""
+
+    num_neurons: int
+    d_state: int = 64
+    dim: int = -1
+
+    def __post_init__(self):
+        check_int("S4", "num_neurons", self.num_neurons, 1)
+        check_int("S4", "d_state", self.d_state, 1)
+        check_axis("S4", "dim", self.dim)
+
+    def param_shapes(self) -> dict:
+        N, d = self.num_neurons, self.d_state
+        return {"A_log": (N, d), "B": (N, d), "C": (N, d), "log_dt": (N,), "D": (N,)}
+
+    def state_slots(self) -> tuple:
+        return (StateSlot("state", self.num_neurons, self.d_state),)
+
+
+class S4Params(NamedTuple):
+    """S4 parameters: ``A = -exp(A_log)`` ``[N, d]``, ``B``, ``C`` ``[N, d]``, ``log_dt``, ``D`` ``[N]``."""
+
+    A_log: Any
+    B: Any
+    C: Any
+    log_dt: Any
+    D: Any
+
+
+class S4State(NamedTuple):
+    """S4 hidden state: ``state`` ``[..., N, d]``."""
+
+    state: Any
+
+
+class S4Dynamics(NamedTuple):
+    """S4's discretized system: ``A_bar``, ``B_bar``, ``C`` ``[N, d]`` and ``D`` ``[N]``."""
+
+    A_bar: Any
+    B_bar: Any
+    C: Any
+    D: Any
+
+
+def s4_init(config: S4Config, draws: Draws) -> S4Params:
+    """S4D-Real ``A``, ``B = 1``, ``C ~ N(0, 1)``, log-uniform ``dt``, ``D = 1``."""
+    N, d = config.num_neurons, config.d_state
+    xp, dtype = draws.xp, draws.dtype
+    return S4Params(
+        A_log=s4d_real_A_log(draws, (N, d)),
+        B=xp.ones((N, d), dtype=dtype),
+        C=draws.normal((N, d)),
+        log_dt=log_uniform_log_dt(draws, (N,)),
+        D=xp.ones((N,), dtype=dtype),
+    )
+
+
+def s4_discretize(params: S4Params, xp=None) -> S4Dynamics:
+    """Zero-order hold of S4's parameters; depends on no input."""
+    xp = namespace(params.A_log, xp=xp)
+    dt = xp.exp(params.log_dt)[:, None]  # [N, 1]
+    A = -xp.exp(params.A_log)  # [N, d]
+    A_bar, gain = zoh(dt, A, xp)  # [N, d], [N, d]
+    return S4Dynamics(A_bar, gain * params.B, params.C, params.D)
+
+
+def s4_step_discrete(x, state: S4State, dynamics: S4Dynamics, xp=None):
+    """One S4 step from precomputed dynamics; returns ``(y, new_state)``."""
+    h = dynamics.A_bar * state.state + dynamics.B_bar * x[..., None]  # [..., N, d]
+    xp = namespace(x, xp=xp)
+    y = xp.sum(h * dynamics.C, axis=-1) + dynamics.D * x  # [..., N]
+    return y, S4State(h)
+
+
+def s4_step(x, state: S4State, params: S4Params, xp=None):
+    """One S4 step: ``h = A_bar h + B_bar x``, ``y = sum(C h) + D x``; returns ``(y, new_state)``."""
+    xp = namespace(x, xp=xp)
+    return s4_step_discrete(x, state, s4_discretize(params, xp), xp)
+
+
+S4 = LayerSpec(
+    name="S4",
+    config=S4Config,
+    params=S4Params,
+    state=S4State,
+    param_keys=("A_log", "B", "C", "log_dt", "D"),
+    init=s4_init,
+    step=s4_step,
+    dynamics=S4Dynamics,
+    discretize=s4_discretize,
+    step_discrete=s4_step_discrete,
+)
+
+
+# ----------------------------------------------------------------------------- S5
+
+
+@dataclass(frozen=True)
+class S5Config:
+    """``S5(num_neurons, d_state=64, dim=-1)``, checked."""
+
+    num_neurons: int
+    d_state: int = 64
+    dim: int = -1
+
+    def __post_init__(self):
+        check_int("S5", "num_neurons", self.num_neurons, 1)
+        check_int("S5", "d_state", self.d_state, 1)
+        check_axis("S5", "dim", self.dim)
+
+    def param_shapes(self) -> dict:
+        N, d = self.num_neurons, self.d_state
+        return {"A_log": (d,), "B": (N, d), "C": (d, N), "D": (N,), "log_dt": (1,)}
+
+    def state_slots(self) -> tuple:
+        return (StateSlot("global_state", self.d_state, None),)
+
+
+class S5Params(NamedTuple):
+    """S5 parameters: ``A_log`` ``[d]``, ``B`` ``[N, d]``, ``C`` ``[d, N]``, ``D`` ``[N]``, ``log_dt`` ``[1]``."""
+
+    A_log: Any
+    B: Any
+    C: Any
+    D: Any
+    log_dt: Any
+
+
+class S5State(NamedTuple):
+    """S5 hidden state: ``global_state`` ``[..., d]``, shared by all features."""
+
+    global_state: Any
+
+
+class S5Dynamics(NamedTuple):
+    """S5's discretized system: ``A_bar`` ``[d]``, ``B_bar`` ``[N, d]``, ``C`` ``[d, N]``, ``D`` ``[N]``."""
+
+    A_bar: Any
+    B_bar: Any
+    C: Any
+    D: Any
+
+
+def s5_init(config: S5Config, draws: Draws) -> S5Params:
+    """S4D-Real ``A``, ``B ~ N(0, 1/N)``, ``C ~ N(0, 1/d)``, ``D = 1``, one log-uniform ``dt``."""
+    N, d = config.num_neurons, config.d_state
+    return S5Params(
+        A_log=s4d_real_A_log(draws, (d,)),
+        B=draws.normal((N, d)) * (1.0 / N) ** 0.5,
+        C=draws.normal((d, N)) * (1.0 / d) ** 0.5,
+        D=draws.xp.ones((N,), dtype=draws.dtype),
+        log_dt=log_uniform_log_dt(draws, (1,)),
+    )
+
+
+def s5_discretize(params: S5Params, xp=None) -> S5Dynamics:
+    """Zero-order hold of S5's parameters; depends on no input."""
+    xp = namespace(params.A_log, xp=xp)
+    dt = xp.exp(params.log_dt)  # [1]
+    A = -xp.exp(params.A_log)  # [d]
+    A_bar, gain = zoh(dt, A, xp)  # [d], [d]
+    return S5Dynamics(A_bar, params.B * gain, params.C, params.D)
+
+
+def s5_step_discrete(x, state: S5State, dynamics: S5Dynamics, xp=None):
+    """One S5 step from precomputed dynamics; returns ``(y, new_state)``."""
+    g = dynamics.A_bar * state.global_state + x @ dynamics.B_bar  # [..., d]
+    y = g @ dynamics.C + dynamics.D * x  # [..., N]
+    return y, S5State(g)
+
+
+def s5_step(x, state: S5State, params: S5Params, xp=None):
+    """One S5 step: ``g = A_bar g + B_bar^T x``, ``y = C^T g + D x``; returns ``(y, new_state)``."""
+    xp = namespace(x, xp=xp)
+    return s5_step_discrete(x, state, s5_discretize(params, xp), xp)
+
+
+S5 = LayerSpec(
+    name="S5",
+    config=S5Config,
+    params=S5Params,
+    state=S5State,
+    param_keys=("A_log", "B", "C", "D", "log_dt"),
+    init=s5_init,
+    step=s5_step,
+    dynamics=S5Dynamics,
+    discretize=s5_discretize,
+    step_discrete=s5_step_discrete,
+)

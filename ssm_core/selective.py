@@ -1,0 +1,268 @@
+"""S6 and the Mamba block: input-dependent (selective) state-space layers.
+
+Layout: features last. ``x`` is ``[..., N]``; the selective state is
+``[..., N, d]``, Mamba's conv buffer ``[..., N, K]`` (the last ``K`` inputs of
+the main branch, oldest first). Linear weights are stored as ``torch.nn.Linear``
+stores them, ``[out, in]``, and applied as ``x @ W.T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ._array import namespace, silu, softplus
+from .checks import check_axis, check_int
+from .discretize import zoh
+from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
+from .spec import LayerSpec, StateSlot
+
+__all__ = [
+    "S6Config", "S6Params", "S6State", "s6_init", "s6_step",
+    "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step",
+    "selective_step", "causal_conv_step",
+    "S6", "Mamba",
+]
+
+
+def _resolve_dt_rank(layer: str, dt_rank: int, num_neurons: int) -> int:
+    check_int(layer, "dt_rank", dt_rank, 1, also=(-1,))
+    return max(1, num_neurons // 16) if dt_rank == -1 else dt_rank
+
+
+def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, xp):
+    """The S6 core on ``u`` ``[..., N]`` and state ``h`` ``[..., N, d]``; returns ``(y, h)``.
+
+    ``proj_weight`` ``[R + 2d, N]`` maps ``u`` to the low-rank ``dt`` features,
+    ``B`` and ``C``; ``dt = softplus(dt_proj(dt_low))`` is one step per feature.
+    """
+    rank = dt_proj_weight.shape[1]
+    d = A_log.shape[-1]
+    proj = u @ proj_weight.T  # [..., R + 2d]
+    dt_low = proj[..., :rank]  # [..., R]
+    B = proj[..., rank : rank + d]  # [..., d]
+    C = proj[..., rank + d :]  # [..., d]
+    dt = softplus(dt_low @ dt_proj_weight.T + dt_proj_bias, xp)  # [..., N]
+    A = -xp.exp(A_log)  # [N, d]
+    A_bar, gain = zoh(dt[..., None], A, xp)  # [..., N, d], [..., N, d]
+    h = A_bar * h + (gain * B[..., None, :]) * u[..., None]  # [..., N, d]
+    y = xp.sum(h * C[..., None, :], axis=-1) + D * u  # [..., N]
+    return y, h
+
+
+def causal_conv_step(u, buffer, weights, bias, xp):
+    """Shift ``u`` ``[..., N]`` into ``buffer`` ``[..., N, K]``; depthwise dot with ``weights`` ``[N, K]``.
+
+    Returns ``(out, new_buffer)``, ``out = sum(new_buffer * weights, -1) + bias``.
+    """
+    buffer = xp.concat((buffer[..., 1:], u[..., None]), axis=-1)  # [..., N, K]
+    return xp.sum(buffer * weights, axis=-1) + bias, buffer  # [..., N]
+
+
+# ----------------------------------------------------------------------------- S6
+
+
+@dataclass(frozen=True)
+class S6Config:
+    """``S6(num_neurons, d_state=16, dt_rank=-1, dim=-1)``, checked; ``dt_rank=-1`` is ``max(1, N // 16)``."""
+
+    num_neurons: int
+    d_state: int = 16
+    dt_rank: int = -1
+    dim: int = -1
+
+    def __post_init__(self):
+        check_int("S6", "num_neurons", self.num_neurons, 1)
+        check_int("S6", "d_state", self.d_state, 1)
+        check_axis("S6", "dim", self.dim)
+        object.__setattr__(self, "dt_rank", _resolve_dt_rank("S6", self.dt_rank, self.num_neurons))
+
+    def param_shapes(self) -> dict:
+        N, d, R = self.num_neurons, self.d_state, self.dt_rank
+        return {
+            "A_log": (N, d),
+            "D": (N,),
+            "x_proj.weight": (R + 2 * d, N),
+            "dt_proj.weight": (N, R),
+            "dt_proj.bias": (N,),
+        }
+
+    def state_slots(self) -> tuple:
+        return (StateSlot("state", self.num_neurons, self.d_state),)
+
+
+class S6Params(NamedTuple):
+    """S6 parameters, fields in the order of ``S6.param_keys``."""
+
+    A_log: Any
+    D: Any
+    x_proj_weight: Any
+    dt_proj_weight: Any
+    dt_proj_bias: Any
+
+
+class S6State(NamedTuple):
+    """S6 hidden state: ``state`` ``[..., N, d]``."""
+
+    state: Any
+
+
+def _dt_proj_init(draws: Draws, N: int, rank: int):
+    """Mamba's ``dt_proj``: ``U(+-rank**-0.5)`` weight, bias the inverse softplus of a log-uniform ``dt``."""
+    weight = uniform_fan_in(draws, (N, rank), rank)
+    dt = draws.xp.exp(log_uniform_log_dt(draws, (N,)))
+    return weight, inverse_softplus(dt, draws.xp)
+
+
+def s6_init(config: S6Config, draws: Draws) -> S6Params:
+    """S4D-Real ``A``, ``nn.Linear``-default ``x_proj``, Mamba's ``dt_proj``, ``D = 1``."""
+    N, d, R = config.num_neurons, config.d_state, config.dt_rank
+    dt_weight, dt_bias = _dt_proj_init(draws, N, R)
+    return S6Params(
+        A_log=s4d_real_A_log(draws, (N, d)),
+        D=draws.xp.ones((N,), dtype=draws.dtype),
+        x_proj_weight=uniform_fan_in(draws, (R + 2 * d, N), N),
+        dt_proj_weight=dt_weight,
+        dt_proj_bias=dt_bias,
+    )
+
+
+def s6_step(x, state: S6State, params: S6Params, xp=None):
+    """One S6 step on ``x`` ``[..., N]``; returns ``(y, new_state)``."""
+    xp = namespace(x, xp=xp)
+    p = params
+    y, h = selective_step(x, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, p.A_log, p.D, xp)
+    return y, S6State(h)
+
+
+S6 = LayerSpec(
+    name="S6",
+    config=S6Config,
+    params=S6Params,
+    state=S6State,
+    param_keys=("A_log", "D", "x_proj.weight", "dt_proj.weight", "dt_proj.bias"),
+    init=s6_init,
+    step=s6_step,
+)
+
+
+# ----------------------------------------------------------------------------- Mamba
+
+
+@dataclass(frozen=True)
+class MambaConfig:
+    """``Mamba(num_neurons, d_state=16, dim=-1, dt_rank=-1, conv_kernel=4)``, checked.
+
+    ``conv_kernel <= 1`` disables the causal convolution (no ``conv_buffer``).
+    """
+
+    num_neurons: int
+    d_state: int = 16
+    dim: int = -1
+    dt_rank: int = -1
+    conv_kernel: int = 4
+
+    def __post_init__(self):
+        check_int("Mamba", "num_neurons", self.num_neurons, 1)
+        check_int("Mamba", "d_state", self.d_state, 1)
+        check_axis("Mamba", "dim", self.dim)
+        check_int("Mamba", "conv_kernel", self.conv_kernel, 0)
+        object.__setattr__(self, "dt_rank", _resolve_dt_rank("Mamba", self.dt_rank, self.num_neurons))
+
+    @property
+    def has_conv(self) -> bool:
+        return self.conv_kernel > 1
+
+    def param_shapes(self) -> dict:
+        N, d, R, K = self.num_neurons, self.d_state, self.dt_rank, self.conv_kernel
+        shapes = {"conv_weights": (N, K), "conv_bias": (N,)} if self.has_conv else {}
+        shapes.update({
+            "A_log": (N, d),
+            "D": (N,),
+            "in_proj.weight": (2 * N, N),
+            "out_proj.weight": (N, N),
+            "ssm_proj.weight": (R + 2 * d, N),
+            "dt_proj.weight": (N, R),
+            "dt_proj.bias": (N,),
+        })
+        return shapes
+
+    def state_slots(self) -> tuple:
+        ssm = StateSlot("ssm_state", self.num_neurons, self.d_state)
+        if not self.has_conv:
+            return (ssm,)
+        return (ssm, StateSlot("conv_buffer", self.num_neurons, self.conv_kernel))
+
+
+class MambaParams(NamedTuple):
+    """Mamba parameters, fields in the order of ``Mamba.param_keys``; the conv pair is None without a conv."""
+
+    A_log: Any
+    D: Any
+    in_proj_weight: Any
+    out_proj_weight: Any
+    ssm_proj_weight: Any
+    dt_proj_weight: Any
+    dt_proj_bias: Any
+    conv_weights: Any = None
+    conv_bias: Any = None
+
+
+class MambaState(NamedTuple):
+    """Mamba hidden states: ``ssm_state`` ``[..., N, d]`` and ``conv_buffer`` ``[..., N, K]`` (or None)."""
+
+    ssm_state: Any
+    conv_buffer: Any = None
+
+
+def mamba_init(config: MambaConfig, draws: Draws) -> MambaParams:
+    """Mamba's recipe: default ``nn.Linear``/``nn.Conv1d`` inits, S4D-Real ``A``, ``dt_proj`` as S6, ``D = 1``."""
+    N, d, R, K = config.num_neurons, config.d_state, config.dt_rank, config.conv_kernel
+    dt_weight, dt_bias = _dt_proj_init(draws, N, R)
+    conv = (uniform_fan_in(draws, (N, K), K), uniform_fan_in(draws, (N,), K)) if config.has_conv else (None, None)
+    return MambaParams(
+        A_log=s4d_real_A_log(draws, (N, d)),
+        D=draws.xp.ones((N,), dtype=draws.dtype),
+        in_proj_weight=uniform_fan_in(draws, (2 * N, N), N),
+        out_proj_weight=uniform_fan_in(draws, (N, N), N),
+        ssm_proj_weight=uniform_fan_in(draws, (R + 2 * d, N), N),
+        dt_proj_weight=dt_weight,
+        dt_proj_bias=dt_bias,
+        conv_weights=conv[0],
+        conv_bias=conv[1],
+    )
+
+
+def mamba_step(x, state: MambaState, params: MambaParams, xp=None):
+    """One Mamba block step on ``x`` ``[..., N]``; returns ``(y, new_state)``.
+
+    ``in_proj`` splits into a main and a gate branch; the main branch goes
+    through the causal conv (when present), SiLU and the selective core, is
+    gated by ``silu(gate)``, projected by ``out_proj`` and added to ``x``.
+    """
+    xp = namespace(x, xp=xp)
+    p = params
+    N = x.shape[-1]
+    xz = x @ p.in_proj_weight.T  # [..., 2N]
+    u, gate = xz[..., :N], xz[..., N:]  # [..., N], [..., N]
+    buffer = state.conv_buffer
+    if buffer is not None:
+        u, buffer = causal_conv_step(u, buffer, p.conv_weights, p.conv_bias, xp)  # [..., N], [..., N, K]
+    u = silu(u, xp)  # [..., N]
+    y, h = selective_step(u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, p.A_log, p.D, xp)
+    y = (y * silu(gate, xp)) @ p.out_proj_weight.T + x  # [..., N]
+    return y, MambaState(h, buffer)
+
+
+Mamba = LayerSpec(
+    name="Mamba",
+    config=MambaConfig,
+    params=MambaParams,
+    state=MambaState,
+    param_keys=(
+        "A_log", "D", "in_proj.weight", "out_proj.weight", "ssm_proj.weight",
+        "dt_proj.weight", "dt_proj.bias", "conv_weights", "conv_bias",
+    ),
+    init=mamba_init,
+    step=mamba_step,
+)

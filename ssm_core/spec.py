@@ -1,0 +1,72 @@
+"""What a binding needs to know of a layer, in one record per layer.
+
+A :class:`LayerSpec` ties a layer's constructor arguments (its config), its
+parameters (named as in traceTorch 0.19.2's ``state_dict()``), its states
+(named as traceTorch names them) and its pure functions together, so the torch
+binding and the NumPy/CuPy/MLX layers are each written once for all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+__all__ = ["StateSlot", "LayerSpec"]
+
+
+class StateSlot(NamedTuple):
+    """One hidden state: ``name``, its size on the feature axis, and its trailing axis.
+
+    In the traceTorch layout the state has the input's shape with the feature
+    axis set to ``size`` and, when ``trailing`` is not None, one more last axis
+    of that size. In the canonical layout of ``ssm_core`` the ``size`` axis is
+    last, or second to last when there is a trailing axis.
+    """
+
+    name: str
+    size: int
+    trailing: int | None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer's config type, parameter and state containers, and pure functions.
+
+    ``param_keys`` are the traceTorch ``state_dict()`` keys, aligned with the
+    fields of ``params``. ``step(x, state, params, xp=None)`` returns
+    ``(y, new_state)``; ``init(config, draws)`` returns fresh parameters.
+    ``dynamics``/``discretize``/``step_discrete`` are set for time-invariant layers, whose
+    dynamics can be computed once and reused for every step.
+    """
+
+    name: str
+    config: type
+    params: type
+    state: type
+    param_keys: tuple
+    init: Callable
+    step: Callable
+    dynamics: type | None = None
+    discretize: Callable | None = None
+    step_discrete: Callable | None = None
+
+    def param_shapes(self, config) -> dict:
+        """``{state_dict key: shape}`` of the parameters ``config`` has."""
+        return config.param_shapes()
+
+    def params_from_mapping(self, mapping) -> NamedTuple:
+        """Parameters from a ``{state_dict key: array}`` mapping (absent keys are None)."""
+        return self.params(*(mapping.get(key) for key in self.param_keys))
+
+    def params_to_mapping(self, params) -> dict:
+        """``{state_dict key: array}`` of the parameters that are present."""
+        return {key: value for key, value in zip(self.param_keys, params) if value is not None}
+
+    def zero_state(self, config, batch_shape: tuple, xp, dtype=None, device=None):
+        """Zero states in the canonical layout for inputs of batch shape ``batch_shape``."""
+        kwargs = {} if device is None else {"device": device}
+        arrays = {}
+        for slot in config.state_slots():
+            shape = tuple(batch_shape) + (slot.size,) + (() if slot.trailing is None else (slot.trailing,))
+            arrays[slot.name] = xp.zeros(shape, dtype=dtype, **kwargs)
+        return self.state(**arrays)

@@ -1,0 +1,205 @@
+"""``tt.Layer``: the base of every traceTorch layer (states, dims, compilation)."""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Union
+
+import torch
+from torch import nn
+
+__all__ = ["Layer"]
+
+
+def _identity(x):
+    return x
+
+
+class Layer(nn.Module):
+    r"""The superclass of all traceTorch layers.
+
+    Handles hidden-state management (lazily created, zeroed, detached), moving
+    the operating dimension to the last axis and back, parameters registered
+    with an activation function, and compilation for inference.
+
+    Parameters
+    ----------
+    num_neurons : int
+        The number of neurons (features) of the layer: the size of axis ``dim``
+        of its input, and of its states.
+    dim : int, default -1
+        The input axis the layer operates along.
+
+    Variables
+    ---------
+    num_neurons, dim : as given.
+    Hidden states : registered with ``_initialize_state(name)``; ``None`` until
+        the first forward call, which creates them as zeros in the input's
+        dtype and device.
+
+    Notes
+    -----
+    States are plain attributes, not buffers: they are not part of
+    ``state_dict()``; ``tt.Model.save_states()`` / ``load_states()`` move them.
+    Copies (``copy.deepcopy``, ``pickle``) carry the states detached from the
+    autograd graph.
+    """
+
+    def __init__(self, num_neurons: int, dim: int = -1):
+        super().__init__()
+        self._state_names = set()
+        self.num_neurons = num_neurons
+        self.dim = dim
+
+    # ------------------------------------------------------------- parameters with an activation
+
+    def _register_parameter(
+        self,
+        name: str,
+        value: Union[float, torch.Tensor],
+        rank: Literal[0, 1],
+        learnable: bool,
+        init_fn: Callable = _identity,
+        inverse_fn: Callable = _identity,
+        activation_fn: Callable = _identity,
+    ) -> None:
+        r"""Register ``raw_{name}`` and expose ``activation_fn(raw_{name})`` as ``self.{name}``.
+
+        ``value`` is a scalar (``rank`` 0 or 1, filled to ``num_neurons``) or a
+        0-d/1-d tensor of ``num_neurons`` elements; ``init_fn(value)`` is stored.
+        The raw value is an ``nn.Parameter`` when ``learnable``, a buffer
+        otherwise. ``TTcompile()`` bakes the activation in, ``TTdecompile()``
+        recovers the raw value with ``inverse_fn``.
+        """
+        layer = type(self).__name__
+        if isinstance(value, torch.Tensor):
+            if value.ndim > 1:
+                raise ValueError(f"{layer}: {name} must be a scalar or a vector, got a tensor of shape {tuple(value.shape)}")
+            if value.ndim == 1 and value.numel() != self.num_neurons:
+                raise ValueError(f"{layer}: {name} must have {self.num_neurons} elements, got {value.numel()}")
+            raw = init_fn(value)
+        elif rank == 0:
+            raw = init_fn(torch.tensor(float(value)))
+        elif rank == 1:
+            raw = init_fn(torch.full([self.num_neurons], float(value)))
+        else:
+            raise ValueError(f"{layer}: rank of {name} must be 0 (scalar) or 1 (vector), got {rank!r}")
+
+        if "_dynamic_params" not in self.__dict__:
+            self._dynamic_params = {}
+            self._inverse_functions = {}
+        raw = raw.detach().clone()
+        if learnable:
+            setattr(self, f"raw_{name}", nn.Parameter(raw))
+        else:
+            self.register_buffer(f"raw_{name}", raw)
+        self._dynamic_params[name] = activation_fn
+        self._inverse_functions[name] = inverse_fn
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            dynamic = self.__dict__.get("_dynamic_params")
+            if dynamic is not None and name in dynamic:
+                return dynamic[name](super().__getattr__(f"raw_{name}"))
+            raise
+
+    # ------------------------------------------------------------- states
+
+    def _initialize_state(self, state_name: str) -> None:
+        r"""Declare a hidden state ``state_name`` (``None`` until first used)."""
+        self._state_names.add(state_name)
+        setattr(self, state_name, None)
+
+    def zero_states(self) -> None:
+        r"""Reset every hidden state to ``None``; the next call recreates them as zeros."""
+        for name in self._state_names:
+            setattr(self, name, None)
+
+    def detach_states(self) -> None:
+        r"""Cut every hidden state from the autograd graph (no data is copied)."""
+        for name in self._state_names:
+            state = getattr(self, name)
+            if state is not None:
+                setattr(self, name, state.detach())
+
+    def _ensure_state(self, state_name: str, reference_tensor: torch.Tensor) -> None:
+        r"""Create ``state_name`` as zeros shaped like ``reference_tensor`` with ``num_neurons`` at ``dim``."""
+        if getattr(self, state_name) is None:
+            shape = list(reference_tensor.shape)
+            shape[self.dim] = self.num_neurons
+            setattr(self, state_name, reference_tensor.new_zeros(shape))
+
+    def _ensure_states(self, reference_tensor: torch.Tensor) -> None:
+        r"""Create every missing hidden state from ``reference_tensor``."""
+        for name in self._state_names:
+            self._ensure_state(name, reference_tensor)
+
+    def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
+        r"""Raise if ``value`` cannot be state ``state_name`` (called before anything is loaded)."""
+        layer = type(self).__name__
+        if not value.is_floating_point():
+            raise TypeError(f"{layer}: state {key} must be a floating-point tensor, got dtype {value.dtype}")
+        held = getattr(self, state_name)
+        if held is not None and (held.shape != value.shape or held.dtype != value.dtype):
+            raise ValueError(
+                f"{layer}: state {key} must match the held state, shape {tuple(held.shape)} and dtype "
+                f"{held.dtype}, got shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+
+    def __getstate__(self):
+        # Copies carry states detached: a non-leaf tensor cannot be deep-copied,
+        # and a copy cannot share the original's autograd graph anyway.
+        state = dict(self.__dict__)
+        for name in state.get("_state_names", ()):
+            if isinstance(state.get(name), torch.Tensor):
+                state[name] = state[name].detach()
+        return state
+
+    # ------------------------------------------------------------- dims
+
+    def _to_working_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        r"""Move axis ``dim`` of ``tensor`` to the last position."""
+        return tensor.movedim(self.dim, -1)
+
+    def _from_working_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        r"""Move the last axis of ``tensor`` back to ``dim``."""
+        return tensor.movedim(-1, self.dim)
+
+    # ------------------------------------------------------------- compilation
+
+    def TTcompile(self) -> None:
+        r"""Prepare the layer for inference: bake activations into plain buffers.
+
+        Every parameter registered with ``_register_parameter`` becomes a buffer
+        holding its activated value. Training a compiled layer is not supported;
+        ``TTdecompile()`` restores it.
+        """
+        if self.__dict__.get("_compiled"):
+            return
+        metadata = {}
+        for name in list(self.__dict__.get("_dynamic_params", {})):
+            raw_name = f"raw_{name}"
+            if raw_name not in self._parameters and raw_name not in self._buffers:
+                continue
+            raw = getattr(self, raw_name)
+            value = getattr(self, name).detach().clone()
+            is_parameter = isinstance(raw, nn.Parameter)
+            metadata[name] = {"is_parameter": is_parameter, "learnable": is_parameter and raw.requires_grad}
+            delattr(self, raw_name)
+            self.register_buffer(name, value)
+        self._compile_metadata = metadata
+        self._compiled = True
+
+    def TTdecompile(self) -> None:
+        r"""Undo ``TTcompile()``: restore raw parameters so the layer trains again."""
+        if not self.__dict__.get("_compiled"):
+            return
+        for name, meta in self._compile_metadata.items():
+            value = self._buffers.pop(name)
+            raw = self._inverse_functions[name](value).detach().clone()
+            if meta["is_parameter"]:
+                self.register_parameter(f"raw_{name}", nn.Parameter(raw, requires_grad=meta["learnable"]))
+            else:
+                self.register_buffer(f"raw_{name}", raw)
+        del self._compiled, self._compile_metadata

@@ -1,0 +1,192 @@
+"""``tt.Model``: state management across a whole module tree."""
+
+from __future__ import annotations
+
+import re
+import types
+from typing import Dict, Iterator, Tuple
+
+import torch
+from torch import nn
+
+from ._layer import Layer
+
+__all__ = ["Model"]
+
+# nn.Module's own bookkeeping attributes: walked through ``_modules`` only.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_ATOMIC = (torch.Tensor, str, bytes, int, float, complex, bool, type(None))
+# Objects with a __dict__ that never hold a model's layers: not walked.
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+# traceTorch 0.19.2 also names a state through the ``_modules`` dict
+# ("net._modules[1].state") and with a leading dot for plain attributes
+# (".extra[0].state"); both are read as the plain name ("net.1.state").
+_MODULES_ALIAS = re.compile(r"(^|\.)_modules\[([^\]]*)\]")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _canonical_key(key: str) -> str:
+    return _MODULES_ALIAS.sub(r"\1\2", key.lstrip("."))
+
+
+def _walk(root) -> Iterator[Tuple[str, object]]:
+    """Every object reachable from ``root`` once, with its path.
+
+    Follows registered submodules, then plain Python containers and objects
+    kept as attributes (a list of layers on a module, a dict of them, a helper
+    object holding some), so layers outside ``nn.ModuleList`` are found too.
+    """
+    seen = set()
+
+    def visit(obj, path):
+        if id(obj) in seen or isinstance(obj, _ATOMIC):
+            return
+        seen.add(id(obj))
+        yield path, obj
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            for i, item in enumerate(obj):
+                yield from visit(item, f"{path}[{i}]")
+            return
+        if isinstance(obj, dict):
+            for key, item in obj.items():
+                yield from visit(item, f"{path}[{key}]")
+            return
+        is_module = isinstance(obj, nn.Module)
+        if is_module:
+            for name, child in obj._modules.items():
+                if child is not None:
+                    yield from visit(child, _join(path, name))
+        for name, value in getattr(obj, "__dict__", {}).items():
+            if is_module and name in _MODULE_INTERNALS:
+                continue
+            if isinstance(value, (list, tuple, set, frozenset, dict)) or (
+                hasattr(value, "__dict__") and not isinstance(value, _OPAQUE)
+            ):
+                yield from visit(value, _join(path, name))
+
+    yield from visit(root, "")
+
+
+class Model(nn.Module):
+    r"""The superclass of traceTorch models.
+
+    Zeroes, detaches, saves and loads the hidden states of every traceTorch
+    layer in the model tree, and compiles or decompiles them, whether a layer
+    is a registered submodule (``nn.Sequential``, ``nn.ModuleList``, ...) or
+    kept in a plain Python list, tuple, set or dict on a module.
+
+    Notes
+    -----
+    State keys are module paths with the state name: ``"net.1.state"``, and
+    ``"layers[0].ssm_state"`` for a layer in a plain list ``self.layers``.
+    ``load_states`` also reads the key forms traceTorch 0.19.2 wrote
+    (``"net._modules[1].state"``, ``".layers[0].ssm_state"``).
+    """
+
+    def __init__(self):
+        super().__init__()
+
+    def _layers(self) -> Iterator[Tuple[str, Layer]]:
+        for path, obj in _walk(self):
+            if isinstance(obj, Layer):
+                yield path, obj
+
+    def _call_recursive(self, method_name: str) -> None:
+        r"""Call ``method_name()`` on every traceTorch layer of the tree.
+
+        Nested ``tt.Model``\ s that override the method, and other objects
+        with a method of that name, have it called too.
+        """
+        for _, obj in _walk(self):
+            if obj is self:
+                continue
+            if isinstance(obj, Layer):
+                getattr(obj, method_name)()
+            elif isinstance(obj, Model):
+                override = getattr(type(obj), method_name, None)
+                if override is not None and override is not getattr(Model, method_name):
+                    override(obj)
+            elif isinstance(obj, nn.Module) and callable(getattr(obj, method_name, None)):
+                getattr(obj, method_name)()
+
+    def zero_states(self) -> None:
+        r"""Reset every hidden state in the tree to ``None`` (recreated as zeros on the next call)."""
+        self._call_recursive("zero_states")
+
+    def detach_states(self) -> None:
+        r"""Cut every hidden state in the tree from the autograd graph (truncated BPTT, online learning)."""
+        self._call_recursive("detach_states")
+
+    def TTcompile(self) -> None:
+        r"""Compile every layer of the tree for inference."""
+        self._call_recursive("TTcompile")
+
+    def TTdecompile(self) -> None:
+        r"""Decompile every layer of the tree so that it trains again."""
+        self._call_recursive("TTdecompile")
+
+    def save_states(self) -> Dict[str, torch.Tensor]:
+        r"""Copies of every hidden state that exists, keyed by ``"<path>.<state name>"``.
+
+        The tensors are detached clones: later steps do not change them. The
+        dict can go through ``torch.save``.
+        """
+        states = {}
+        for path, layer in self._layers():
+            for name in sorted(layer._state_names):
+                value = getattr(layer, name)
+                if value is not None:
+                    states[_join(path, name)] = value.detach().clone()
+        return states
+
+    def load_states(self, states: Dict[str, torch.Tensor], strict: bool = True, device=None) -> None:
+        r"""Load hidden states saved by ``save_states()``; all or nothing.
+
+        Parameters
+        ----------
+        states : dict
+            ``{key: tensor}`` from ``save_states()`` (of this package or of
+            traceTorch 0.19.2), possibly through ``torch.save``/``torch.load``.
+        strict : bool, default True
+            Raise if a state of the model has no entry or an entry names no
+            state of the model.
+        device : torch.device or str, optional
+            Where the states go; by default the device of each layer's
+            parameters (or of the loaded tensor for a layer without any).
+
+        Raises ``ValueError`` on a missing or unexpected key (when strict), or an
+        entry whose shape or dtype does not fit; nothing is loaded then.
+        """
+        targets = {}
+        for path, layer in self._layers():
+            for name in layer._state_names:
+                targets[_join(path, name)] = (layer, name)
+
+        incoming = {}
+        for key, value in states.items():
+            incoming[_canonical_key(key)] = (key, value)
+        missing = sorted(set(targets) - set(incoming))
+        unexpected = sorted(incoming[k][0] for k in set(incoming) - set(targets))
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"{type(self).__name__}.load_states: missing states {missing}, unexpected states {unexpected}"
+            )
+
+        plan = []
+        for key, (layer, name) in targets.items():
+            if key not in incoming:
+                continue
+            original_key, value = incoming[key]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{type(self).__name__}.load_states: {original_key} must be a tensor, got {type(value).__name__}")
+            layer._check_loaded_state(name, value, original_key)
+            target = device
+            if target is None:
+                reference = next(iter(layer.parameters()), None)
+                target = value.device if reference is None else reference.device
+            plan.append((layer, name, value.detach().to(target, copy=True)))
+        for layer, name, value in plan:
+            setattr(layer, name, value)

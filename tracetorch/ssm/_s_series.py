@@ -1,0 +1,286 @@
+"""S4, S5, S6 and Mamba as traceTorch layers: parameters and states here, math in ``ssm_core``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+import ssm_core
+
+from ._ssmlayer import Layer as SSMLayer
+from ._ssmlayer import TimeInvariantLayer, _linear
+
+__all__ = ["S4", "S5", "S6", "Mamba"]
+
+
+class S4(TimeInvariantLayer):
+    r"""A diagonal S4-style state-space layer: one timestep per call, state kept inside.
+
+    Each of the ``num_neurons`` features has its own latent state of size
+    ``d_state``, updated by a zero-order-hold discretization of
+    ``h' = A h + B x``, read out as ``y = sum(C * h) + D * x``.
+
+    Parameters
+    ----------
+    num_neurons : int
+        Number of features on axis ``dim``.
+    d_state : int, default 64
+        Latent state size per feature.
+    dim : int, default -1
+        Input axis the layer operates along.
+
+    Variables
+    ---------
+    state : Tensor or None
+        Per-feature latent state: the input's shape with ``num_neurons`` at
+        ``dim`` and ``d_state`` appended.
+    A_log : Parameter ``[num_neurons, d_state]``
+        Diagonal dynamics ``A = -exp(A_log)``; initialised S4D-Real,
+        ``A_n = -(n + 1)``.
+    B : Parameter ``[num_neurons, d_state]``
+        Input projection into the state; initialised to ones (S4D).
+    C : Parameter ``[num_neurons, d_state]``
+        Output projection from the state; initialised ``N(0, 1)`` (S4D).
+    D : Parameter ``[num_neurons]``
+        Skip connection; initialised to ones.
+    log_dt : Parameter ``[num_neurons]``
+        Log timestep; ``dt`` initialised log-uniform in ``[1e-3, 1e-1]``.
+
+    Notes
+    -----
+    - **Input**: tensor of shape ``[*, num_neurons, *]`` with ``num_neurons``
+      at index ``dim``.
+    - **Output**: tensor of the same shape as the input.
+    - ``TTcompile()`` precomputes the discretized dynamics (they do not depend
+      on the input) for faster inference steps; ``TTdecompile()`` restores
+      training. Outputs are the same either way.
+    - Parameter and state names and shapes are those of traceTorch 0.19.2, so
+      its checkpoints load with ``strict=True`` and give the same outputs.
+    """
+
+    spec = ssm_core.S4
+
+    def __init__(self, num_neurons: int, d_state: int = 64, dim: int = -1):
+        config = ssm_core.S4Config(num_neurons, d_state, dim)
+        super().__init__(num_neurons, dim, d_state=d_state)
+        self._init_parameters(config)
+        self._initialize_state("state")
+
+    def _config(self):
+        return ssm_core.S4Config(self.num_neurons, self.d_state, self.dim)
+
+    def _core_params(self):
+        return ssm_core.S4Params(self.A_log, self.B, self.C, self.log_dt, self.D)
+
+
+class S5(TimeInvariantLayer):
+    r"""An S5-style state-space layer: all features share one latent state.
+
+    The input features are projected into a shared latent state of size
+    ``d_state`` (``g = A_bar * g + B_bar^T x``) and read back out to
+    ``num_neurons`` features (``y = C^T g + D * x``), one timestep per call.
+
+    Parameters
+    ----------
+    num_neurons : int
+        Number of features on axis ``dim``.
+    d_state : int, default 64
+        Size of the shared latent state.
+    dim : int, default -1
+        Input axis the layer operates along.
+
+    Variables
+    ---------
+    global_state : Tensor or None
+        Shared latent state: the input's shape with ``d_state`` at ``dim``.
+    A_log : Parameter ``[d_state]``
+        Diagonal dynamics ``A = -exp(A_log)``; initialised S4D-Real.
+    B : Parameter ``[num_neurons, d_state]``
+        Input projection; initialised ``N(0, 1/num_neurons)``.
+    C : Parameter ``[d_state, num_neurons]``
+        Output projection; initialised ``N(0, 1/d_state)``.
+    D : Parameter ``[num_neurons]``
+        Skip connection; initialised to ones.
+    log_dt : Parameter ``[1]``
+        Log timestep shared by the state; ``dt`` log-uniform in ``[1e-3, 1e-1]``.
+
+    Notes
+    -----
+    - **Input**: tensor of shape ``[*, num_neurons, *]`` with ``num_neurons``
+      at index ``dim``.
+    - **Output**: tensor of the same shape as the input.
+    - ``TTcompile()`` precomputes the discretized dynamics; ``TTdecompile()``
+      restores training.
+    """
+
+    spec = ssm_core.S5
+
+    def __init__(self, num_neurons: int, d_state: int = 64, dim: int = -1):
+        config = ssm_core.S5Config(num_neurons, d_state, dim)
+        super().__init__(num_neurons, dim, d_state=1)
+        self.d_state = d_state
+        self._init_parameters(config)
+        self._initialize_state("global_state")
+
+    def _config(self):
+        return ssm_core.S5Config(self.num_neurons, self.d_state, self.dim)
+
+    def _core_params(self):
+        return ssm_core.S5Params(self.A_log, self.B, self.C, self.D, self.log_dt)
+
+    def _ensure_state(self, state_name, reference_tensor):
+        r"""Create ``global_state`` as zeros: the input's shape with ``d_state`` at ``dim``."""
+        if getattr(self, state_name) is None:
+            shape = list(reference_tensor.shape)
+            shape[self.dim] = self.d_state
+            setattr(self, state_name, reference_tensor.new_zeros(shape))
+
+
+class S6(SSMLayer):
+    r"""The selective (data-dependent) S6 state-space layer of Mamba, one timestep per call.
+
+    The timestep ``dt``, input matrix ``B`` and output matrix ``C`` are
+    computed from the current input, then applied to a per-feature latent state.
+    This is the selective core of Mamba without its convolution and gate.
+
+    Parameters
+    ----------
+    num_neurons : int
+        Number of features on axis ``dim``.
+    d_state : int, default 16
+        Latent state size per feature.
+    dt_rank : int, default -1
+        Rank of the timestep projection; ``-1`` uses ``max(1, num_neurons // 16)``.
+    dim : int, default -1
+        Input axis the layer operates along.
+
+    Variables
+    ---------
+    state : Tensor or None
+        Per-feature latent state: the input's shape with ``num_neurons`` at
+        ``dim`` and ``d_state`` appended.
+    x_proj : nn.Linear ``num_neurons -> dt_rank + 2 * d_state``, no bias
+        Input-dependent projection to the low-rank timestep features, ``B`` and
+        ``C``; ``nn.Linear``'s default init.
+    dt_proj : nn.Linear ``dt_rank -> num_neurons``
+        Low-rank timestep features to per-feature timesteps,
+        ``dt = softplus(dt_proj(.))``; Mamba's init: weight
+        ``U(+-dt_rank**-0.5)``, bias the inverse softplus of a ``dt``
+        log-uniform in ``[1e-3, 1e-1]``.
+    A_log : Parameter ``[num_neurons, d_state]``
+        Diagonal dynamics ``A = -exp(A_log)``; initialised S4D-Real.
+    D : Parameter ``[num_neurons]``
+        Skip connection; initialised to ones.
+
+    Notes
+    -----
+    - **Input**: tensor of shape ``[*, num_neurons, *]`` with ``num_neurons``
+      at index ``dim``.
+    - **Output**: tensor of the same shape as the input.
+    """
+
+    spec = ssm_core.S6
+
+    def __init__(self, num_neurons: int, d_state: int = 16, dt_rank: int = -1, dim: int = -1):
+        config = ssm_core.S6Config(num_neurons, d_state, dt_rank, dim)
+        super().__init__(num_neurons, dim, d_state=d_state)
+        self.dt_rank = config.dt_rank
+        self.x_proj = _linear(num_neurons, config.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = _linear(config.dt_rank, num_neurons, bias=True)
+        self._init_parameters(config)
+        self._initialize_state("state")
+
+    def _config(self):
+        return ssm_core.S6Config(self.num_neurons, self.d_state, self.dt_proj.in_features, self.dim)
+
+    def _core_params(self):
+        return ssm_core.S6Params(self.A_log, self.D, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias)
+
+
+class Mamba(SSMLayer):
+    r"""A compact Mamba block, one timestep per call, with its states kept inside.
+
+    An input projection splits into a main and a gate branch; the main branch
+    passes a causal depthwise convolution over the last ``conv_kernel`` inputs
+    (kept in ``conv_buffer``), a SiLU and the S6 selective core; the result is
+    gated by ``silu(gate)``, projected back and added to the input (residual).
+
+    Parameters
+    ----------
+    num_neurons : int
+        Number of features on axis ``dim``.
+    d_state : int, default 16
+        Latent SSM state size per feature.
+    dim : int, default -1
+        Input axis the layer operates along.
+    dt_rank : int, default -1
+        Rank of the timestep projection; ``-1`` uses ``max(1, num_neurons // 16)``.
+    conv_kernel : int, default 4
+        Causal convolution length; values ``<= 1`` disable the convolution.
+
+    Variables
+    ---------
+    ssm_state : Tensor or None
+        Per-feature selective SSM state: the input's shape with
+        ``num_neurons`` at ``dim`` and ``d_state`` appended.
+    conv_buffer : Tensor or None
+        The last ``conv_kernel`` main-branch inputs, oldest first: the input's
+        shape with ``num_neurons`` at ``dim`` and ``conv_kernel`` appended.
+        Present when ``conv_kernel > 1``.
+    in_proj : nn.Linear ``num_neurons -> 2 * num_neurons``, no bias
+    out_proj : nn.Linear ``num_neurons -> num_neurons``, no bias
+    ssm_proj : nn.Linear ``num_neurons -> dt_rank + 2 * d_state``, no bias
+    dt_proj : nn.Linear ``dt_rank -> num_neurons``
+        As in :class:`S6` (Mamba's ``dt`` init).
+    conv_weights : Parameter ``[num_neurons, conv_kernel]``
+    conv_bias : Parameter ``[num_neurons]``
+        Depthwise causal convolution, ``nn.Conv1d``'s default init
+        ``U(+-conv_kernel**-0.5)``; present when ``conv_kernel > 1``.
+    A_log : Parameter ``[num_neurons, d_state]``
+        S4D-Real init.
+    D : Parameter ``[num_neurons]``
+        SSM skip connection; ones.
+
+    Notes
+    -----
+    - **Input**: tensor of shape ``[*, num_neurons, *]`` with ``num_neurons``
+      at index ``dim``.
+    - **Output**: tensor of the same shape as the input.
+    - Linear layers use ``nn.Linear``'s default init, as the Mamba reference.
+    """
+
+    spec = ssm_core.Mamba
+
+    def __init__(self, num_neurons: int, d_state: int = 16, dim: int = -1, dt_rank: int = -1, conv_kernel: int = 4):
+        config = ssm_core.MambaConfig(num_neurons, d_state, dim, dt_rank, conv_kernel)
+        super().__init__(num_neurons, dim, d_state=d_state)
+        self.conv_kernel = conv_kernel
+        self.dt_rank = config.dt_rank
+        self.in_proj = _linear(num_neurons, 2 * num_neurons, bias=False)
+        self.out_proj = _linear(num_neurons, num_neurons, bias=False)
+        self.ssm_proj = _linear(num_neurons, config.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = _linear(config.dt_rank, num_neurons, bias=True)
+        self._init_parameters(config)
+        if config.has_conv:
+            self._initialize_state("conv_buffer")
+        self._initialize_state("ssm_state")
+
+    def _config(self):
+        return ssm_core.MambaConfig(self.num_neurons, self.d_state, self.dim, self.dt_proj.in_features, self.conv_kernel)
+
+    def _core_params(self):
+        has_conv = self.conv_kernel > 1
+        return ssm_core.MambaParams(
+            self.A_log, self.D, self.in_proj.weight, self.out_proj.weight, self.ssm_proj.weight,
+            self.dt_proj.weight, self.dt_proj.bias,
+            self.conv_weights if has_conv else None, self.conv_bias if has_conv else None,
+        )
+
+    def _ensure_state(self, state_name, reference_tensor):
+        r"""Create a state as zeros; ``conv_buffer`` gets ``conv_kernel`` as its trailing axis."""
+        if state_name != "conv_buffer":
+            return super()._ensure_state(state_name, reference_tensor)
+        if self.conv_buffer is None:
+            shape = list(reference_tensor.shape)
+            shape[self.dim] = self.num_neurons
+            shape.append(self.conv_kernel)
+            self.conv_buffer = reference_tensor.new_zeros(shape)

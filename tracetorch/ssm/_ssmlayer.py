@@ -1,0 +1,217 @@
+"""``tt.ssm.Layer``: the base of the state-space layers, bound to ``ssm_core``."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import array_api_compat.torch as xp_torch
+import torch
+from torch import nn
+
+import ssm_core
+from ssm_core.checks import check_step_input, expected_state_shape
+
+from ..core import Layer as BaseLayer
+
+__all__ = ["Layer"]
+
+
+def _draws(dtype: torch.dtype) -> ssm_core.Draws:
+    """Random sources for ``ssm_core``'s init formulas, from torch's global generator."""
+    return ssm_core.Draws(
+        xp=xp_torch,
+        dtype=dtype,
+        uniform=lambda shape: torch.rand(shape, dtype=dtype),
+        normal=lambda shape: torch.randn(shape, dtype=dtype),
+    )
+
+
+def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    # Weights come from ssm_core's init formulas: skip nn.Linear's own draw.
+    return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias)
+
+
+class Layer(BaseLayer):
+    r"""The base of traceTorch's state-space layers.
+
+    SSM states carry one more trailing axis than the input (``d_state``, or the
+    convolution kernel), so this base creates states with that axis, and moves
+    a state's feature axis to the second-to-last position and back.
+
+    Parameters
+    ----------
+    num_neurons : int
+        Number of features on axis ``dim``.
+    dim : int, default -1
+        Input axis the layer operates along.
+    d_state : int, default 1
+        Latent state size per feature.
+
+    Notes
+    -----
+    A concrete layer names its ``ssm_core`` record in ``spec`` and returns its
+    parameters as ``spec.params`` in ``_core_params()``; ``forward`` then
+    checks the input, creates missing states, runs the pure step of
+    ``ssm_core`` in its features-last layout, and stores the new states only
+    once the step has succeeded, so an error leaves the states as they were.
+    """
+
+    spec: ClassVar[Optional[ssm_core.LayerSpec]] = None
+
+    def __init__(self, num_neurons: int, dim: int = -1, d_state: int = 1):
+        super().__init__(num_neurons, dim)
+        self.d_state = d_state
+
+    # ------------------------------------------------------------- traceTorch 0.19.2 helpers
+
+    def _ensure_state(self, state_name: str, reference_tensor: torch.Tensor):
+        r"""Create ``state_name`` as zeros: the input's shape, ``num_neurons`` at ``dim``, ``d_state`` appended."""
+        if getattr(self, state_name) is None:
+            shape = list(reference_tensor.shape)
+            shape[self.dim] = self.num_neurons
+            shape.append(self.d_state)
+            setattr(self, state_name, reference_tensor.new_zeros(shape))
+
+    def _state_axis(self) -> int:
+        # A state has one more (trailing) axis than the input: a negative dim shifts by one.
+        return self.dim if self.dim >= 0 else self.dim - 1
+
+    def _state_to_working_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        r"""Move a state's feature axis to the second-to-last position."""
+        return tensor.movedim(self._state_axis(), -2)
+
+    def _state_from_working_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        r"""Move a state's second-to-last axis back to the feature position."""
+        return tensor.movedim(-2, self._state_axis())
+
+    # ------------------------------------------------------------- binding to ssm_core
+
+    def _config(self):
+        raise NotImplementedError
+
+    def _core_params(self):
+        raise NotImplementedError
+
+    @property
+    def _slots(self) -> tuple:
+        slots = self.__dict__.get("_state_slots")
+        if slots is None:  # also a layer unpickled from traceTorch 0.19.2
+            slots = self.__dict__["_state_slots"] = self._config().state_slots()
+        return slots
+
+    def _init_parameters(self, config) -> None:
+        """Draw the parameters with ``ssm_core``'s init formulas and register them under their traceTorch names."""
+        params = self.spec.init(config, _draws(torch.get_default_dtype()))
+        for key, value in self.spec.params_to_mapping(params).items():
+            owner_name, _, attr = key.rpartition(".")
+            owner = getattr(self, owner_name) if owner_name else self
+            setattr(owner, attr, nn.Parameter(value))
+
+    def _check_input(self, x) -> int:
+        layer = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
+        axis = check_step_input(layer, x.shape, x.is_floating_point(), x.dtype, self.dim, self.num_neurons)
+        reference = self.A_log
+        if x.dtype != reference.dtype:
+            raise TypeError(
+                f"{layer}: expected input of dtype {reference.dtype} (the layer's parameters), got {x.dtype}; "
+                f"convert the input, or the layer with .to({x.dtype})"
+            )
+        if x.device != reference.device:
+            raise ValueError(
+                f"{layer}: expected input on {reference.device} (the layer's parameters), got {x.device}; "
+                f"move the input, or the layer with .to({str(x.device)!r})"
+            )
+        return axis
+
+    def _enter(self, x):
+        """Checked input and states in ``ssm_core``'s features-last layout (nothing stored)."""
+        axis = self._check_input(x)
+        last = x.ndim - 1
+        x_w = x if axis == last else x.movedim(axis, -1)
+        batch = tuple(x_w.shape[:-1])
+        states = {}
+        for slot in self._slots:
+            held = getattr(self, slot.name)
+            if held is None:
+                tail = (slot.size,) if slot.trailing is None else (slot.size, slot.trailing)
+                states[slot.name] = x.new_zeros(batch + tail)
+                continue
+            expected = expected_state_shape(x.shape, axis, slot.size, slot.trailing)
+            if held.shape != expected:
+                raise ValueError(
+                    f"{type(self).__name__}: input of shape {tuple(x.shape)} needs {slot.name} of shape {expected}, "
+                    f"but the held {slot.name} has shape {tuple(held.shape)}; the batch shape changed while "
+                    "states are held: call zero_states() first"
+                )
+            feature_axis = -1 if slot.trailing is None else -2
+            states[slot.name] = held if axis == last else held.movedim(axis, feature_axis)
+        return axis, x_w, self.spec.state(**states)
+
+    def _leave(self, axis: int, ndim: int, y, new_state):
+        """Store ``new_state`` in the traceTorch layout and return ``y`` with features back at ``dim``."""
+        if axis == ndim - 1:
+            for slot in self._slots:
+                setattr(self, slot.name, getattr(new_state, slot.name))
+            return y
+        for slot in self._slots:
+            feature_axis = -1 if slot.trailing is None else -2
+            setattr(self, slot.name, getattr(new_state, slot.name).movedim(feature_axis, axis))
+        return y.movedim(-1, axis)
+
+    def _core_step(self, x, state):
+        return self.spec.step(x, state, self._core_params(), xp=xp_torch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis, x_w, state = self._enter(x)
+        y, new_state = self._core_step(x_w, state)
+        return self._leave(axis, x.ndim, y, new_state)
+
+    def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
+        super()._check_loaded_state(state_name, value, key)
+        for slot in self._slots:
+            if slot.name != state_name:
+                continue
+            trailing_ok = slot.trailing is None or (value.ndim >= 2 and value.shape[-1] == slot.trailing)
+            ndim = value.ndim if slot.trailing is None else value.ndim - 1
+            axis = self.dim + ndim if self.dim < 0 else self.dim
+            if not (trailing_ok and 0 <= axis < ndim and value.shape[axis] == slot.size):
+                raise ValueError(
+                    f"{type(self).__name__}: state {key} must have {slot.size} on the feature axis dim={self.dim}"
+                    + ("" if slot.trailing is None else f" and {slot.trailing} on the last axis")
+                    + f", got shape {tuple(value.shape)}"
+                )
+
+
+class TimeInvariantLayer(Layer):
+    r"""An SSM layer whose dynamics depend on parameters only (S4, S5).
+
+    ``TTcompile()`` computes the discretized dynamics once (kept as
+    non-persistent buffers, so ``state_dict()`` is unchanged and ``.to()``
+    moves them); compiled steps then skip the ``exp``. ``TTdecompile()`` drops
+    them. Changing the parameters of a compiled layer has no effect until it
+    is compiled again.
+    """
+
+    def _core_step(self, x, state):
+        params = self._core_params()
+        if "_compiled_A_bar" in self._buffers:
+            dynamics = self.spec.dynamics(self._compiled_A_bar, self._compiled_B_bar, params.C, params.D)
+        else:
+            dynamics = self.spec.discretize(params, xp_torch)
+        return self.spec.step_discrete(x, state, dynamics, xp_torch)
+
+    def TTcompile(self) -> None:
+        r"""Precompute the discretized dynamics for fast inference steps."""
+        super().TTcompile()
+        with torch.no_grad():
+            dynamics = self.spec.discretize(self._core_params(), xp_torch)
+        self.register_buffer("_compiled_A_bar", dynamics.A_bar, persistent=False)
+        self.register_buffer("_compiled_B_bar", dynamics.B_bar, persistent=False)
+
+    def TTdecompile(self) -> None:
+        r"""Drop the precomputed dynamics: steps follow the parameters again and train."""
+        super().TTdecompile()
+        self._buffers.pop("_compiled_A_bar", None)
+        self._buffers.pop("_compiled_B_bar", None)
