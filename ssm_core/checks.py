@@ -13,7 +13,6 @@ __all__ = [
     "check_dim",
     "check_step_input",
     "expected_state_shape",
-    "check_state_shapes",
 ]
 
 
@@ -71,15 +70,3 @@ def expected_state_shape(x_shape: tuple, axis: int, size: int, trailing: int | N
     if trailing is not None:
         shape.append(trailing)
     return tuple(shape)
-
-
-def check_state_shapes(layer: str, held: dict, expected: dict) -> None:
-    """Raise if a held state does not fit the incoming input's batch shape."""
-    for name, shape in expected.items():
-        current = held.get(name)
-        if current is not None and tuple(current) != shape:
-            raise ValueError(
-                f"{layer}: input needs {name} of shape {shape}, but the held {name} has shape "
-                f"{tuple(current)}; the batch shape changed while states are held: "
-                "call zero_states() first"
-            )

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ssm_core
-from ssm_core.checks import check_step_input, expected_state_shape
+from ssm_core.layout import enter_step, leave_step
 
 from ..core import Layer as BaseLayer
 
@@ -107,13 +107,12 @@ class Layer(BaseLayer):
             owner = getattr(self, owner_name) if owner_name else self
             setattr(owner, attr, nn.Parameter(value))
 
-    def _check_input(self, x) -> int:
+    def _check_input(self, x) -> None:
         layer = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
-        axis = check_step_input(layer, x.shape, x.is_floating_point(), x.dtype, self.dim, self.num_neurons)
         reference = self.A_log
-        if x.dtype != reference.dtype:
+        if x.dtype != reference.dtype and x.is_floating_point():
             raise TypeError(
                 f"{layer}: expected input of dtype {reference.dtype} (the layer's parameters), got {x.dtype}; "
                 f"convert the input, or the layer with .to({x.dtype})"
@@ -123,50 +122,22 @@ class Layer(BaseLayer):
                 f"{layer}: expected input on {reference.device} (the layer's parameters), got {x.device}; "
                 f"move the input, or the layer with .to({str(x.device)!r})"
             )
-        return axis
 
-    def _enter(self, x):
-        """Checked input and states in ``ssm_core``'s features-last layout (nothing stored)."""
-        axis = self._check_input(x)
-        last = x.ndim - 1
-        x_w = x if axis == last else x.movedim(axis, -1)
-        batch = tuple(x_w.shape[:-1])
-        states = {}
-        for slot in self._slots:
-            held = getattr(self, slot.name)
-            if held is None:
-                tail = (slot.size,) if slot.trailing is None else (slot.size, slot.trailing)
-                states[slot.name] = x.new_zeros(batch + tail)
-                continue
-            expected = expected_state_shape(x.shape, axis, slot.size, slot.trailing)
-            if held.shape != expected:
-                raise ValueError(
-                    f"{type(self).__name__}: input of shape {tuple(x.shape)} needs {slot.name} of shape {expected}, "
-                    f"but the held {slot.name} has shape {tuple(held.shape)}; the batch shape changed while "
-                    "states are held: call zero_states() first"
-                )
-            feature_axis = -1 if slot.trailing is None else -2
-            states[slot.name] = held if axis == last else held.movedim(axis, feature_axis)
-        return axis, x_w, self.spec.state(**states)
-
-    def _leave(self, axis: int, ndim: int, y, new_state):
-        """Store ``new_state`` in the traceTorch layout and return ``y`` with features back at ``dim``."""
-        if axis == ndim - 1:
-            for slot in self._slots:
-                setattr(self, slot.name, getattr(new_state, slot.name))
-            return y
-        for slot in self._slots:
-            feature_axis = -1 if slot.trailing is None else -2
-            setattr(self, slot.name, getattr(new_state, slot.name).movedim(feature_axis, axis))
-        return y.movedim(-1, axis)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        slots = self._slots
+        held = {slot.name: getattr(self, slot.name) for slot in slots}
+        axis, x_w, state = enter_step(
+            type(self).__name__, x, held, slots, self.dim, self.num_neurons, self.spec.state, xp_torch
+        )
+        y, new_state = self._core_step(x_w, state)
+        y, states = leave_step(axis, x.ndim, y, new_state, slots, xp_torch)
+        for name, value in states.items():
+            setattr(self, name, value)
+        return y
 
     def _core_step(self, x, state):
         return self.spec.step(x, state, self._core_params(), xp=xp_torch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        axis, x_w, state = self._enter(x)
-        y, new_state = self._core_step(x_w, state)
-        return self._leave(axis, x.ndim, y, new_state)
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
         super()._check_loaded_state(state_name, value, key)
