@@ -18,7 +18,7 @@ layer's config, parameter and state containers and functions together, e.g.
 ``ssm_core.S6.zero_state(config, batch_shape, xp)``.
 """
 
-from ._array import phi1, register_native, silu, softplus
+from ._array import namespace, phi1, register_namespace, register_native, silu, softplus
 from .discretize import zoh
 from .init import Draws
 from .lti import (
@@ -38,7 +38,7 @@ LAYERS = {spec.name: spec for spec in (S4, S5, S6, Mamba)}
 
 __all__ = [
     "LAYERS", "LayerSpec", "StateSlot", "Draws",
-    "phi1", "softplus", "silu", "zoh", "register_native",
+    "namespace", "phi1", "softplus", "silu", "zoh", "register_native", "register_namespace",
     "S4", "S4Config", "S4Params", "S4State", "S4Dynamics", "s4_init", "s4_discretize", "s4_step_discrete", "s4_step",
     "S5", "S5Config", "S5Params", "S5State", "S5Dynamics", "s5_init", "s5_discretize", "s5_step_discrete", "s5_step",
     "S6", "S6Config", "S6Params", "S6State", "s6_init", "s6_step",

@@ -12,14 +12,25 @@ from types import SimpleNamespace
 
 from array_api_compat import array_namespace, is_torch_namespace
 
-__all__ = ["namespace", "softplus", "silu", "phi1"]
+__all__ = ["namespace", "register_namespace", "register_native", "softplus", "silu", "phi1"]
 
 
 def namespace(*arrays, xp=None):
     """The array namespace of ``arrays``, or ``xp`` when the caller already knows it."""
     if xp is not None:
         return xp
-    return array_namespace(*(a for a in arrays if a is not None))
+    found = array_namespace(*(a for a in arrays if a is not None))
+    return _COMPLETED.get(found, found)
+
+
+# Namespaces that a backend completed where its library misses part of the
+# standard (MLX): ``namespace()`` hands out the completed one.
+_COMPLETED: dict = {}
+
+
+def register_namespace(found, completed) -> None:
+    """Make ``namespace()`` answer ``completed`` where ``array_namespace`` answers ``found``."""
+    _COMPLETED[found] = completed
 
 
 def _standard_softplus(x, xp):

@@ -13,6 +13,7 @@ __all__ = [
     "check_dim",
     "check_step_input",
     "expected_state_shape",
+    "check_loaded_state",
 ]
 
 
@@ -70,3 +71,20 @@ def expected_state_shape(x_shape: tuple, axis: int, size: int, trailing: int | N
     if trailing is not None:
         shape.append(trailing)
     return tuple(shape)
+
+
+def check_loaded_state(layer: str, key: str, slot, shape: tuple, dim: int) -> None:
+    """Raise if an array of ``shape`` cannot be state ``slot`` of a layer operating on ``dim``.
+
+    Without an input, only what the layer fixes is checked: the size on the
+    feature axis and the trailing axis.
+    """
+    ndim = len(shape) if slot.trailing is None else len(shape) - 1
+    trailing_ok = slot.trailing is None or (ndim >= 1 and shape[-1] == slot.trailing)
+    axis = dim + ndim if dim < 0 else dim
+    if not (trailing_ok and 0 <= axis < ndim and shape[axis] == slot.size):
+        raise ValueError(
+            f"{layer}: state {key} must have {slot.size} on the feature axis dim={dim}"
+            + ("" if slot.trailing is None else f" and {slot.trailing} on the last axis")
+            + f", got shape {tuple(shape)}"
+        )

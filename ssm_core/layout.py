@@ -13,8 +13,6 @@ appended. Canonical: the feature axis moved to the end (before the trailing axis
 
 from __future__ import annotations
 
-from array_api_compat import device as device_of
-
 from .checks import check_step_input, expected_state_shape
 
 __all__ = ["enter_step", "leave_step"]
@@ -40,7 +38,7 @@ def enter_step(layer: str, x, held: dict, slots: tuple, dim: int, num_neurons: i
         current = held[slot.name]
         if current is None:
             tail = (slot.size,) if slot.trailing is None else (slot.size, slot.trailing)
-            states[slot.name] = xp.zeros(batch + tail, dtype=x.dtype, device=device_of(x))
+            states[slot.name] = xp.zeros(batch + tail, dtype=x.dtype, device=getattr(x, "device", None))
             continue
         expected = expected_state_shape(tuple(x.shape), axis, slot.size, slot.trailing)
         if tuple(current.shape) != expected:

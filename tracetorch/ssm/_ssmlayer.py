@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import ssm_core
+from ssm_core.checks import check_loaded_state
 from ssm_core.layout import enter_step, leave_step
 
 from ..core import Layer as BaseLayer
@@ -142,17 +143,8 @@ class Layer(BaseLayer):
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
         super()._check_loaded_state(state_name, value, key)
         for slot in self._slots:
-            if slot.name != state_name:
-                continue
-            trailing_ok = slot.trailing is None or (value.ndim >= 2 and value.shape[-1] == slot.trailing)
-            ndim = value.ndim if slot.trailing is None else value.ndim - 1
-            axis = self.dim + ndim if self.dim < 0 else self.dim
-            if not (trailing_ok and 0 <= axis < ndim and value.shape[axis] == slot.size):
-                raise ValueError(
-                    f"{type(self).__name__}: state {key} must have {slot.size} on the feature axis dim={self.dim}"
-                    + ("" if slot.trailing is None else f" and {slot.trailing} on the last axis")
-                    + f", got shape {tuple(value.shape)}"
-                )
+            if slot.name == state_name:
+                check_loaded_state(type(self).__name__, key, slot, tuple(value.shape), self.dim)
 
 
 class TimeInvariantLayer(Layer):

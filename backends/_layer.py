@@ -1,0 +1,217 @@
+"""The stateful layer of every array backend, written once.
+
+A backend module (``backends.numpy``, ``backends.cupy``, ``backends.mlx``,
+``backends.array_api_strict``) defines a tiny backend object — how to make,
+convert and synchronise its arrays — and calls :func:`bind` to get its
+``S4``, ``S5``, ``S6`` and ``Mamba`` classes. All the state lifecycle, ``dim``
+handling and parameter loading lives here; the math is ``ssm_core``'s.
+
+The backend object provides:
+
+``name``, ``xp`` (the array namespace), ``array_types`` (the library's array
+classes), ``default_dtype``, ``dtype(spec)`` (a library dtype from None, a
+name or a dtype), ``asarray(value)`` (from a torch tensor, a NumPy array or
+any DLPack-capable array, keeping its dtype), ``to_numpy(array)``,
+``draws(dtype, seed)`` (an :class:`ssm_core.Draws`), ``finish(arrays)`` (make
+a step's results usable: MLX evaluates them) and ``synchronize()``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import ssm_core
+from ssm_core.checks import check_loaded_state
+from ssm_core.layout import enter_step, leave_step
+
+__all__ = ["Layer", "bind"]
+
+
+class Layer:
+    """A state-space layer on one array library: one timestep per call, states kept inside.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        The torch layer's constructor arguments (e.g. ``S6(num_neurons,
+        d_state=16, dt_rank=-1, dim=-1)``).
+    dtype : dtype or str, optional
+        Floating dtype of parameters and states. By default the backend's
+        (float32), and ``load_state_dict`` then follows the loaded weights.
+    seed : int, optional
+        Seed of the backend's generator for the initial parameters.
+
+    Variables
+    ---------
+    params : NamedTuple
+        The parameters as ``ssm_core`` takes them (``ssm_core.S6Params`` ...).
+    <state names> : array or None
+        The hidden states, named and shaped as traceTorch names them
+        (``state``, ``global_state``, ``ssm_state``, ``conv_buffer``).
+
+    Notes
+    -----
+    - **Input**: array of shape ``[*, num_neurons, *]`` with ``num_neurons``
+      at index ``dim``, of this backend's library and the layer's dtype.
+    - **Output**: array of the same shape.
+    - Errors leave parameters and states exactly as they were.
+    """
+
+    spec: ClassVar[ssm_core.LayerSpec]
+    backend: ClassVar[object]
+
+    def __init__(self, *args, dtype=None, seed=None, **kwargs):
+        config = self.spec.config(*args, **kwargs)
+        self.config = config
+        self._fixed_dtype = dtype is not None
+        self.dtype = self.backend.dtype(dtype)
+        self._slots = config.state_slots()
+        self._states = dict.fromkeys(slot.name for slot in self._slots)
+        self._set_params(self.spec.init(config, self.backend.draws(self.dtype, seed)))
+
+    # ------------------------------------------------------------- attributes
+
+    @property
+    def num_neurons(self) -> int:
+        return self.config.num_neurons
+
+    @property
+    def d_state(self) -> int:
+        return self.config.d_state
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def __getattr__(self, name):
+        states = self.__dict__.get("_states")
+        if states is not None and name in states:
+            return states[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in vars(self.config).items())
+        return f"{self.backend.name}.{self.spec.name}({args}, dtype={self.dtype})"
+
+    def _error_name(self) -> str:
+        return f"{self.spec.name} ({self.backend.name})"
+
+    # ------------------------------------------------------------- parameters
+
+    def _set_params(self, params) -> None:
+        self.params = params
+        # Time-invariant layers: the discretized dynamics are fixed until new weights load.
+        discretize = self.spec.discretize
+        self._dynamics = None if discretize is None else discretize(params, self.backend.xp)
+
+    def state_dict(self) -> dict:
+        """``{traceTorch state_dict key: array}``, as ``torch_layer.state_dict()`` names them."""
+        return self.spec.params_to_mapping(self.params)
+
+    def load_state_dict(self, mapping, strict: bool = True) -> None:
+        """Load weights: torch tensors, NumPy arrays or any DLPack-capable arrays, keyed as ``state_dict()``.
+
+        Missing, unexpected or mis-shaped entries raise ``ValueError`` and load
+        nothing (``strict=False`` tolerates missing and unexpected keys). The
+        layer's dtype follows the weights unless one was given to the constructor.
+        """
+        layer, xp = self._error_name(), self.backend.xp
+        shapes = self.config.param_shapes()
+        missing = sorted(set(shapes) - set(mapping))
+        unexpected = sorted(set(mapping) - set(shapes))
+        if strict and (missing or unexpected):
+            raise ValueError(f"{layer}: load_state_dict got missing keys {missing} and unexpected keys {unexpected}")
+        loaded = {}
+        for key, shape in shapes.items():
+            if key not in mapping:
+                continue
+            array = self.backend.asarray(mapping[key])
+            if tuple(array.shape) != shape:
+                raise ValueError(f"{layer}: {key} must have shape {shape}, got {tuple(array.shape)}")
+            if not xp.isdtype(array.dtype, "real floating"):
+                raise TypeError(f"{layer}: {key} must be real floating-point, got dtype {array.dtype}")
+            loaded[key] = array
+        dtype = self.dtype
+        if not self._fixed_dtype and loaded:
+            dtype = next(iter(loaded.values())).dtype
+        merged = {**self.state_dict(), **loaded}
+        self._set_params(self.spec.params_from_mapping({k: xp.astype(v, dtype) for k, v in merged.items()}))
+        if dtype != self.dtype:
+            self._states = {k: None if v is None else xp.astype(v, dtype) for k, v in self._states.items()}
+            self.dtype = dtype
+
+    # ------------------------------------------------------------- states
+
+    def zero_states(self) -> None:
+        """Forget the hidden states; the next call starts from zeros."""
+        self._states = dict.fromkeys(self._states)
+
+    def save_states(self) -> dict:
+        """Copies of the hidden states that exist, ``{state name: array}``."""
+        xp = self.backend.xp
+        return {name: xp.asarray(value, copy=True) for name, value in self._states.items() if value is not None}
+
+    def load_states(self, states: dict, strict: bool = True) -> None:
+        """Load states saved by ``save_states()`` (copies them); all or nothing."""
+        layer, xp = self._error_name(), self.backend.xp
+        missing = sorted(set(self._states) - set(states))
+        unexpected = sorted(set(states) - set(self._states))
+        if strict and (missing or unexpected):
+            raise ValueError(f"{layer}: load_states got missing states {missing} and unexpected states {unexpected}")
+        new = dict(self._states)
+        for slot in self._slots:
+            if slot.name not in states:
+                continue
+            array = self.backend.asarray(states[slot.name])
+            check_loaded_state(layer, slot.name, slot, tuple(array.shape), self.dim)
+            if array.dtype != self.dtype:
+                raise TypeError(f"{layer}: state {slot.name} must have dtype {self.dtype}, got {array.dtype}")
+            new[slot.name] = xp.asarray(array, copy=True)
+        self._states = new
+
+    # ------------------------------------------------------------- stepping
+
+    def _check_input(self, x) -> None:
+        backend = self.backend
+        if not isinstance(x, backend.array_types):
+            raise TypeError(
+                f"{self._error_name()}: expected a {backend.array_types[0].__module__}."
+                f"{backend.array_types[0].__name__} input, got {type(x).__module__}.{type(x).__name__}; "
+                f"convert it with backends.{backend.name}.asarray(x)"
+            )
+        if x.dtype != self.dtype and backend.xp.isdtype(x.dtype, "real floating"):
+            raise TypeError(f"{self._error_name()}: expected input of dtype {self.dtype} (the layer's), got {x.dtype}")
+
+    def _core_step(self, x, state):
+        if self._dynamics is not None:
+            return self.spec.step_discrete(x, state, self._dynamics, self.backend.xp)
+        return self.spec.step(x, state, self.params, xp=self.backend.xp)
+
+    def __call__(self, x):
+        """One timestep: ``x`` ``[*, num_neurons, *]`` -> ``y`` of the same shape; states advance."""
+        self._check_input(x)
+        xp = self.backend.xp
+        axis, x_w, state = enter_step(
+            self._error_name(), x, self._states, self._slots, self.dim, self.num_neurons, self.spec.state, xp
+        )
+        y, new_state = self._core_step(x_w, state)
+        y, states = leave_step(axis, x.ndim, y, new_state, self._slots, xp)
+        self.backend.finish((y, *states.values()))
+        self._states = states
+        return y
+
+
+def bind(backend) -> tuple:
+    """``(S4, S5, S6, Mamba)`` layer classes on ``backend``."""
+    classes = []
+    for spec in (ssm_core.S4, ssm_core.S5, ssm_core.S6, ssm_core.Mamba):
+        doc = (
+            f"traceTorch's ``{spec.name}`` on {backend.name}: same constructor arguments, parameter and "
+            f"state names as ``tracetorch.ssm.{spec.name}``, plus ``dtype=`` and ``seed=``.\n\n"
+            + Layer.__doc__.split("\n", 2)[2]
+        )
+        cls = type(spec.name, (Layer,), {"spec": spec, "backend": backend, "__doc__": doc})
+        cls.__module__ = f"backends.{backend.name}"
+        cls.__qualname__ = spec.name
+        classes.append(cls)
+    return tuple(classes)

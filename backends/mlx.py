@@ -1,0 +1,174 @@
+"""The MLX backend: the state-space layers on Apple silicon (and MLX's CPU build elsewhere).
+
+MLX evaluates lazily. By default a layer evaluates each step's output and
+states before returning (``eager=True``), so results behave like any array
+and the graph never grows across steps. For speed in a loop, build with
+``eager=False`` and call ``mlx.core.eval`` yourself every few steps (at least
+before reading a result): one evaluation then covers many steps::
+
+    layer = Mamba(64, eager=False)
+    for t, x in enumerate(stream):
+        y = layer(x)
+        if t % 16 == 15:
+            mx.eval(y, *layer.save_states().values())
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+import ssm_core
+
+from ._layer import Layer, bind
+
+__all__ = ["backend", "xp", "asarray", "S4", "S5", "S6", "Mamba"]
+
+_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "float64": mx.float64}
+
+
+def _zeros(shape, dtype=None, device=None):
+    return mx.zeros(shape, dtype=mx.float32 if dtype is None else dtype)
+
+
+def _asarray(obj, dtype=None, copy=None):
+    if isinstance(obj, mx.array):
+        out = obj if dtype is None else obj.astype(dtype)
+        # MLX arrays are immutable: a copy is only needed to cut sharing of views, which MLX has none of.
+        return out
+    return mx.array(obj, dtype=dtype)
+
+
+def _isdtype(dtype, kind):
+    if kind == "real floating":
+        return dtype in (mx.float16, mx.bfloat16, mx.float32, mx.float64)
+    return mx.issubdtype(dtype, kind)
+
+
+# MLX computes float64 exp (and so logaddexp) to float32 accuracy only, while
+# its float64 expm1, log1p and power are accurate: rebuild exp from those.
+_LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of log(2): k * _LN2_HI is exact
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e00
+
+
+def _exp(x):
+    if x.dtype != mx.float64:
+        return mx.exp(x)
+    x = mx.clip(x, -800.0, 800.0)  # exp is 0 / inf there already; keeps k finite
+    k = mx.round(x * _INV_LN2)
+    r = (x - k * _LN2_HI) - k * _LN2_LO  # |r| <= log(2)/2
+    half = mx.floor(0.5 * k)  # 2**k in two factors: no overflow/underflow of 2**k alone near the ends
+    return (mx.power(2.0, half) * (1.0 + mx.expm1(r))) * mx.power(2.0, k - half)
+
+
+def _logaddexp(x, y):
+    if x.dtype != mx.float64:
+        return mx.logaddexp(x, y)
+    high = mx.maximum(x, y)
+    return high + mx.log1p(_exp(-mx.abs(x - y)))
+
+
+class _Namespace:
+    """``mlx.core`` completed where it differs from the array API standard."""
+
+    def __init__(self, **completions):
+        self.__dict__.update(completions)
+
+    def __getattr__(self, name):
+        return getattr(mx, name)
+
+    def __repr__(self):
+        return "<mlx.core, completed by backends.mlx>"
+
+
+xp = _Namespace(
+    zeros=_zeros,
+    asarray=_asarray,
+    isdtype=_isdtype,
+    astype=lambda x, dtype: x.astype(dtype),
+    exp=_exp,
+    logaddexp=_logaddexp,
+)
+
+
+class MlxBackend:
+    name = "mlx"
+    xp = xp
+    array_types = (mx.array,)
+    default_dtype = mx.float32
+
+    def dtype(self, spec):
+        if spec is None:
+            return self.default_dtype
+        if isinstance(spec, mx.Dtype):
+            return spec
+        import numpy as np
+
+        return _DTYPES[np.dtype(spec).name]
+
+    def asarray(self, value):
+        if isinstance(value, mx.array):
+            return value
+        from ._host import to_host
+
+        host = to_host(value)
+        # mx.array(host) would narrow float64 to float32: keep the dtype.
+        return mx.array(host, dtype=_DTYPES.get(host.dtype.name))
+
+    def to_numpy(self, array):
+        import numpy as np
+
+        return np.asarray(array)
+
+    def draws(self, dtype, seed):
+        keys = [mx.random.key(0 if seed is None else seed)]
+
+        def next_key():
+            keys[0], key = mx.random.split(keys[0])
+            return key
+
+        # MLX draws in float32 at most; wider dtypes get float32 draws, cast.
+        draw_dtype = mx.float32 if dtype == mx.float64 else dtype
+        return ssm_core.Draws(
+            xp=xp,
+            dtype=dtype,
+            uniform=lambda shape: mx.random.uniform(shape=shape, dtype=draw_dtype, key=next_key()).astype(dtype),
+            normal=lambda shape: mx.random.normal(shape=shape, dtype=draw_dtype, key=next_key()).astype(dtype),
+        )
+
+    def finish(self, arrays):
+        pass
+
+    def synchronize(self):
+        mx.synchronize()
+
+
+backend = MlxBackend()
+asarray = backend.asarray
+ssm_core.register_namespace(mx, xp)
+_S4, _S5, _S6, _Mamba = bind(backend)
+
+
+def _eager_class(base):
+    class Eager(base):
+        __doc__ = base.__doc__ + (
+            "\n    eager : bool, default True\n        Evaluate each step's output and states before returning "
+            "(see the module docstring).\n"
+        )
+
+        def __init__(self, *args, eager: bool = True, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.eager = eager
+
+        def __call__(self, x):
+            y = super().__call__(x)
+            if self.eager:
+                mx.eval(y, *(s for s in self._states.values() if s is not None))
+            return y
+
+    Eager.__name__ = Eager.__qualname__ = base.__name__
+    Eager.__module__ = base.__module__
+    return Eager
+
+
+S4, S5, S6, Mamba = (_eager_class(c) for c in (_S4, _S5, _S6, _Mamba))

@@ -1,0 +1,57 @@
+"""The NumPy backend: the state-space layers on CPU arrays.
+
+::
+
+    from backends.numpy import Mamba
+    layer = Mamba(64)
+    layer.load_state_dict(torch_layer.state_dict())
+    y = layer(x)          # x: numpy.ndarray [batch, 64]
+"""
+
+from __future__ import annotations
+
+import array_api_compat.numpy as xp
+import numpy as np
+
+import ssm_core
+
+from ._host import to_host
+from ._layer import bind
+
+__all__ = ["backend", "asarray", "S4", "S5", "S6", "Mamba"]
+
+
+class NumpyBackend:
+    name = "numpy"
+    xp = xp
+    array_types = (np.ndarray,)
+    default_dtype = np.dtype(np.float32)
+
+    def dtype(self, spec):
+        return self.default_dtype if spec is None else np.dtype(spec)
+
+    def asarray(self, value):
+        return to_host(value)
+
+    def to_numpy(self, array):
+        return array
+
+    def draws(self, dtype, seed):
+        rng = np.random.default_rng(seed)
+        return ssm_core.Draws(
+            xp=xp,
+            dtype=dtype,
+            uniform=lambda shape: rng.random(shape, dtype=dtype),
+            normal=lambda shape: rng.standard_normal(shape, dtype=dtype),
+        )
+
+    def finish(self, arrays):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+backend = NumpyBackend()
+asarray = backend.asarray
+S4, S5, S6, Mamba = bind(backend)
