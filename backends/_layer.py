@@ -40,6 +40,10 @@ class Layer:
         (float32), and ``load_state_dict`` then follows the loaded weights.
     seed : int, optional
         Seed of the backend's generator for the initial parameters.
+    eager : bool, default True
+        Lazy libraries (MLX) evaluate each step's output and states before
+        returning; with ``eager=False`` the caller evaluates (see ``backends.mlx``).
+        Eager libraries ignore it.
 
     Variables
     ---------
@@ -60,9 +64,10 @@ class Layer:
     spec: ClassVar[ssm_core.LayerSpec]
     backend: ClassVar[object]
 
-    def __init__(self, *args, dtype=None, seed=None, **kwargs):
+    def __init__(self, *args, dtype=None, seed=None, eager: bool = True, **kwargs):
         config = self.spec.config(*args, **kwargs)
         self.config = config
+        self.eager = eager
         self._fixed_dtype = dtype is not None
         self.dtype = self.backend.dtype(dtype)
         self._slots = config.state_slots()
@@ -196,13 +201,14 @@ class Layer:
         )
         y, new_state = self._core_step(x_w, state)
         y, states = leave_step(axis, x.ndim, y, new_state, self._slots, xp)
-        self.backend.finish((y, *states.values()))
+        if self.eager:
+            self.backend.finish((y, *states.values()))
         self._states = states
         return y
 
 
 def bind(backend) -> tuple:
-    """``(S4, S5, S6, Mamba)`` layer classes on ``backend``."""
+    """``(S4, S5, S6, Mamba, from_torch)``: the layer classes on ``backend``, and a converter."""
     classes = []
     for spec in (ssm_core.S4, ssm_core.S5, ssm_core.S6, ssm_core.Mamba):
         doc = (
@@ -214,4 +220,17 @@ def bind(backend) -> tuple:
         cls.__module__ = f"backends.{backend.name}"
         cls.__qualname__ = spec.name
         classes.append(cls)
-    return tuple(classes)
+    by_name = {cls.__name__: cls for cls in classes}
+
+    def from_torch(torch_layer, dtype=None):
+        """The layer equivalent to the ``tt.ssm`` layer ``torch_layer``, with its weights.
+
+        Hidden states are not copied (``save_states``/``load_states`` do that).
+        """
+        config = torch_layer.config
+        layer = by_name[torch_layer.spec.name](**vars(config), dtype=dtype)
+        layer.load_state_dict(torch_layer.state_dict())
+        return layer
+
+    from_torch.__module__ = f"backends.{backend.name}"
+    return (*classes, from_torch)

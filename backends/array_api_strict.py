@@ -14,7 +14,7 @@ import ssm_core
 from ._host import to_host
 from ._layer import bind
 
-__all__ = ["backend", "asarray", "S4", "S5", "S6", "Mamba"]
+__all__ = ["backend", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
 
 _DTYPES = {"float32": xp.float32, "float64": xp.float64}
 
@@ -59,4 +59,4 @@ class ArrayApiStrictBackend:
 
 backend = ArrayApiStrictBackend()
 asarray = backend.asarray
-S4, S5, S6, Mamba = bind(backend)
+S4, S5, S6, Mamba, from_torch = bind(backend)

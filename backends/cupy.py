@@ -17,7 +17,7 @@ import ssm_core
 from ._host import to_host
 from ._layer import bind
 
-__all__ = ["backend", "asarray", "S4", "S5", "S6", "Mamba"]
+__all__ = ["backend", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
 
 _DLPACK_CUDA = 2  # DLDeviceType kDLCUDA
 
@@ -61,4 +61,4 @@ class CupyBackend:
 
 backend = CupyBackend()
 asarray = backend.asarray
-S4, S5, S6, Mamba = bind(backend)
+S4, S5, S6, Mamba, from_torch = bind(backend)

@@ -10,7 +10,7 @@ before reading a result): one evaluation then covers many steps::
     for t, x in enumerate(stream):
         y = layer(x)
         if t % 16 == 15:
-            mx.eval(y, *layer.save_states().values())
+            mx.eval(y, *layer.save_states().values())  # evaluates the held states too
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import mlx.core as mx
 
 import ssm_core
 
-from ._layer import Layer, bind
+from ._layer import bind
 
-__all__ = ["backend", "xp", "asarray", "S4", "S5", "S6", "Mamba"]
+__all__ = ["backend", "xp", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
 
 _DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "float64": mx.float64}
 
@@ -121,9 +121,11 @@ class MlxBackend:
         return np.asarray(array)
 
     def draws(self, dtype, seed):
-        keys = [mx.random.key(0 if seed is None else seed)]
+        keys = [None if seed is None else mx.random.key(seed)]
 
-        def next_key():
+        def next_key():  # None: MLX's global generator (mx.random.seed)
+            if keys[0] is None:
+                return None
             keys[0], key = mx.random.split(keys[0])
             return key
 
@@ -137,7 +139,7 @@ class MlxBackend:
         )
 
     def finish(self, arrays):
-        pass
+        mx.eval(*(a for a in arrays if a is not None))
 
     def synchronize(self):
         mx.synchronize()
@@ -146,29 +148,4 @@ class MlxBackend:
 backend = MlxBackend()
 asarray = backend.asarray
 ssm_core.register_namespace(mx, xp)
-_S4, _S5, _S6, _Mamba = bind(backend)
-
-
-def _eager_class(base):
-    class Eager(base):
-        __doc__ = base.__doc__ + (
-            "\n    eager : bool, default True\n        Evaluate each step's output and states before returning "
-            "(see the module docstring).\n"
-        )
-
-        def __init__(self, *args, eager: bool = True, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.eager = eager
-
-        def __call__(self, x):
-            y = super().__call__(x)
-            if self.eager:
-                mx.eval(y, *(s for s in self._states.values() if s is not None))
-            return y
-
-    Eager.__name__ = Eager.__qualname__ = base.__name__
-    Eager.__module__ = base.__module__
-    return Eager
-
-
-S4, S5, S6, Mamba = (_eager_class(c) for c in (_S4, _S5, _S6, _Mamba))
+S4, S5, S6, Mamba, from_torch = bind(backend)

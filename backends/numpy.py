@@ -18,7 +18,7 @@ import ssm_core
 from ._host import to_host
 from ._layer import bind
 
-__all__ = ["backend", "asarray", "S4", "S5", "S6", "Mamba"]
+__all__ = ["backend", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
 
 
 class NumpyBackend:
@@ -54,4 +54,4 @@ class NumpyBackend:
 
 backend = NumpyBackend()
 asarray = backend.asarray
-S4, S5, S6, Mamba = bind(backend)
+S4, S5, S6, Mamba, from_torch = bind(backend)

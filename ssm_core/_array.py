@@ -8,6 +8,7 @@ fast path where a library has one (torch), looked up once per namespace.
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 from array_api_compat import array_namespace, is_torch_namespace
@@ -48,8 +49,7 @@ def _native_ops(xp):
     ops = _NATIVE.get(xp)
     if ops is None:
         if is_torch_namespace(xp):
-            import torch.nn.functional as F  # already imported: xp is torch's
-
+            F = sys.modules["torch"].nn.functional  # torch is loaded: xp is its namespace
             ops = SimpleNamespace(softplus=lambda x, xp: F.softplus(x), silu=lambda x, xp: F.silu(x))
         else:
             ops = SimpleNamespace(softplus=_standard_softplus, silu=_standard_silu)

@@ -90,6 +90,11 @@ class Layer(BaseLayer):
     def _config(self):
         raise NotImplementedError
 
+    @property
+    def config(self):
+        """The constructor arguments as an ``ssm_core`` config (``ssm_core.S6Config`` ...)."""
+        return self._config()
+
     def _core_params(self):
         raise NotImplementedError
 

@@ -1,0 +1,37 @@
+"""Repository contracts: the README's commands, CI, and ssm_core's independence."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_gives_two_commands_and_ci_runs_the_test_one():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    demo, tests = commands
+    assert "examples/" in demo and "pytest" in tests
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci_lines, "the README's test command must appear verbatim in .ci/run"
+
+
+def test_ssm_core_imports_no_array_library():
+    code = (
+        "import sys, ssm_core, backends; "
+        "print(sorted(m for m in ('torch', 'numpy', 'mlx', 'cupy', 'array_api_strict') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_ssm_core_sources_have_no_module_level_array_imports():
+    pattern = re.compile(r"^\s*(import|from)\s+(torch|numpy|cupy|mlx|array_api_strict)\b", re.M)
+    offenders = [p.name for p in (ROOT / "ssm_core").glob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
