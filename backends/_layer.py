@@ -12,6 +12,8 @@ The backend object provides:
 classes), ``default_dtype``, ``dtype(spec)`` (a library dtype from None, a
 name or a dtype), ``asarray(value)`` (from a torch tensor, a NumPy array or
 any DLPack-capable array, keeping its dtype), ``to_numpy(array)``,
+``lti_scan`` and ``selective_scan`` (the ``method`` its S4/S5 and S6/Mamba
+sequence scans use),
 ``draws(dtype, seed)`` (an :class:`ssm_core.Draws`), ``finish(arrays)`` (make
 a step's results usable: MLX evaluates them) and ``synchronize()``.
 """
@@ -22,7 +24,7 @@ from typing import ClassVar
 
 import ssm_core
 from ssm_core.checks import check_loaded_state
-from ssm_core.layout import enter_step, leave_step
+from ssm_core.layout import enter_scan, enter_step, leave_scan, leave_step
 
 __all__ = ["Layer", "bind"]
 
@@ -205,6 +207,28 @@ class Layer:
             self.backend.finish((y, *states.values()))
         self._states = states
         return y
+
+
+    def scan(self, xs, time_dim: int = 0):
+        """A whole sequence in one call: the outputs of every step, as stepping gives them.
+
+        ``xs`` with its ``time_dim`` axis removed is one step's input. Starts
+        from the held states and leaves the layer in the states after the last
+        step, as ``T`` calls would.
+        """
+        self._check_input(xs)
+        xp = self.backend.xp
+        axes, xs_w, state = enter_scan(
+            self._error_name(), xs, self._states, self._slots, self.dim, self.num_neurons, self.spec.state,
+            time_dim, xp,
+        )
+        method = self.backend.lti_scan if self.spec.discretize is not None else self.backend.selective_scan
+        ys, new_state = self.spec.scan(xs_w, state, self.params, xp=xp, method=method)
+        ys, states = leave_scan(axes, ys, new_state, self._slots, xp)
+        if self.eager:
+            self.backend.finish((ys, *states.values()))
+        self._states = states
+        return ys
 
 
 def bind(backend) -> tuple:

@@ -25,6 +25,9 @@ class ArrayApiStrictBackend:
     array_types = (type(xp.asarray(0.0)),)
     default_dtype = xp.float32
 
+    lti_scan = "auto"
+    selective_scan = "loop"
+
     def dtype(self, spec):
         if spec is None:
             return self.default_dtype

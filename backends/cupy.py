@@ -28,6 +28,9 @@ class CupyBackend:
     array_types = (cp.ndarray,)
     default_dtype = np.dtype(np.float32)
 
+    lti_scan = "auto"
+    selective_scan = "parallel"
+
     def dtype(self, spec):
         return self.default_dtype if spec is None else np.dtype(spec)
 

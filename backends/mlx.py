@@ -38,6 +38,18 @@ def _asarray(obj, dtype=None, copy=None):
     return mx.array(obj, dtype=dtype)
 
 
+def _moveaxis(x, source, destination):
+    # mx.moveaxis takes single axes only; the standard also takes tuples.
+    if isinstance(source, int):
+        return mx.moveaxis(x, source, destination)
+    ndim = x.ndim
+    moves = sorted(zip((d % ndim for d in destination), (s % ndim for s in source)))
+    order = [axis for axis in range(ndim) if axis not in {s for _, s in moves}]
+    for destination_axis, source_axis in moves:
+        order.insert(destination_axis, source_axis)
+    return mx.transpose(x, order)
+
+
 def _isdtype(dtype, kind):
     if kind == "real floating":
         return dtype in (mx.float16, mx.bfloat16, mx.float32, mx.float64)
@@ -85,6 +97,7 @@ xp = _Namespace(
     zeros=_zeros,
     asarray=_asarray,
     isdtype=_isdtype,
+    moveaxis=_moveaxis,
     astype=lambda x, dtype: x.astype(dtype),
     exp=_exp,
     logaddexp=_logaddexp,
@@ -96,6 +109,11 @@ class MlxBackend:
     xp = xp
     array_types = (mx.array,)
     default_dtype = mx.float32
+
+    # MLX transforms in complex64 only: the FFT form would lose float64 (and the
+    # float64 widening that keeps float32 exact), so S4/S5 scans step.
+    lti_scan = "loop"
+    selective_scan = "loop"
 
     def dtype(self, spec):
         if spec is None:

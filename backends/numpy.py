@@ -27,6 +27,9 @@ class NumpyBackend:
     array_types = (np.ndarray,)
     default_dtype = np.dtype(np.float32)
 
+    lti_scan = "auto"
+    selective_scan = "loop"
+
     def dtype(self, spec):
         return self.default_dtype if spec is None else np.dtype(spec)
 

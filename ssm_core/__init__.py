@@ -12,6 +12,9 @@ Functional API, uniform over the four layers::
     y, state = ssm_core.s6_step(x, state, params)      # S6State(state)
     y, state = ssm_core.mamba_step(x, state, params)   # MambaState(ssm_state, conv_buffer)
 
+    ys, state = ssm_core.s6_scan(xs, state, params)    # a whole sequence xs [T, ..., N]:
+                                                       # the same numbers as T steps
+
 ``ssm_core.S4`` ... ``ssm_core.Mamba`` are :class:`LayerSpec` records tying each
 layer's config, parameter and state containers and functions together, e.g.
 ``ssm_core.S6.params_from_mapping(torch_layer.state_dict())`` and
@@ -23,15 +26,16 @@ from .discretize import zoh
 from .init import Draws
 from .lti import (
     S4, S5,
-    S4Config, S4Dynamics, S4Params, S4State, s4_discretize, s4_init, s4_step, s4_step_discrete,
-    S5Config, S5Dynamics, S5Params, S5State, s5_discretize, s5_init, s5_step, s5_step_discrete,
+    S4Config, S4Dynamics, S4Params, S4State, s4_discretize, s4_init, s4_scan, s4_step, s4_step_discrete,
+    S5Config, S5Dynamics, S5Params, S5State, s5_discretize, s5_init, s5_scan, s5_step, s5_step_discrete,
 )
 from .selective import (
     S6, Mamba,
-    MambaConfig, MambaParams, MambaState, mamba_init, mamba_step,
-    S6Config, S6Params, S6State, s6_init, s6_step,
-    causal_conv_step, selective_step,
+    MambaConfig, MambaParams, MambaState, mamba_init, mamba_scan, mamba_step,
+    S6Config, S6Params, S6State, s6_init, s6_scan, s6_step,
+    causal_conv_scan, causal_conv_step, selective_scan, selective_step,
 )
+from .scan import causal_conv_fft, decay_powers, linear_recurrence
 from .spec import LayerSpec, StateSlot
 
 LAYERS = {spec.name: spec for spec in (S4, S5, S6, Mamba)}
@@ -39,9 +43,12 @@ LAYERS = {spec.name: spec for spec in (S4, S5, S6, Mamba)}
 __all__ = [
     "LAYERS", "LayerSpec", "StateSlot", "Draws",
     "namespace", "phi1", "softplus", "silu", "zoh", "register_native", "register_namespace",
-    "S4", "S4Config", "S4Params", "S4State", "S4Dynamics", "s4_init", "s4_discretize", "s4_step_discrete", "s4_step",
-    "S5", "S5Config", "S5Params", "S5State", "S5Dynamics", "s5_init", "s5_discretize", "s5_step_discrete", "s5_step",
-    "S6", "S6Config", "S6Params", "S6State", "s6_init", "s6_step",
-    "Mamba", "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step",
-    "selective_step", "causal_conv_step",
+    "S4", "S4Config", "S4Params", "S4State", "S4Dynamics",
+    "s4_init", "s4_discretize", "s4_step_discrete", "s4_step", "s4_scan",
+    "S5", "S5Config", "S5Params", "S5State", "S5Dynamics",
+    "s5_init", "s5_discretize", "s5_step_discrete", "s5_step", "s5_scan",
+    "S6", "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
+    "Mamba", "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
+    "selective_step", "selective_scan", "causal_conv_step", "causal_conv_scan",
+    "linear_recurrence", "causal_conv_fft", "decay_powers",
 ]

@@ -13,13 +13,42 @@ appended. Canonical: the feature axis moved to the end (before the trailing axis
 
 from __future__ import annotations
 
-from .checks import check_step_input, expected_state_shape
+from typing import NamedTuple
 
-__all__ = ["enter_step", "leave_step"]
+from .checks import check_dim, check_step_input, expected_state_shape
+
+__all__ = ["enter_step", "leave_step", "enter_scan", "leave_scan", "ScanAxes"]
 
 
 def _feature_axis(slot) -> int:
     return -1 if slot.trailing is None else -2
+
+
+def _canonical_states(layer, step_shape, axis, batch, x, held, slots, state_type, xp):
+    """The held states checked against one step's input shape and moved to the canonical layout."""
+    states = {}
+    for slot in slots:
+        current = held[slot.name]
+        if current is None:
+            tail = (slot.size,) if slot.trailing is None else (slot.size, slot.trailing)
+            states[slot.name] = xp.zeros(batch + tail, dtype=x.dtype, device=getattr(x, "device", None))
+            continue
+        expected = expected_state_shape(step_shape, axis, slot.size, slot.trailing)
+        if tuple(current.shape) != expected:
+            raise ValueError(
+                f"{layer}: input of step shape {step_shape} needs {slot.name} of shape {expected}, but the held "
+                f"{slot.name} has shape {tuple(current.shape)}; the batch shape changed while states are held: "
+                "call zero_states() first"
+            )
+        last = len(step_shape) - 1
+        states[slot.name] = current if axis == last else xp.moveaxis(current, axis, _feature_axis(slot))
+    return state_type(**states)
+
+
+def _tracetorch_layout(axis, step_ndim, new_state, slots, xp):
+    if axis == step_ndim - 1:
+        return {slot.name: getattr(new_state, slot.name) for slot in slots}
+    return {slot.name: xp.moveaxis(getattr(new_state, slot.name), _feature_axis(slot), axis) for slot in slots}
 
 
 def enter_step(layer: str, x, held: dict, slots: tuple, dim: int, num_neurons: int, state_type, xp):
@@ -30,30 +59,59 @@ def enter_step(layer: str, x, held: dict, slots: tuple, dim: int, num_neurons: i
     """
     floating = xp.isdtype(x.dtype, "real floating")
     axis = check_step_input(layer, tuple(x.shape), floating, x.dtype, dim, num_neurons)
-    last = x.ndim - 1
-    x_w = x if axis == last else xp.moveaxis(x, axis, -1)  # [..., N]
-    batch = tuple(x_w.shape[:-1])
-    states = {}
-    for slot in slots:
-        current = held[slot.name]
-        if current is None:
-            tail = (slot.size,) if slot.trailing is None else (slot.size, slot.trailing)
-            states[slot.name] = xp.zeros(batch + tail, dtype=x.dtype, device=getattr(x, "device", None))
-            continue
-        expected = expected_state_shape(tuple(x.shape), axis, slot.size, slot.trailing)
-        if tuple(current.shape) != expected:
-            raise ValueError(
-                f"{layer}: input of shape {tuple(x.shape)} needs {slot.name} of shape {expected}, but the held "
-                f"{slot.name} has shape {tuple(current.shape)}; the batch shape changed while states are held: "
-                "call zero_states() first"
-            )
-        states[slot.name] = current if axis == last else xp.moveaxis(current, axis, _feature_axis(slot))
-    return axis, x_w, state_type(**states)
+    x_w = x if axis == x.ndim - 1 else xp.moveaxis(x, axis, -1)  # [..., N]
+    state = _canonical_states(layer, tuple(x.shape), axis, tuple(x_w.shape[:-1]), x, held, slots, state_type, xp)
+    return axis, x_w, state
 
 
 def leave_step(axis: int, ndim: int, y, new_state, slots: tuple, xp):
     """``(y, {state name: array})`` moved back from the canonical to the traceTorch layout."""
-    if axis == ndim - 1:
-        return y, {slot.name: getattr(new_state, slot.name) for slot in slots}
-    states = {slot.name: xp.moveaxis(getattr(new_state, slot.name), _feature_axis(slot), axis) for slot in slots}
-    return xp.moveaxis(y, -1, axis), states
+    states = _tracetorch_layout(axis, ndim, new_state, slots, xp)
+    return (y if axis == ndim - 1 else xp.moveaxis(y, -1, axis)), states
+
+
+class ScanAxes(NamedTuple):
+    """Where a sequence keeps its axes: ``time`` and ``feature`` in the sequence, ``step_feature`` in one step."""
+
+    time: int
+    feature: int
+    step_feature: int
+    step_ndim: int
+
+
+def enter_scan(layer: str, xs, held: dict, slots: tuple, dim: int, num_neurons: int, state_type, time_dim, xp):
+    """Check a sequence ``xs`` and the held states; return ``(axes, xs_canonical, state_canonical)``.
+
+    ``xs`` with its ``time_dim`` axis removed is one step's input, and the
+    layer's ``dim`` indexes that step input (so a layer keeps its ``dim`` when
+    a model runs in sequence mode). ``xs_canonical`` is ``[T, ..., N]``.
+    """
+    floating = xp.isdtype(xs.dtype, "real floating")
+    if not floating:
+        raise TypeError(f"{layer}: expected a real floating-point input, got dtype {xs.dtype}")
+    time = check_dim(layer, time_dim, xs.ndim, name="time_dim")
+    step_shape = tuple(xs.shape[:time]) + tuple(xs.shape[time + 1 :])
+    if len(step_shape) == 0:
+        raise ValueError(
+            f"{layer}: expected a sequence with a time axis and a feature axis of size {num_neurons}, "
+            f"got shape {tuple(xs.shape)}"
+        )
+    step_feature = check_step_input(layer, step_shape, floating, xs.dtype, dim, num_neurons)
+    feature = step_feature if step_feature < time else step_feature + 1
+    axes = ScanAxes(time, feature, step_feature, len(step_shape))
+    if (time, feature) == (0, xs.ndim - 1):
+        xs_w = xs
+    else:
+        xs_w = xp.moveaxis(xs, (time, feature), (0, -1))  # [T, ..., N]
+    state = _canonical_states(
+        layer, step_shape, step_feature, tuple(xs_w.shape[1:-1]), xs, held, slots, state_type, xp
+    )
+    return axes, xs_w, state
+
+
+def leave_scan(axes: ScanAxes, ys, new_state, slots: tuple, xp):
+    """``(ys, {state name: array})`` moved back to the sequence's and the traceTorch layout."""
+    states = _tracetorch_layout(axes.step_feature, axes.step_ndim, new_state, slots, xp)
+    if (axes.time, axes.feature) != (0, ys.ndim - 1):
+        ys = xp.moveaxis(ys, (0, -1), (axes.time, axes.feature))
+    return ys, states

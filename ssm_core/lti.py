@@ -14,12 +14,18 @@ from typing import Any, NamedTuple
 from ._array import namespace
 from .checks import check_axis, check_int
 from .discretize import zoh
+from .scan import causal_conv_fft, decay_powers
 from .init import Draws, log_uniform_log_dt, s4d_real_A_log
 from .spec import LayerSpec, StateSlot
 
+LTI_SCAN_METHODS = ("auto", "fft", "loop")
+# Below this length the FFT's fixed cost is larger than T plain steps (measured on CPU).
+FFT_MIN_STEPS = 32
+
 __all__ = [
-    "S4Config", "S4Params", "S4State", "S4Dynamics", "s4_init", "s4_discretize", "s4_step_discrete", "s4_step",
-    "S5Config", "S5Params", "S5State", "S5Dynamics", "s5_init", "s5_discretize", "s5_step_discrete", "s5_step",
+    "LTI_SCAN_METHODS",
+    "S4Config", "S4Params", "S4State", "S4Dynamics", "s4_init", "s4_discretize", "s4_step_discrete", "s4_step", "s4_scan",
+    "S5Config", "S5Params", "S5State", "S5Dynamics", "s5_init", "s5_discretize", "s5_step_discrete", "s5_step", "s5_scan",
     "S4", "S5",
 ]
 
@@ -109,6 +115,62 @@ def s4_step(x, state: S4State, params: S4Params, xp=None):
     return s4_step_discrete(x, state, s4_discretize(params, xp), xp)
 
 
+def _use_fft(method: str, steps: int) -> bool:
+    if method not in LTI_SCAN_METHODS:
+        raise ValueError(f"scan: method must be one of {LTI_SCAN_METHODS}, got {method!r}")
+    return method == "fft" or (method == "auto" and steps >= FFT_MIN_STEPS)
+
+
+def _widen(xp, *arrays):
+    """``arrays`` in float64."""
+    return tuple(xp.astype(a, xp.float64, copy=False) for a in arrays)
+
+
+def _step_loop(step_discrete, xs, state, dynamics, xp):
+    ys = []
+    for t in range(xs.shape[0]):
+        y, state = step_discrete(xs[t], state, dynamics, xp)
+        ys.append(y)
+    return xp.stack(ys, axis=0), state
+
+
+def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto"):
+    """S4 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
+
+    The same numbers as ``T`` calls of :func:`s4_step`. The system is
+    time-invariant, so ``method="fft"`` computes the outputs as a causal
+    convolution with the kernel ``K_j = sum(C * A_bar**j * B_bar)`` (FFT, no
+    batch factor in the state work) plus the initial state's decay, and the
+    final state as one contraction over time, all in float64 and rounded once
+    to the input's dtype; ``"loop"`` steps; ``"auto"`` takes the FFT from
+    ``FFT_MIN_STEPS`` steps on.
+    """
+    xp = namespace(xs, xp=xp)
+    T = xs.shape[0]
+    if T == 0:
+        return xs, state
+    if not _use_fft(method, T):
+        return _step_loop(s4_step_discrete, xs, state, s4_discretize(params, xp), xp)
+    # The system that steps run (discretized in the input's dtype), computed
+    # exactly in float64 (see causal_conv_fft) and rounded once at the end.
+    dtype = xs.dtype
+    A_bar, B_bar, C, D = _widen(xp, *s4_discretize(params, xp))  # [N, d] x3, [N]
+    xs, h0 = _widen(xp, xs, state.state)  # [T, ..., N], [..., N, d]
+    batch_ones = (1,) * (xs.ndim - 2)
+    powers = decay_powers(A_bar, T, xp)  # [T+1, N, d]
+    kernel = xp.sum(powers[:T] * (C * B_bar), axis=-1)  # [T, N]
+    kernel = xp.reshape(kernel, (T,) + batch_ones + (kernel.shape[-1],))  # [T, 1.., N]
+    ys = causal_conv_fft(xs, kernel, xp) + D * xs  # [T, ..., N]
+    # The initial state decays through the readout: sum_d C * A_bar**(t+1) * h0.
+    from_h0 = (C * h0)[..., None, :] @ xp.permute_dims(powers[1:], (1, 2, 0))  # [..., N, 1, T]
+    ys = ys + xp.moveaxis(from_h0[..., 0, :], -1, 0)  # [T, ..., N]
+    # h_T = A_bar**T h0 + sum_s A_bar**(T-1-s) B_bar x_s: one contraction over time.
+    weights = xp.permute_dims(xp.flip(powers[:T], axis=0) * B_bar, (1, 0, 2))  # [N, T, d]
+    driven = xp.moveaxis(xs, 0, -1)[..., None, :] @ weights  # [..., N, 1, d]
+    h = powers[T] * h0 + driven[..., 0, :]  # [..., N, d]
+    return xp.astype(ys, dtype), S4State(xp.astype(h, dtype))
+
+
 S4 = LayerSpec(
     name="S4",
     config=S4Config,
@@ -117,6 +179,7 @@ S4 = LayerSpec(
     param_keys=("A_log", "B", "C", "log_dt", "D"),
     init=s4_init,
     step=s4_step,
+    scan=s4_scan,
     dynamics=S4Dynamics,
     discretize=s4_discretize,
     step_discrete=s4_step_discrete,
@@ -206,6 +269,33 @@ def s5_step(x, state: S5State, params: S5Params, xp=None):
     return s5_step_discrete(x, state, s5_discretize(params, xp), xp)
 
 
+def s5_scan(xs, state: S5State, params: S5Params, xp=None, method: str = "auto"):
+    """S5 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
+
+    The same numbers as ``T`` calls of :func:`s5_step`. ``method="fft"``
+    projects all inputs at once (``u = xs @ B_bar``), gets every state as the
+    causal convolution of ``u`` with the decays ``A_bar**j`` plus the initial
+    state's decay, and reads out with one matrix product (in float64, rounded
+    once to the input's dtype); ``"loop"`` steps.
+    """
+    xp = namespace(xs, xp=xp)
+    T = xs.shape[0]
+    if T == 0:
+        return xs, state
+    if not _use_fft(method, T):
+        return _step_loop(s5_step_discrete, xs, state, s5_discretize(params, xp), xp)
+    dtype = xs.dtype
+    A_bar, B_bar, C, D = _widen(xp, *s5_discretize(params, xp))  # [d], [N, d], [d, N], [N]
+    xs, g0 = _widen(xp, xs, state.global_state)  # [T, ..., N], [..., d]
+    batch_ones = (1,) * (xs.ndim - 2)
+    powers = decay_powers(A_bar, T, xp)  # [T+1, d]
+    powers = xp.reshape(powers, (T + 1,) + batch_ones + (powers.shape[-1],))  # [T+1, 1.., d]
+    u = xs @ B_bar  # [T, ..., d]
+    g = causal_conv_fft(u, powers[:T], xp) + powers[1:] * g0  # [T, ..., d]
+    ys = g @ C + D * xs  # [T, ..., N]
+    return xp.astype(ys, dtype), S5State(xp.astype(g[-1], dtype))
+
+
 S5 = LayerSpec(
     name="S5",
     config=S5Config,
@@ -214,6 +304,7 @@ S5 = LayerSpec(
     param_keys=("A_log", "B", "C", "D", "log_dt"),
     init=s5_init,
     step=s5_step,
+    scan=s5_scan,
     dynamics=S5Dynamics,
     discretize=s5_discretize,
     step_discrete=s5_step_discrete,

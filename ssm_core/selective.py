@@ -15,12 +15,13 @@ from ._array import namespace, silu, softplus
 from .checks import check_axis, check_int
 from .discretize import zoh
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
+from .scan import linear_recurrence
 from .spec import LayerSpec, StateSlot
 
 __all__ = [
-    "S6Config", "S6Params", "S6State", "s6_init", "s6_step",
-    "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step",
-    "selective_step", "causal_conv_step",
+    "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
+    "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
+    "selective_step", "selective_scan", "causal_conv_step", "causal_conv_scan", "SCAN_BLOCK",
     "S6", "Mamba",
 ]
 
@@ -48,6 +49,56 @@ def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, xp
     h = A_bar * h + (gain * B[..., None, :]) * u[..., None]  # [..., N, d]
     y = xp.sum(h * C[..., None, :], axis=-1) + D * u  # [..., N]
     return y, h
+
+
+# Steps per block of the sequence scan: the block's decays and inputs
+# [L, ..., N, d] are made at once, then recurred. 16-64 measured best on CPU.
+SCAN_BLOCK = 32
+
+
+def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, xp, *, block=SCAN_BLOCK, method="loop"):
+    """The S6 core over ``u`` ``[T, ..., N]`` from ``h0`` ``[..., N, d]``; returns ``(ys, h_T)``.
+
+    The same arithmetic as ``T`` calls of :func:`selective_step`: all
+    projections in one matrix product over time, then the recurrence block by
+    block (``method`` as :func:`~ssm_core.scan.linear_recurrence`).
+    """
+    T = u.shape[0]
+    if T == 0:
+        return D * u, h0
+    rank = dt_proj_weight.shape[1]
+    d = A_log.shape[-1]
+    proj = u @ proj_weight.T  # [T, ..., R + 2d]
+    B = proj[..., rank : rank + d]  # [T, ..., d]
+    C = proj[..., rank + d :]  # [T, ..., d]
+    dt = softplus(proj[..., :rank] @ dt_proj_weight.T + dt_proj_bias, xp)  # [T, ..., N]
+    A = -xp.exp(A_log)  # [N, d]
+    h = h0
+    ys = []
+    for start in range(0, T, block):
+        t = slice(start, min(start + block, T))
+        A_bar, gain = zoh(dt[t][..., None], A, xp)  # [L, ..., N, d], [L, ..., N, d]
+        driven = (gain * B[t][..., None, :]) * u[t][..., None]  # [L, ..., N, d]
+        hs = linear_recurrence(A_bar, driven, h, xp, method)  # [L, ..., N, d]
+        h = hs[-1]
+        ys.append(xp.sum(hs * C[t][..., None, :], axis=-1))  # [L, ..., N]
+    ys = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)
+    return ys + D * u, h  # [T, ..., N], [..., N, d]
+
+
+def causal_conv_scan(u, buffer, weights, bias, xp):
+    """The causal conv over ``u`` ``[T, ..., N]`` with ``buffer`` ``[..., N, K]`` as left context.
+
+    Returns ``(out [T, ..., N], final_buffer [..., N, K])``, as ``T`` calls of
+    :func:`causal_conv_step`.
+    """
+    T, K = u.shape[0], buffer.shape[-1]
+    if T == 0:
+        return u, buffer
+    inputs = xp.concat((xp.moveaxis(buffer[..., 1:], -1, 0), u), axis=0)  # [K-1+T, ..., N]
+    windows = xp.stack([inputs[k : k + T] for k in range(K)], axis=-1)  # [T, ..., N, K]
+    out = xp.sum(windows * weights, axis=-1) + bias  # [T, ..., N]
+    return out, xp.moveaxis(inputs[-K:], 0, -1)  # [..., N, K]
 
 
 def causal_conv_step(u, buffer, weights, bias, xp):
@@ -135,6 +186,21 @@ def s6_step(x, state: S6State, params: S6Params, xp=None):
     return y, S6State(h)
 
 
+def s6_scan(xs, state: S6State, params: S6Params, xp=None, method: str = "loop", block: int = SCAN_BLOCK):
+    """S6 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
+
+    The same numbers as ``T`` calls of :func:`s6_step`; ``method`` is
+    ``"loop"`` (fastest on CPUs) or ``"parallel"`` (log-depth, for GPUs).
+    """
+    xp = namespace(xs, xp=xp)
+    p = params
+    ys, h = selective_scan(
+        xs, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, p.A_log, p.D, xp,
+        block=block, method=method,
+    )
+    return ys, S6State(h)
+
+
 S6 = LayerSpec(
     name="S6",
     config=S6Config,
@@ -143,6 +209,7 @@ S6 = LayerSpec(
     param_keys=("A_log", "D", "x_proj.weight", "dt_proj.weight", "dt_proj.bias"),
     init=s6_init,
     step=s6_step,
+    scan=s6_scan,
 )
 
 
@@ -254,6 +321,30 @@ def mamba_step(x, state: MambaState, params: MambaParams, xp=None):
     return y, MambaState(h, buffer)
 
 
+def mamba_scan(xs, state: MambaState, params: MambaParams, xp=None, method: str = "loop", block: int = SCAN_BLOCK):
+    """The Mamba block over a whole sequence ``xs`` ``[T, ..., N]``; returns ``(ys, final_state)``.
+
+    The same numbers as ``T`` calls of :func:`mamba_step`: the projections run
+    over all of ``xs`` at once, the causal conv takes the held buffer as left
+    context, and the selective core scans as :func:`s6_scan`.
+    """
+    xp = namespace(xs, xp=xp)
+    p = params
+    N = xs.shape[-1]
+    xz = xs @ p.in_proj_weight.T  # [T, ..., 2N]
+    u, gate = xz[..., :N], xz[..., N:]  # [T, ..., N], [T, ..., N]
+    buffer = state.conv_buffer
+    if buffer is not None:
+        u, buffer = causal_conv_scan(u, buffer, p.conv_weights, p.conv_bias, xp)  # [T, ..., N], [..., N, K]
+    u = silu(u, xp)  # [T, ..., N]
+    ys, h = selective_scan(
+        u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, p.A_log, p.D, xp,
+        block=block, method=method,
+    )
+    ys = (ys * silu(gate, xp)) @ p.out_proj_weight.T + xs  # [T, ..., N]
+    return ys, MambaState(h, buffer)
+
+
 Mamba = LayerSpec(
     name="Mamba",
     config=MambaConfig,
@@ -265,4 +356,5 @@ Mamba = LayerSpec(
     ),
     init=mamba_init,
     step=mamba_step,
+    scan=mamba_scan,
 )

@@ -34,7 +34,9 @@ class LayerSpec:
 
     ``param_keys`` are the traceTorch ``state_dict()`` keys, aligned with the
     fields of ``params``. ``step(x, state, params, xp=None)`` returns
-    ``(y, new_state)``; ``init(config, draws)`` returns fresh parameters.
+    ``(y, new_state)``; ``scan(xs, state, params, xp=None, method=...)`` does
+    the same for a sequence ``[T, ..., N]`` and returns ``(ys, final_state)``;
+    ``init(config, draws)`` returns fresh parameters.
     ``dynamics``/``discretize``/``step_discrete`` are set for time-invariant layers, whose
     dynamics can be computed once and reused for every step.
     """
@@ -46,6 +48,7 @@ class LayerSpec:
     param_keys: tuple
     init: Callable
     step: Callable
+    scan: Callable
     dynamics: type | None = None
     discretize: Callable | None = None
     step_discrete: Callable | None = None

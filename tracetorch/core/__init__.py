@@ -2,5 +2,6 @@
 
 from ._layer import Layer
 from ._model import Model
+from ._sequence import sequence_mode
 
-__all__ = ["Layer", "Model"]
+__all__ = ["Layer", "Model", "sequence_mode"]

@@ -112,6 +112,17 @@ class Model(nn.Module):
             elif isinstance(obj, nn.Module) and callable(getattr(obj, method_name, None)):
                 getattr(obj, method_name)()
 
+    def scan(self, xs, time_dim: int = 0):
+        r"""Run the model over a whole sequence ``xs`` in one call (see ``tt.sequence_mode``).
+
+        Equal to calling the model once per timestep along ``time_dim`` and
+        stacking the outputs there; the layers end in the states after the last step.
+        """
+        from ._sequence import sequence_mode
+
+        with sequence_mode(self, time_dim):
+            return self(xs)
+
     def zero_states(self) -> None:
         r"""Reset every hidden state in the tree to ``None`` (recreated as zeros on the next call)."""
         self._call_recursive("zero_states")

@@ -10,7 +10,7 @@ from torch import nn
 
 import ssm_core
 from ssm_core.checks import check_loaded_state
-from ssm_core.layout import enter_step, leave_step
+from ssm_core.layout import enter_scan, enter_step, leave_scan, leave_step
 
 from ..core import Layer as BaseLayer
 
@@ -130,6 +130,9 @@ class Layer(BaseLayer):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time_dim = self.__dict__.get("_sequence_time_dim")
+        if time_dim is not None:  # inside tt.sequence_mode: x is a whole sequence
+            return self.scan(x, time_dim)
         self._check_input(x)
         slots = self._slots
         held = {slot.name: getattr(self, slot.name) for slot in slots}
@@ -144,6 +147,42 @@ class Layer(BaseLayer):
 
     def _core_step(self, x, state):
         return self.spec.step(x, state, self._core_params(), xp=xp_torch)
+
+    def scan(self, xs: torch.Tensor, time_dim: int = 0) -> torch.Tensor:
+        r"""Run a whole sequence in one call: the same outputs and final states as stepping.
+
+        Starts from the held states (zeros when there are none) and leaves the
+        layer in the states after the last step, as ``T`` calls of ``forward``
+        would; gradients flow through the whole sequence.
+
+        Parameters
+        ----------
+        xs : Tensor
+            The sequence; with its ``time_dim`` axis removed it is one step's
+            input ``[*, num_neurons, *]``, with ``num_neurons`` at ``dim``.
+        time_dim : int, default 0
+            The time axis of ``xs``.
+
+        Returns
+        -------
+        Tensor of the shape of ``xs``: the output of every step.
+        """
+        self._check_input(xs)
+        slots = self._slots
+        held = {slot.name: getattr(self, slot.name) for slot in slots}
+        axes, xs_w, state = enter_scan(
+            type(self).__name__, xs, held, slots, self.dim, self.num_neurons, self.spec.state, time_dim, xp_torch
+        )
+        ys, new_state = self._core_scan(xs_w, state)
+        ys, states = leave_scan(axes, ys, new_state, slots, xp_torch)
+        for name, value in states.items():
+            setattr(self, name, value)
+        return ys
+
+    def _core_scan(self, xs, state):
+        # The recurrence's log-depth form pays on a GPU; on CPU cores the loop over precomputed blocks wins.
+        method = "parallel" if xs.device.type == "cuda" else "loop"
+        return self.spec.scan(xs, state, self._core_params(), xp=xp_torch, method=method)
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
         super()._check_loaded_state(state_name, value, key)
@@ -169,6 +208,9 @@ class TimeInvariantLayer(Layer):
         else:
             dynamics = self.spec.discretize(params, xp_torch)
         return self.spec.step_discrete(x, state, dynamics, xp_torch)
+
+    def _core_scan(self, xs, state):
+        return self.spec.scan(xs, state, self._core_params(), xp=xp_torch, method="auto")
 
     def TTcompile(self) -> None:
         r"""Precompute the discretized dynamics for fast inference steps."""
