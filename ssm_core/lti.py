@@ -129,7 +129,7 @@ def _widen(xp, *arrays):
 def _step_loop(step_discrete, xs, state, dynamics, xp):
     ys = []
     for t in range(xs.shape[0]):
-        y, state = step_discrete(xs[t], state, dynamics, xp)
+        y, state = step_discrete(xs[t, ...], state, dynamics, xp)
         ys.append(y)
     return xp.stack(ys, axis=0), state
 
@@ -158,16 +158,16 @@ def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto")
     xs, h0 = _widen(xp, xs, state.state)  # [T, ..., N], [..., N, d]
     batch_ones = (1,) * (xs.ndim - 2)
     powers = decay_powers(A_bar, T, xp)  # [T+1, N, d]
-    kernel = xp.sum(powers[:T] * (C * B_bar), axis=-1)  # [T, N]
+    kernel = xp.sum(powers[:T, ...] * (C * B_bar), axis=-1)  # [T, N]
     kernel = xp.reshape(kernel, (T,) + batch_ones + (kernel.shape[-1],))  # [T, 1.., N]
     ys = causal_conv_fft(xs, kernel, xp) + D * xs  # [T, ..., N]
     # The initial state decays through the readout: sum_d C * A_bar**(t+1) * h0.
-    from_h0 = (C * h0)[..., None, :] @ xp.permute_dims(powers[1:], (1, 2, 0))  # [..., N, 1, T]
+    from_h0 = (C * h0)[..., None, :] @ xp.permute_dims(powers[1:, ...], (1, 2, 0))  # [..., N, 1, T]
     ys = ys + xp.moveaxis(from_h0[..., 0, :], -1, 0)  # [T, ..., N]
     # h_T = A_bar**T h0 + sum_s A_bar**(T-1-s) B_bar x_s: one contraction over time.
-    weights = xp.permute_dims(xp.flip(powers[:T], axis=0) * B_bar, (1, 0, 2))  # [N, T, d]
+    weights = xp.permute_dims(xp.flip(powers[:T, ...], axis=0) * B_bar, (1, 0, 2))  # [N, T, d]
     driven = xp.moveaxis(xs, 0, -1)[..., None, :] @ weights  # [..., N, 1, d]
-    h = powers[T] * h0 + driven[..., 0, :]  # [..., N, d]
+    h = powers[T, ...] * h0 + driven[..., 0, :]  # [..., N, d]
     return xp.astype(ys, dtype), S4State(xp.astype(h, dtype))
 
 
@@ -291,9 +291,9 @@ def s5_scan(xs, state: S5State, params: S5Params, xp=None, method: str = "auto")
     powers = decay_powers(A_bar, T, xp)  # [T+1, d]
     powers = xp.reshape(powers, (T + 1,) + batch_ones + (powers.shape[-1],))  # [T+1, 1.., d]
     u = xs @ B_bar  # [T, ..., d]
-    g = causal_conv_fft(u, powers[:T], xp) + powers[1:] * g0  # [T, ..., d]
+    g = causal_conv_fft(u, powers[:T, ...], xp) + powers[1:, ...] * g0  # [T, ..., d]
     ys = g @ C + D * xs  # [T, ..., N]
-    return xp.astype(ys, dtype), S5State(xp.astype(g[-1], dtype))
+    return xp.astype(ys, dtype), S5State(xp.astype(g[-1, ...], dtype))
 
 
 S5 = LayerSpec(

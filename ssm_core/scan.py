@@ -29,18 +29,18 @@ def linear_recurrence(a, b, h0, xp, method: str = "loop"):
         states = []
         h = h0
         for t in range(T):
-            h = a[t] * h + b[t]  # [...]
+            h = a[t, ...] * h + b[t, ...]  # [...]
             states.append(h)
         return xp.stack(states, axis=0)  # [T, ...]
     if method != "parallel":
         raise ValueError(f"linear_recurrence: method must be one of {RECURRENCE_METHODS}, got {method!r}")
     a = a * xp.ones_like(b)  # [T, ...]: materialise a broadcast decay
-    b = xp.concat((a[:1] * h0 + b[:1], b[1:]), axis=0)  # fold h0 into the first step
+    b = xp.concat((a[:1, ...] * h0 + b[:1, ...], b[1:, ...]), axis=0)  # fold h0 into the first step
     offset = 1
     while offset < T:
         # (a, b)_t <- (a, b)_{t-offset} followed by (a, b)_t, for t >= offset
-        b = xp.concat((b[:offset], a[offset:] * b[:-offset] + b[offset:]), axis=0)
-        a = xp.concat((a[:offset], a[offset:] * a[:-offset]), axis=0)
+        b = xp.concat((b[:offset, ...], a[offset:, ...] * b[:-offset, ...] + b[offset:, ...]), axis=0)
+        a = xp.concat((a[:offset, ...], a[offset:, ...] * a[:-offset, ...]), axis=0)
         offset *= 2
     return b
 
@@ -75,4 +75,4 @@ def causal_conv_fft(x, kernel, xp):
     T = x.shape[0]
     n = 1 << max(1, (2 * T - 2).bit_length())  # power of two >= 2T - 1
     spectrum = xp.fft.rfft(x, n=n, axis=0) * xp.fft.rfft(kernel, n=n, axis=0)
-    return xp.fft.irfft(spectrum, n=n, axis=0)[:T]  # [T, ...]
+    return xp.fft.irfft(spectrum, n=n, axis=0)[:T, ...]  # [T, ...]

@@ -77,11 +77,11 @@ def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, x
     ys = []
     for start in range(0, T, block):
         t = slice(start, min(start + block, T))
-        A_bar, gain = zoh(dt[t][..., None], A, xp)  # [L, ..., N, d], [L, ..., N, d]
-        driven = (gain * B[t][..., None, :]) * u[t][..., None]  # [L, ..., N, d]
+        A_bar, gain = zoh(dt[t, ..., None], A, xp)  # [L, ..., N, d], [L, ..., N, d]
+        driven = (gain * B[t, ..., None, :]) * u[t, ..., None]  # [L, ..., N, d]
         hs = linear_recurrence(A_bar, driven, h, xp, method)  # [L, ..., N, d]
-        h = hs[-1]
-        ys.append(xp.sum(hs * C[t][..., None, :], axis=-1))  # [L, ..., N]
+        h = hs[-1, ...]
+        ys.append(xp.sum(hs * C[t, ..., None, :], axis=-1))  # [L, ..., N]
     ys = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)
     return ys + D * u, h  # [T, ..., N], [..., N, d]
 
@@ -96,9 +96,9 @@ def causal_conv_scan(u, buffer, weights, bias, xp):
     if T == 0:
         return u, buffer
     inputs = xp.concat((xp.moveaxis(buffer[..., 1:], -1, 0), u), axis=0)  # [K-1+T, ..., N]
-    windows = xp.stack([inputs[k : k + T] for k in range(K)], axis=-1)  # [T, ..., N, K]
+    windows = xp.stack([inputs[k : k + T, ...] for k in range(K)], axis=-1)  # [T, ..., N, K]
     out = xp.sum(windows * weights, axis=-1) + bias  # [T, ..., N]
-    return out, xp.moveaxis(inputs[-K:], 0, -1)  # [..., N, K]
+    return out, xp.moveaxis(inputs[-K:, ...], 0, -1)  # [..., N, K]
 
 
 def causal_conv_step(u, buffer, weights, bias, xp):
