@@ -33,6 +33,11 @@ def _canonical_states(layer, step_shape, axis, batch, x, held, slots, state_type
             tail = (slot.size,) if slot.trailing is None else (slot.size, slot.trailing)
             states[slot.name] = xp.zeros(batch + tail, dtype=x.dtype, device=getattr(x, "device", None))
             continue
+        if current.dtype != x.dtype:
+            raise TypeError(
+                f"{layer}: the held {slot.name} has dtype {current.dtype}, the input {x.dtype}; "
+                "call zero_states() before changing dtype, or convert the input"
+            )
         expected = expected_state_shape(step_shape, axis, slot.size, slot.trailing)
         if tuple(current.shape) != expected:
             raise ValueError(

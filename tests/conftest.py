@@ -6,7 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,8 +107,3 @@ def assert_states_equal(layer, snap: dict) -> None:
 def run_steps(layer, xs):
     """Step ``layer`` over ``xs[t]`` and stack the outputs."""
     return torch.stack([layer(x) for x in xs])
-
-
-@pytest.fixture
-def fixture_files():
-    return sorted(FIXTURE_DIR.glob("*.npz")) if FIXTURE_DIR.is_dir() else []

@@ -367,3 +367,76 @@ def test_model_deepcopy_and_pickle_with_live_states(model):
         b = _run(clone, xs)
         assert rel_err(b, a) == 0.0
         model.load_states(saved)
+
+
+class _Holder:
+    """A plain helper object (not a module) holding a layer."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+
+class Odd(tt.Model):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.helper = _Holder(tt.ssm.S4(N, d_state=D_STATE).to(DT))
+        self.pair = (tt.ssm.S5(N, d_state=D_STATE).to(DT), tt.ssm.S6(N, d_state=D_STATE).to(DT))
+        self.same = self.pair[0]  # a module attribute: registered as "same", found once
+
+    def forward(self, x):
+        return self.pair[1](self.pair[0](self.helper.layer(x)))
+
+
+def test_layers_in_helper_objects_and_tuples():
+    model = Odd()
+    xs = _xs(8)
+    with torch.no_grad():
+        model(xs[0])
+    saved = model.save_states()
+    # a layer reachable twice is reported once, under its registered-module path
+    assert set(saved) == {"helper.layer.state", "same.global_state", "pair[1].state"}
+    first = _run(model, xs[1:])
+    model.zero_states()
+    assert model.helper.layer.state is None and model.pair[0].global_state is None and model.pair[1].state is None
+    # upstream 0.19.2 spelling for plain attributes: a leading dot
+    model.load_states({"." + k: v for k, v in saved.items()})
+    assert torch.equal(_run(model, xs[1:]), first)
+
+
+class _One(tt.Model):
+    def __init__(self, cls_name):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = getattr(tt.ssm, cls_name)(N, d_state=D_STATE)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("cls_name", ["S4", "S5", "S6", "Mamba"])
+def test_load_states_of_another_dtype_into_fresh_model(cls_name):
+    """float64 states into a float32 model (no state held yet).
+
+    Either load_states refuses them (ValueError/TypeError), or the model keeps
+    working in its own dtype: a float32 step gives float32 outputs and states.
+    A float64 output, or a bare torch RuntimeError from a matmul, is a bug.
+    """
+    source = _One(cls_name).double()
+    source(torch.randn(2, N, dtype=torch.float64))
+    saved = source.save_states()
+    target = _One(cls_name)  # float32
+    try:
+        target.load_states(saved)
+    except (ValueError, TypeError) as error:
+        assert cls_name in str(error) or "load_states" in str(error)
+        assert all(getattr(target.layer, n) is None for n in target.layer._state_names)
+        return
+    try:
+        y = target(torch.randn(2, N))
+    except (ValueError, TypeError) as error:
+        assert cls_name in str(error)
+        return
+    assert y.dtype == torch.float32, f"{cls_name}: float32 input gave a {y.dtype} output"
+    for key, value in target.save_states().items():
+        assert value.dtype == torch.float32, key

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -149,12 +147,9 @@ def test_failure_inside_the_step_stores_nothing(case, held, monkeypatch):
     def boom(*args, **kwargs):
         raise Boom(f"{cls_name}: boom")
 
-    if cls_name in ("S6", "Mamba"):
-        # Mamba's conv buffer is updated before the selective core runs
-        monkeypatch.setattr(ssm_core.selective, "selective_step", boom)
-    else:
-        spec = type(layer).spec
-        monkeypatch.setattr(type(layer), "spec", dataclasses.replace(spec, step_discrete=boom, step=boom))
+    # The zero-order hold runs mid-step (for Mamba after its conv buffer was shifted).
+    monkeypatch.setattr(ssm_core.lti, "zoh", boom)
+    monkeypatch.setattr(ssm_core.selective, "zoh", boom)
     _expect(layer, cls_name, Boom, torch.randn(2, N, dtype=DT))
 
 

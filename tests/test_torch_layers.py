@@ -580,3 +580,95 @@ def test_init_uses_torch_global_generator_only():
     plain = torch.rand(3)
     assert torch.equal(after_a, after_b)
     assert not torch.equal(after_a, plain)
+
+
+@pytest.mark.parametrize("case", LTI_CASES, ids=LTI_IDS)
+def test_gradcheck_compiled_layer_inputs(case):
+    _, cls_name, kwargs = case
+    layer, xs = _grad_setup(cls_name, kwargs)
+    layer.TTcompile()
+
+    def f(seq):
+        layer.zero_states()
+        return torch.stack([layer(x) for x in seq])
+
+    assert torch.autograd.gradcheck(f, (xs.clone().requires_grad_(True),), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+def test_dtype_conversion_while_states_are_held(case):
+    """Converting a layer with held float64 states to float32 and stepping on float32 input.
+
+    Acceptable: a clear ValueError/TypeError naming the layer (states untouched), or a
+    float32 step (output and states in the input's dtype). Not acceptable: silently
+    returning float64 for a float32 input, or an anonymous torch RuntimeError.
+    """
+    _, cls_name, kwargs = case
+    layer = make_layer(cls_name, kwargs)
+    layer(torch.randn(2, N, dtype=torch.float64))
+    layer.to(torch.float32)
+    snap = {n: getattr(layer, n).clone() for n in layer._state_names}
+    x = torch.randn(2, N, dtype=torch.float32)
+    try:
+        y = layer(x)
+    except (ValueError, TypeError) as error:
+        assert cls_name in str(error)
+        for name, before in snap.items():
+            assert torch.equal(getattr(layer, name), before), name
+    else:
+        assert y.dtype == torch.float32, f"{cls_name}: float32 input gave a {y.dtype} output"
+        for name in layer._state_names:
+            assert getattr(layer, name).dtype == torch.float32, name
+
+
+# --------------------------------------------------------------------------- numerical edge cases
+
+
+@pytest.mark.parametrize("cls_name", ["S4", "S5"])
+def test_zoh_when_A_underflows_to_zero(cls_name):
+    """A = -exp(A_log) == -0: the hold degenerates to an integrator, gain = dt (no 0/0)."""
+    layer = make_layer(cls_name, dict(num_neurons=N, d_state=D_STATE))
+    with torch.no_grad():
+        layer.A_log.fill_(-800.0)
+    xs = torch.randn(3, 2, N, dtype=torch.float64)
+    with torch.no_grad():
+        ys = run_steps(layer, xs)
+    assert torch.isfinite(ys).all()
+    dt = torch.exp(layer.log_dt.detach())
+    if cls_name == "S4":
+        expected_state = dt[:, None] * layer.B.detach() * xs.sum(0)[..., None]
+        assert rel_err(layer.state, expected_state) <= 1e-13
+    else:
+        expected_state = dt * (xs.sum(0) @ layer.B.detach())
+        assert rel_err(layer.global_state, expected_state) <= 1e-13
+
+
+@pytest.mark.parametrize("log_dt", [-30.0, 40.0], ids=["tiny-dt", "huge-dt"])
+def test_zoh_accuracy_at_extreme_dt(log_dt):
+    layer = make_layer("S4", dict(num_neurons=N, d_state=D_STATE))
+    with torch.no_grad():
+        layer.log_dt.fill_(log_dt)
+    x = torch.randn(2, N, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+    A = -torch.exp(layer.A_log.detach())
+    dt = math.exp(log_dt)
+    z = dt * A
+    if log_dt < 0:
+        gain = dt * (1 + z / 2 + z * z / 6)  # series of expm1(z)/z, exact to rounding here
+    else:
+        gain = -1.0 / A  # exp(dt*A) == 0
+    expected = gain * layer.B.detach() * x[..., None]
+    assert torch.isfinite(layer.state).all()
+    assert rel_err(layer.state, expected) <= 1e-14
+
+
+@pytest.mark.parametrize("cls_name", ["S6", "Mamba"])
+def test_selective_layers_finite_for_large_inputs(cls_name):
+    layer = make_layer(cls_name, dict(num_neurons=N, d_state=D_STATE))
+    xs = 1e3 * torch.randn(5, 2, N, dtype=torch.float64)
+    with torch.no_grad():
+        ys = run_steps(layer, xs)
+    assert torch.isfinite(ys).all()
+    for name in layer._state_names:
+        assert torch.isfinite(getattr(layer, name)).all()

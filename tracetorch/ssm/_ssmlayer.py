@@ -186,6 +186,11 @@ class Layer(BaseLayer):
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
         super()._check_loaded_state(state_name, value, key)
+        if value.dtype != self.A_log.dtype:
+            raise ValueError(
+                f"{type(self).__name__}: state {key} must have the dtype of the layer's parameters, "
+                f"{self.A_log.dtype}, got {value.dtype}"
+            )
         for slot in self._slots:
             if slot.name == state_name:
                 check_loaded_state(type(self).__name__, key, slot, tuple(value.shape), self.dim)
