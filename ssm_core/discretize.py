@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._array import namespace, phi1
+from ._array import namespace
 
 __all__ = ["zoh"]
 
@@ -15,17 +15,39 @@ def zoh(dt, A, xp=None):
     dt : array
         Step sizes, broadcastable against ``A``.
     A : array
-        Diagonal of the (negative) continuous dynamics.
+        Diagonal of the (negative) continuous dynamics; a parameter-sized array.
 
     Returns
     -------
     A_bar : array
         ``exp(dt * A)``.
     gain : array
-        ``dt * phi1(dt * A)``, so that ``B_bar = gain * B``. Equal to
-        ``(A_bar - 1) / A``, without its cancellation for small ``dt * A`` and
-        without its 0/0 when ``A`` underflows to zero (the gain is then ``dt``).
+        ``dt * phi1(dt * A) = expm1(dt * A) / A``, so that ``B_bar = gain * B``.
+        Equal to ``(A_bar - 1) / A`` without its cancellation for small
+        ``dt * A``. One ``expm1`` gives both results: on the big,
+        input-dependent arrays of S6/Mamba one transcendental function and no
+        branch is the cheapest exact form.
+
+    Notes
+    -----
+    ``A`` is kept at least ``sqrt(smallest normal)`` away from zero (about
+    1e-154 in float64, 1e-19 in float32) so that ``1 / A`` stays finite when
+    ``A = -exp(A_log)`` underflows. The gain then tends to ``dt`` as it should
+    (``expm1(z) = z`` for such tiny ``z``), where ``(A_bar - 1) / A`` is 0/0.
     """
     xp = namespace(dt, A, xp=xp)
-    dtA = dt * A  # broadcast of dt and A
-    return xp.exp(dtA), dt * phi1(dtA, xp)
+    floor = _smallest_normal_sqrt(xp, A.dtype)
+    A = xp.minimum(A, -floor)  # [parameter shape]
+    decay_minus_one = xp.expm1(dt * A)  # [broadcast shape]
+    return decay_minus_one + 1.0, decay_minus_one * (1.0 / A)
+
+
+_FLOORS: dict = {}
+
+
+def _smallest_normal_sqrt(xp, dtype) -> float:
+    key = (id(xp), dtype)
+    floor = _FLOORS.get(key)
+    if floor is None:
+        floor = _FLOORS[key] = float(xp.finfo(dtype).smallest_normal) ** 0.5
+    return floor
