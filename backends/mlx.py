@@ -31,11 +31,9 @@ def _zeros(shape, dtype=None, device=None):
 
 
 def _asarray(obj, dtype=None, copy=None):
-    if isinstance(obj, mx.array):
-        out = obj if dtype is None else obj.astype(dtype)
-        # MLX arrays are immutable: a copy is only needed to cut sharing of views, which MLX has none of.
-        return out
-    return mx.array(obj, dtype=dtype)
+    if isinstance(obj, mx.array) and not copy:
+        return obj if dtype is None else obj.astype(dtype)
+    return mx.array(obj, dtype=dtype)  # a new array: MLX arrays take item assignment
 
 
 def _moveaxis(x, source, destination):

@@ -21,7 +21,15 @@ def namespace(*arrays, xp=None):
     if xp is not None:
         return xp
     found = array_namespace(*(a for a in arrays if a is not None))
-    return _COMPLETED.get(found, found)
+    completed = _COMPLETED.get(found)
+    if completed is not None:
+        return completed
+    if getattr(found, "__name__", "") == "mlx.core":
+        raise TypeError(
+            "ssm_core: MLX arrays need `import backends.mlx` first; it completes mlx.core where MLX "
+            "differs from the array API standard (float64 exp, moving several axes at once)"
+        )
+    return found
 
 
 # Namespaces that a backend completed where its library misses part of the

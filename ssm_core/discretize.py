@@ -30,14 +30,14 @@ def zoh(dt, A, xp=None):
 
     Notes
     -----
-    ``A`` is kept at least ``sqrt(smallest normal)`` away from zero (about
-    1e-154 in float64, 1e-19 in float32) so that ``1 / A`` stays finite when
+    ``A`` is shifted ``sqrt(smallest normal)`` away from zero (about 1e-154
+    in float64, 1e-19 in float32) so that ``1 / A`` stays finite when
     ``A = -exp(A_log)`` underflows. The gain then tends to ``dt`` as it should
     (``expm1(z) = z`` for such tiny ``z``), where ``(A_bar - 1) / A`` is 0/0.
     """
     xp = namespace(dt, A, xp=xp)
-    floor = _smallest_normal_sqrt(xp, A.dtype)
-    A = xp.minimum(A, -floor)  # [parameter shape]
+    # A <= 0: shifting by the floor changes only |A| below about 1e-154 (1e-19 in float32).
+    A = A - _smallest_normal_sqrt(xp, A.dtype)  # [parameter shape]
     decay_minus_one = xp.expm1(dt * A)  # [broadcast shape]
     return decay_minus_one + 1.0, decay_minus_one * (1.0 / A)
 

@@ -19,9 +19,15 @@ outputs and final states in the traceTorch layout.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+# traceTorch 0.19.2's recorded outputs (see shared/fixtures/README.md), next to the repository.
+FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tracetorch-0.19.2"
+
 __all__ = [
+    "FIXTURE_DIR", "rel_err",
     "softplus", "silu", "zoh",
     "s4_step", "s5_step", "s6_step", "mamba_step",
     "state_names", "run",

@@ -1,0 +1,271 @@
+"""The parity matrix: every layer x backend x dtype x feature axis against tests/reference.py.
+
+One random float64 traceTorch ``state_dict`` per layer configuration (drawn
+with NumPy, the init recipes plus noise) is loaded into every binding
+(``tracetorch.ssm`` on CPU and CUDA, ``backends.numpy``, ``backends.mlx``,
+``backends.array_api_strict``, ``backends.cupy``) in float32 and float64; each
+steps the same 32 inputs with the feature axis first, in the middle or last,
+and its outputs (all steps) and final states must match the independent NumPy
+float64 reference to a normwise relative error ``max|a - b| / max|b|`` of
+1e-10 (float64) or 1e-5 (float32). Unusable backends are skipped with what to
+install; the conftest prints a backend x dtype summary at the end of the session.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import numpy as np
+import pytest
+
+import reference
+import ssm_core
+
+from .conftest import TOLERANCE
+
+FIXTURE_DIR = reference.FIXTURE_DIR
+
+T = 32
+BATCH = (2, 3)
+
+# (id, layer, constructor kwargs without dim)
+LAYER_CASES = [
+    ("S4", "S4", dict(num_neurons=6, d_state=4)),
+    ("S5", "S5", dict(num_neurons=6, d_state=5)),
+    ("S6", "S6", dict(num_neurons=8, d_state=4, dt_rank=2)),
+    ("Mamba", "Mamba", dict(num_neurons=8, d_state=4)),
+    ("Mamba_k1", "Mamba", dict(num_neurons=8, d_state=4, conv_kernel=1)),
+]
+CASES = {case_id: (layer, kwargs) for case_id, layer, kwargs in LAYER_CASES}
+# (id, position of the feature axis in the 3-d input, the layer's dim)
+AXES = {"first": (0, 0), "middle": (1, 1), "last": (2, -1)}
+BACKENDS = ["numpy", "torch", "mlx", "array_api_strict", "cupy", "torch-cuda"]
+DTYPES = ["float32", "float64"]
+
+TORCH_CUDA_REASON = "needs an NVIDIA GPU with a CUDA build of torch"
+
+
+# ----------------------------------------------------------------------------- weights and inputs
+
+
+def _inverse_softplus(y):
+    return y + np.log(-np.expm1(-y))
+
+
+def random_state_dict(layer: str, kwargs: dict, seed: int) -> dict:
+    """A float64 traceTorch ``state_dict`` for ``layer(**kwargs)``: the init recipes plus 0.1 noise.
+
+    ``dt`` is drawn log-uniform in ``[0.01, 0.3]`` (a bit larger than the
+    init's ``[1e-3, 1e-1]`` so that the states move within 32 steps).
+    """
+    rng = np.random.default_rng(seed)
+    config = ssm_core.LAYERS[layer].config(**kwargs)
+    shapes = config.param_shapes()
+    N = config.num_neurons
+    d = config.d_state
+
+    def noise(shape):
+        return 0.1 * rng.standard_normal(shape)
+
+    def log_dt(shape):
+        return rng.uniform(np.log(0.01), np.log(0.3), shape)
+
+    out = {}
+    for key, shape in shapes.items():
+        if key == "A_log":
+            value = np.log(np.arange(1, shape[-1] + 1, dtype=np.float64)) * np.ones(shape) + noise(shape)
+        elif key == "log_dt":
+            value = log_dt(shape)
+        elif key == "dt_proj.bias":
+            value = _inverse_softplus(np.exp(log_dt(shape)))
+        elif key == "D":
+            value = 1.0 + noise(shape)
+        elif layer == "S4" and key == "B":
+            value = 1.0 + noise(shape)
+        elif layer == "S4" and key == "C":
+            value = rng.standard_normal(shape)
+        elif layer == "S5" and key == "B":
+            value = rng.standard_normal(shape) / np.sqrt(N)
+        elif layer == "S5" and key == "C":
+            value = rng.standard_normal(shape) / np.sqrt(d)
+        elif key.endswith(".weight") or key in ("conv_weights", "conv_bias"):
+            fan_in = shapes["conv_weights"][-1] if key.startswith("conv_") else shape[-1]
+            bound = 1.0 / np.sqrt(fan_in)
+            value = rng.uniform(-bound, bound, shape) + noise(shape)
+        else:  # pragma: no cover - a new parameter needs a recipe here
+            raise AssertionError(f"no recipe for {layer}.{key}")
+        assert value.shape == shape and value.dtype == np.float64, key
+        out[key] = value
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def case_data(case_id: str, axis_id: str):
+    """``(layer, kwargs with dim, params, inputs [T, 3-d], ref outputs, ref states)``, computed once."""
+    layer, kwargs = CASES[case_id]
+    position, dim = AXES[axis_id]
+    seed = [c[0] for c in LAYER_CASES].index(case_id)
+    params = random_state_dict(layer, kwargs, seed=100 + seed)
+    canonical = np.random.default_rng(200 + seed).standard_normal((T, *BATCH, kwargs["num_neurons"]))
+    inputs = np.ascontiguousarray(np.moveaxis(canonical, -1, 1 + position))  # same numbers for every axis
+    kw = {**kwargs, "dim": dim}
+    ref_out, ref_states = reference.run(layer, kw, params, inputs)
+    return layer, kw, params, inputs, ref_out, ref_states
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+@functools.lru_cache(maxsize=None)
+def _available() -> dict:
+    import backends
+
+    return backends.available()
+
+
+def unusable_reason(backend: str, dtype: str):
+    """Why ``backend`` cannot run ``dtype`` here, or None."""
+    if backend in ("torch", "torch-cuda"):
+        try:
+            import torch
+        except ImportError as error:
+            return f"torch cannot be imported ({error}); pip install torch"
+        if backend == "torch-cuda" and not torch.cuda.is_available():
+            return TORCH_CUDA_REASON
+        return None
+    reason = _available()[backend]
+    if reason is not None:
+        return reason
+    if backend == "mlx" and dtype == "float64":
+        import mlx.core as mx
+
+        device = mx.default_device()
+        if device.type != mx.cpu:
+            return f"MLX has no float64 on the GPU (default device {device}); float64 runs on mx.cpu only"
+    return None
+
+
+def run_torch(device: str, dtype: str, layer: str, kwargs: dict, params: dict, inputs) -> tuple:
+    import torch
+
+    import tracetorch as tt
+
+    tdtype = getattr(torch, dtype)
+    module = getattr(tt.ssm, layer)(**kwargs).to(device=device, dtype=tdtype)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()}, strict=True)
+    outs = []
+    with torch.no_grad():
+        for x in inputs:
+            y = module(torch.from_numpy(x.astype(dtype)).to(device))
+            assert y.dtype == tdtype and y.device.type == torch.device(device).type and y.shape == x.shape
+            outs.append(y.cpu().numpy())
+    states = {}
+    for name in reference.state_names(layer, kwargs):
+        s = getattr(module, name)
+        assert s.dtype == tdtype, (name, s.dtype)
+        states[name] = s.cpu().numpy()
+    return np.stack(outs), states
+
+
+def run_backend(backend: str, dtype: str, layer: str, kwargs: dict, params: dict, inputs) -> tuple:
+    mod = importlib.import_module(f"backends.{backend}")
+    obj = getattr(mod, layer)(**kwargs, dtype=dtype)
+    obj.load_state_dict(params)
+    outs = []
+    for x in inputs:
+        y = obj(mod.asarray(x.astype(dtype)))
+        assert isinstance(y, mod.backend.array_types), type(y)
+        assert y.dtype == obj.dtype and tuple(y.shape) == x.shape, (y.dtype, y.shape)
+        outs.append(np.asarray(mod.backend.to_numpy(y)))
+    states = {}
+    for name in reference.state_names(layer, kwargs):
+        s = getattr(obj, name)
+        assert isinstance(s, mod.backend.array_types), (name, type(s))
+        assert s.dtype == obj.dtype, (name, s.dtype)
+        states[name] = np.asarray(mod.backend.to_numpy(s))
+    out = np.stack(outs)
+    assert out.dtype == np.dtype(dtype), out.dtype
+    return out, states
+
+
+def run_any(backend, dtype, layer, kwargs, params, inputs):
+    if backend == "torch":
+        return run_torch("cpu", dtype, layer, kwargs, params, inputs)
+    if backend == "torch-cuda":
+        return run_torch("cuda", dtype, layer, kwargs, params, inputs)
+    return run_backend(backend, dtype, layer, kwargs, params, inputs)
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+
+@pytest.mark.parametrize("axis_id", list(AXES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_parity(case_id, backend, dtype, axis_id, parity_record):
+    reason = unusable_reason(backend, dtype)
+    if reason is not None:
+        parity_record.skip(backend, dtype, reason)
+        pytest.skip(reason)
+    layer, kwargs, params, inputs, ref_out, ref_states = case_data(case_id, axis_id)
+    out, states = run_any(backend, dtype, layer, kwargs, params, inputs)
+
+    errors = {"outputs": reference.rel_err(out, ref_out)}
+    assert set(states) == set(ref_states)
+    for name, ref in ref_states.items():
+        assert states[name].shape == ref.shape, (name, states[name].shape, ref.shape)
+        errors[name] = reference.rel_err(states[name], ref)
+    worst = max(errors.values())
+    parity_record.error(backend, dtype, f"{case_id}-{axis_id}", worst)
+    assert worst <= TOLERANCE[dtype], f"{backend} {dtype} {case_id} dim={kwargs['dim']}: errors {errors}"
+
+
+# ----------------------------------------------------------------------------- the reference itself
+
+
+FIXTURES = sorted(FIXTURE_DIR.glob("*.npz")) if FIXTURE_DIR.is_dir() else []
+
+
+@pytest.mark.parametrize("path", FIXTURES or [None], ids=[p.stem for p in FIXTURES] or ["no-fixtures"])
+def test_reference_matches_tracetorch_fixtures(path):
+    assert path is not None, f"no tracetorch fixtures in {FIXTURE_DIR}"
+    with np.load(path) as data:
+        data = {k: data[k] for k in data.files}
+    layer = str(data["layer"])
+    kwargs = json.loads(str(data["kwargs"]))
+    params = {k[len("param."):]: v for k, v in data.items() if k.startswith("param.")}
+    outputs, states = reference.run(layer, kwargs, params, data["inputs"])
+    assert reference.rel_err(outputs, data["outputs"]) <= 1e-10
+    finals = {k[len("final."):] for k in data if k.startswith("final.")}
+    assert finals == set(states) == set(reference.state_names(layer, kwargs))
+    for name in finals:
+        assert reference.rel_err(states[name], data[f"final.{name}"]) <= 1e-10, name
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_reference_is_independent_of_feature_axis(case_id):
+    """Same numbers with the features first, middle or last: the reference moves axes correctly."""
+    _, _, _, _, ref_last, states_last = case_data(case_id, "last")
+    for axis_id in ("first", "middle"):
+        position = AXES[axis_id][0]
+        _, _, _, _, ref, states = case_data(case_id, axis_id)
+        np.testing.assert_allclose(np.moveaxis(ref, 1 + position, -1), ref_last, rtol=1e-13, atol=1e-13)
+        for name, s in states.items():
+            # traceTorch layout: feature axis at ``position``, trailing axis (if any) last
+            trailing = s.ndim == ref.ndim  # [*shape, trailing] has as many axes as [T, *shape]
+            moved = np.moveaxis(s, position, -2 if trailing else -1)
+            np.testing.assert_allclose(moved, states_last[name], rtol=1e-13, atol=1e-13)
+
+
+def test_reference_random_weights_exercise_the_dynamics():
+    """The drawn weights make the states move and the outputs differ from the plain skip ``D * x``."""
+    for case_id in CASES:
+        layer, kwargs, params, inputs, ref_out, ref_states = case_data(case_id, "last")
+        assert np.all(np.isfinite(ref_out))
+        for name, s in ref_states.items():
+            assert np.max(np.abs(s)) > 1e-2, (case_id, name)
+        if layer != "Mamba":
+            skip = inputs * params["D"]
+            assert reference.rel_err(ref_out, skip) > 1e-2, case_id

@@ -1,0 +1,670 @@
+"""The array backends (``backends.numpy``, ``.mlx``, ``.array_api_strict``, ``.cupy``) and the functional API.
+
+Registry and lazy imports; torch weights into every usable backend; the
+strictness and dtype rules of ``load_state_dict``; the state lifecycle
+(``save_states``/``load_states``/``zero_states``, batch-shape changes); input
+type checks; seeded init; ``ssm_core``'s pure step functions on every array
+library; MLX's eager and lazy evaluation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import backends
+import reference
+import ssm_core
+import tracetorch as tt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+N = 4
+D_STATE = 3
+# (id, layer, kwargs)
+CASES = [
+    ("S4", "S4", dict(num_neurons=N, d_state=D_STATE)),
+    ("S5", "S5", dict(num_neurons=N, d_state=D_STATE)),
+    ("S6", "S6", dict(num_neurons=N, d_state=D_STATE, dt_rank=2)),
+    ("Mamba", "Mamba", dict(num_neurons=N, d_state=D_STATE)),
+    ("Mamba_k1", "Mamba", dict(num_neurons=N, d_state=D_STATE, conv_kernel=1)),
+]
+CASE_IDS = [c[0] for c in CASES]
+BACKENDS = ["numpy", "mlx", "array_api_strict", "cupy"]
+TOL = {"float32": 1e-5, "float64": 1e-10}
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+_AVAILABLE: dict = {}
+
+
+def usable(name: str):
+    """``backends.<name>``, or skip saying what to install."""
+    if not _AVAILABLE:
+        _AVAILABLE.update(backends.available())
+    reason = _AVAILABLE[name]
+    if reason is not None:
+        pytest.skip(reason)
+    return importlib.import_module(f"backends.{name}")
+
+
+def skip_mlx_float64_on_gpu(name: str, dtype: str) -> None:
+    if name == "mlx" and dtype == "float64":
+        import mlx.core as mx
+
+        if mx.default_device().type != mx.cpu:
+            pytest.skip(f"MLX has no float64 on the GPU (default device {mx.default_device()})")
+
+
+def host(mod, array) -> np.ndarray:
+    """A NumPy copy of a backend array."""
+    return np.array(mod.backend.to_numpy(array), copy=True)
+
+
+def params_host(mod, layer) -> dict:
+    return {k: host(mod, v) for k, v in layer.state_dict().items()}
+
+
+def states_host(mod, layer) -> dict:
+    return {name: (None if getattr(layer, name) is None else host(mod, getattr(layer, name)))
+            for name in layer._states}
+
+
+def assert_same_arrays(now: dict, before: dict) -> None:
+    assert set(now) == set(before)
+    for key, b in before.items():
+        a = now[key]
+        if b is None:
+            assert a is None, key
+            continue
+        assert a is not None, key
+        assert a.dtype == b.dtype and a.shape == b.shape, (key, a.dtype, b.dtype, a.shape, b.shape)
+        assert np.array_equal(a, b), f"{key} changed"
+
+
+def inputs(shape, steps, dtype="float64", seed=0):
+    return np.random.default_rng(seed).standard_normal((steps, *shape)).astype(dtype)
+
+
+def random_weights(layer: str, kwargs: dict, seed: int = 0, dtype="float64") -> dict:
+    """Plausible traceTorch weights (float64 by default): init-like values plus noise."""
+    rng = np.random.default_rng(seed)
+    shapes = ssm_core.LAYERS[layer].config(**kwargs).param_shapes()
+    out = {}
+    for key, shape in shapes.items():
+        if key == "A_log":
+            value = np.log(np.arange(1.0, shape[-1] + 1)) * np.ones(shape)
+        elif key == "log_dt":
+            value = np.full(shape, np.log(0.1))
+        elif key == "dt_proj.bias":
+            value = np.full(shape, -2.0)
+        else:
+            value = 0.5 * rng.standard_normal(shape)
+        out[key] = (value + 0.05 * rng.standard_normal(shape)).astype(dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_available_names_every_backend_with_reasons():
+    found = backends.available()
+    assert set(found) == set(backends.NAMES) == {"numpy", "cupy", "mlx", "array_api_strict"}
+    # Installed with the test extras: usable.
+    assert found["numpy"] is None, found["numpy"]
+    assert found["array_api_strict"] is None, found["array_api_strict"]
+    if importlib.util.find_spec("mlx") is not None:
+        assert found["mlx"] is None, found["mlx"]
+    else:
+        assert "pip install mlx" in found["mlx"]
+    if importlib.util.find_spec("cupy") is None:
+        reason = found["cupy"]
+        assert isinstance(reason, str) and "cupy" in reason and "pip install cupy" in reason, reason
+    for name, reason in found.items():
+        assert reason is None or (isinstance(reason, str) and reason.strip()), (name, reason)
+
+
+def test_this_machine_has_numpy_mlx_array_api_strict_and_no_cupy():
+    """The environment this suite is developed in: exactly these are usable."""
+    if importlib.util.find_spec("cupy") is not None or importlib.util.find_spec("mlx") is None:
+        pytest.skip("a machine with cupy installed or without mlx")
+    found = backends.available()
+    assert {name for name, reason in found.items() if reason is None} == {"numpy", "mlx", "array_api_strict"}
+    assert found["cupy"] is not None
+
+
+def test_load_known_unknown_and_unusable():
+    mod = backends.load("numpy")
+    assert mod is importlib.import_module("backends.numpy")
+    for attr in ("S4", "S5", "S6", "Mamba", "asarray", "backend"):
+        assert hasattr(mod, attr), attr
+    assert callable(mod.backend.to_numpy) and mod.backend.xp is not None
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.load("jax")
+    reason = backends.available()["cupy"]
+    if reason is not None:
+        with pytest.raises(ImportError, match="cupy"):
+            backends.load("cupy")
+
+
+def _imported_after(code: str) -> list:
+    probe = (
+        f"import sys; {code}; "
+        "print(sorted(m for m in ('numpy', 'mlx', 'mlx.core', 'torch', 'cupy', 'array_api_strict') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_backends_imports_no_array_library():
+    assert _imported_after("import backends; backends.NAMES") == []
+
+
+def test_import_one_backend_imports_only_its_library():
+    imported = _imported_after("import backends.numpy")
+    assert "numpy" in imported
+    assert not {"mlx", "mlx.core", "torch", "cupy", "array_api_strict"} & set(imported), imported
+
+
+# ----------------------------------------------------------------------------- torch weights into every backend
+
+
+def _torch_layer(layer, kwargs, dtype, seed=0):
+    torch.manual_seed(seed)
+    return getattr(tt.ssm, layer)(**kwargs).to(TORCH_DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id,layer,kwargs", CASES, ids=CASE_IDS)
+def test_torch_weights_give_torch_outputs(case_id, layer, kwargs, backend, dtype):
+    mod = usable(backend)
+    skip_mlx_float64_on_gpu(backend, dtype)
+    kw = {**kwargs, "dim": -2}
+    tl = _torch_layer(layer, kw, dtype)
+    sd = tl.state_dict(keep_vars=True)
+    assert all(isinstance(v, torch.nn.Parameter) and v.requires_grad for v in sd.values())
+    obj = getattr(mod, layer)(**kw)  # default dtype: follows the weights
+    obj.load_state_dict(sd)
+    assert obj.dtype == mod.backend.dtype(dtype)
+    for key, value in obj.state_dict().items():
+        assert value.dtype == obj.dtype, key
+        np.testing.assert_array_equal(host(mod, value), sd[key].detach().numpy(), err_msg=key)
+
+    xs = inputs((2, N, 3), steps=10, dtype=dtype)
+    with torch.no_grad():
+        ty = np.stack([tl(torch.from_numpy(x)).numpy() for x in xs])
+    by = np.stack([host(mod, obj(mod.asarray(x))) for x in xs])
+    assert by.dtype == np.dtype(dtype)
+    assert reference.rel_err(by, ty) <= TOL[dtype]
+    for name in reference.state_names(layer, kwargs):
+        t_state = getattr(tl, name).numpy()
+        b_state = host(mod, getattr(obj, name))
+        assert b_state.shape == t_state.shape, name
+        assert reference.rel_err(b_state, t_state) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_torch_converts_config_and_weights(backend):
+    mod = usable(backend)
+    tl = _torch_layer("Mamba", dict(num_neurons=N, d_state=D_STATE, conv_kernel=3, dim=0), "float32")
+    obj = mod.from_torch(tl)
+    assert type(obj) is mod.Mamba
+    assert obj.config == ssm_core.MambaConfig(N, D_STATE, 0, -1, 3)
+    xs = inputs((N, 2), steps=6, dtype="float32")
+    with torch.no_grad():
+        ty = np.stack([tl(torch.from_numpy(x)).numpy() for x in xs])
+    by = np.stack([host(mod, obj(mod.asarray(x))) for x in xs])
+    assert reference.rel_err(by, ty) <= TOL["float32"]
+
+
+# ----------------------------------------------------------------------------- load_state_dict strictness
+
+
+def _defective(defect: str, weights: dict, layer: str, kwargs: dict) -> tuple:
+    """``(mapping, expected error)`` with one defect; the defective entry is the last key loaded."""
+    bad = dict(weights)
+    last = list(ssm_core.LAYERS[layer].config(**kwargs).param_shapes())[-1]
+    if defect == "missing":
+        del bad[last]
+        return bad, ValueError
+    if defect == "unexpected":
+        bad["extra.weight"] = np.zeros((2,))
+        return bad, ValueError
+    if defect == "misshaped":
+        bad[last] = np.zeros(bad[last].shape + (1,))
+        return bad, ValueError
+    if defect == "misshaped_torch":
+        bad[last] = torch.zeros(tuple(reversed(bad[last].shape)) + (2,), dtype=torch.float64)
+        return bad, ValueError
+    if defect == "integer":
+        bad[last] = np.arange(bad[last].size).reshape(bad[last].shape)
+        return bad, TypeError
+    if defect == "integer_torch":
+        bad[last] = torch.ones(bad[last].shape, dtype=torch.int32)
+        return bad, TypeError
+    if defect == "bool":
+        bad[last] = np.ones(bad[last].shape, dtype=bool)
+        return bad, TypeError
+    raise AssertionError(defect)
+
+
+DEFECTS = ["missing", "unexpected", "misshaped", "misshaped_torch", "integer", "integer_torch", "bool"]
+
+
+@pytest.mark.parametrize("defect", DEFECTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id,layer,kwargs", [CASES[0], CASES[3]], ids=["S4", "Mamba"])
+def test_load_state_dict_rejects_and_changes_nothing(case_id, layer, kwargs, backend, defect):
+    mod = usable(backend)
+    obj = getattr(mod, layer)(**kwargs, seed=1)  # float32
+    obj(mod.asarray(inputs((2, N), steps=1, dtype="float32")[0]))  # states held
+    before_params, before_states, before_dtype = params_host(mod, obj), states_host(mod, obj), obj.dtype
+    # float64 weights: loading any part of them would change values and the dtype.
+    mapping, error = _defective(defect, random_weights(layer, kwargs, seed=5), layer, kwargs)
+    with pytest.raises(error):
+        obj.load_state_dict(mapping)
+    assert obj.dtype == before_dtype
+    assert_same_arrays(params_host(mod, obj), before_params)
+    assert_same_arrays(states_host(mod, obj), before_states)
+    # The layer still steps exactly as before the failed load.
+    twin = getattr(mod, layer)(**kwargs, seed=1)
+    x = mod.asarray(inputs((2, N), steps=1, dtype="float32")[0])
+    twin(x)
+    np.testing.assert_array_equal(host(mod, obj(x)), host(mod, twin(x)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_state_dict_non_strict_loads_what_is_there(backend):
+    mod = usable(backend)
+    kwargs = dict(num_neurons=N, d_state=D_STATE)
+    obj = mod.S4(**kwargs, seed=2, dtype="float32")
+    before = params_host(mod, obj)
+    new_c = np.random.default_rng(0).standard_normal((N, D_STATE)).astype(np.float32)
+    obj.load_state_dict({"C": new_c, "not_a_param": np.zeros(3, np.float32)}, strict=False)
+    after = params_host(mod, obj)
+    np.testing.assert_array_equal(after["C"], new_c)
+    for key in ("A_log", "B", "log_dt", "D"):
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    # The time-invariant dynamics follow the new C: outputs equal a layer built from the merged weights.
+    merged = {**before, "C": new_c}
+    twin = mod.S4(**kwargs, dtype="float32")
+    twin.load_state_dict(merged)
+    x = mod.asarray(inputs((2, N), steps=1, dtype="float32")[0])
+    np.testing.assert_array_equal(host(mod, obj(x)), host(mod, twin(x)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_state_dict_copies_the_given_arrays(backend):
+    mod = usable(backend)
+    skip_mlx_float64_on_gpu(backend, "float64")
+    weights = random_weights("S6", CASES[2][2], seed=3)
+    given = {k: mod.asarray(v.copy()) for k, v in weights.items()}
+    obj = mod.S6(**CASES[2][2])
+    obj.load_state_dict(given)
+    for value in given.values():  # every backend's arrays take item assignment
+        value[...] = 0
+    assert_same_arrays(params_host(mod, obj), weights)
+
+
+# ----------------------------------------------------------------------------- dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id,layer,kwargs", CASES, ids=CASE_IDS)
+def test_dtype_follows_loaded_weights_unless_given(case_id, layer, kwargs, backend):
+    mod = usable(backend)
+    skip_mlx_float64_on_gpu(backend, "float64")
+    f32, f64 = mod.backend.dtype("float32"), mod.backend.dtype("float64")
+    weights = random_weights(layer, kwargs, seed=4)
+
+    follows = getattr(mod, layer)(**kwargs)
+    assert follows.dtype == f32  # the backend's default
+    x32 = mod.asarray(inputs((2, N), steps=1, dtype="float32")[0])
+    follows(x32)  # states held in float32
+    follows.load_state_dict(weights)
+    assert follows.dtype == f64
+    assert all(v.dtype == f64 for v in follows.state_dict().values())
+    assert all(v is None or v.dtype == f64 for v in follows._states.values())
+    assert_same_arrays(params_host(mod, follows), weights)
+    x64 = mod.asarray(inputs((2, N), steps=1, dtype="float64")[0])
+    assert follows(x64).dtype == f64
+    with pytest.raises(TypeError, match="dtype"):
+        follows(x32)
+
+    fixed = getattr(mod, layer)(**kwargs, dtype="float32")
+    fixed.load_state_dict(weights)
+    assert fixed.dtype == f32
+    got = params_host(mod, fixed)
+    assert_same_arrays(got, {k: v.astype(np.float32) for k, v in weights.items()})
+    assert fixed(x32).dtype == f32
+    with pytest.raises(TypeError, match="dtype"):
+        fixed(x64)
+
+
+# ----------------------------------------------------------------------------- states
+
+
+def _step_all(mod, obj, xs) -> np.ndarray:
+    return np.stack([host(mod, obj(mod.asarray(x))) for x in xs])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id,layer,kwargs", CASES, ids=CASE_IDS)
+def test_save_states_returns_copies(case_id, layer, kwargs, backend):
+    mod = usable(backend)
+    obj = getattr(mod, layer)(**kwargs, seed=0)
+    assert obj.save_states() == {}
+    xs = inputs((2, N), steps=5, dtype="float32")
+    _step_all(mod, obj, xs[:3])
+    saved = obj.save_states()
+    assert set(saved) == set(reference.state_names(layer, kwargs))
+    snap = {k: host(mod, v) for k, v in saved.items()}
+    _step_all(mod, obj, xs[3:])  # later steps
+    assert_same_arrays({k: host(mod, v) for k, v in saved.items()}, snap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id,layer,kwargs", [CASES[0], CASES[3]], ids=["S4", "Mamba"])
+def test_save_states_copies_are_not_the_held_arrays(case_id, layer, kwargs, backend):
+    """Writing into what ``save_states()`` returned leaves the layer's states alone."""
+    mod = usable(backend)
+    obj = getattr(mod, layer)(**kwargs, seed=0)
+    x = mod.asarray(inputs((2, N), steps=1, dtype="float32")[0])
+    obj(x)
+    held = states_host(mod, obj)
+    saved = obj.save_states()
+    for value in saved.values():
+        value[...] = 123.0  # every backend's arrays take item assignment
+    assert_same_arrays(states_host(mod, obj), held)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id,layer,kwargs", CASES, ids=CASE_IDS)
+def test_load_states_round_trip(case_id, layer, kwargs, backend):
+    mod = usable(backend)
+    xs = inputs((2, N, 3), steps=8, dtype="float32")
+    obj = getattr(mod, layer)(**{**kwargs, "dim": 1}, seed=0)
+    _step_all(mod, obj, xs[:4])
+    saved = obj.save_states()
+    first = _step_all(mod, obj, xs[4:])
+    obj.load_states(saved)
+    again = _step_all(mod, obj, xs[4:])
+    np.testing.assert_array_equal(again, first)
+    # Into a fresh layer with the same weights.
+    fresh = getattr(mod, layer)(**{**kwargs, "dim": 1}, seed=0)
+    fresh.load_states(saved)
+    np.testing.assert_array_equal(_step_all(mod, fresh, xs[4:]), first)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id,layer,kwargs", [CASES[0], CASES[3]], ids=["S4", "Mamba"])
+def test_load_states_copies_the_given_arrays(case_id, layer, kwargs, backend):
+    """Writing into the arrays after ``load_states`` leaves the layer's states alone."""
+    mod = usable(backend)
+    obj = getattr(mod, layer)(**kwargs, seed=0)
+    obj(mod.asarray(inputs((2, N), steps=1, dtype="float32")[0]))
+    given = obj.save_states()
+    expected = {k: host(mod, v) for k, v in given.items()}
+    fresh = getattr(mod, layer)(**kwargs, seed=0)
+    fresh.load_states(given)
+    for value in given.values():
+        value[...] = 0.0
+    assert_same_arrays({k: host(mod, getattr(fresh, k)) for k in expected}, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_states_rejects_and_changes_nothing(backend):
+    mod = usable(backend)
+    kwargs = dict(num_neurons=N, d_state=D_STATE)
+    obj = mod.Mamba(**kwargs, seed=0)
+    obj(mod.asarray(inputs((2, N), steps=1, dtype="float32")[0]))
+    saved = obj.save_states()
+    before = states_host(mod, obj)
+    bad_cases = [
+        ({"ssm_state": saved["ssm_state"]}, ValueError),  # missing conv_buffer
+        ({**saved, "state": saved["ssm_state"]}, ValueError),  # unexpected
+        ({**saved, "conv_buffer": mod.asarray(np.zeros((2, N, 5), np.float32))}, ValueError),  # wrong kernel
+        ({**saved, "ssm_state": mod.asarray(np.zeros((2, N + 1, D_STATE), np.float32))}, ValueError),
+        ({**saved, "ssm_state": mod.asarray(np.zeros((2, N, D_STATE), np.float64))}, TypeError),
+    ]
+    for bad, error in bad_cases:
+        with pytest.raises(error):
+            obj.load_states(bad)
+        assert_same_arrays(states_host(mod, obj), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id,layer,kwargs", CASES, ids=CASE_IDS)
+def test_batch_shape_change_needs_zero_states(case_id, layer, kwargs, backend):
+    mod = usable(backend)
+    obj = getattr(mod, layer)(**kwargs, seed=0)
+    obj(mod.asarray(inputs((2, N), steps=1, dtype="float32")[0]))
+    before = states_host(mod, obj)
+    other = mod.asarray(inputs((3, N), steps=1, dtype="float32")[0])
+    with pytest.raises(ValueError, match="zero_states"):
+        obj(other)
+    assert_same_arrays(states_host(mod, obj), before)
+    obj.zero_states()
+    assert all(getattr(obj, name) is None for name in reference.state_names(layer, kwargs))
+    y = obj(other)
+    assert tuple(y.shape) == (3, N)
+    # After zero_states the layer starts from zeros: same as a fresh layer.
+    fresh = getattr(mod, layer)(**kwargs, seed=0)
+    np.testing.assert_array_equal(host(mod, y), host(mod, fresh(other)))
+
+
+def _foreign_inputs(backend):
+    x = inputs((2, N), steps=1, dtype="float32")[0]
+    foreign = [torch.from_numpy(x)]
+    if backend != "numpy":
+        foreign.append(x)  # a NumPy array into a non-NumPy layer
+    if backend != "array_api_strict":
+        foreign.append(importlib.import_module("array_api_strict").asarray(x))
+    if backend != "mlx" and importlib.util.find_spec("mlx") is not None:
+        import mlx.core as mx
+
+        foreign.append(mx.array(x))
+    foreign.append(x.tolist())
+    return foreign
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_of_another_library_is_a_type_error(backend):
+    mod = usable(backend)
+    obj = mod.S6(**CASES[2][2], seed=0)
+    obj(mod.asarray(inputs((2, N), steps=1, dtype="float32")[0]))
+    before = states_host(mod, obj)
+    for x in _foreign_inputs(backend):
+        with pytest.raises(TypeError, match="asarray"):
+            obj(x)
+        assert_same_arrays(states_host(mod, obj), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id,layer,kwargs", CASES, ids=CASE_IDS)
+def test_same_seed_same_init(case_id, layer, kwargs, backend):
+    mod = usable(backend)
+    a = params_host(mod, getattr(mod, layer)(**kwargs, seed=7))
+    b = params_host(mod, getattr(mod, layer)(**kwargs, seed=7))
+    c = params_host(mod, getattr(mod, layer)(**kwargs, seed=8))
+    assert_same_arrays(a, b)
+    assert any(not np.array_equal(a[k], c[k]) for k in a), "seed has no effect"
+    shapes = ssm_core.LAYERS[layer].config(**kwargs).param_shapes()
+    assert {k: v.shape for k, v in a.items()} == shapes
+    assert all(np.all(np.isfinite(v)) for v in a.values())
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def _functional_libraries():
+    libs = ["numpy", "torch", "array_api_strict"]
+    if importlib.util.find_spec("mlx") is not None:
+        libs.append("mlx")
+    return libs
+
+
+def _lib(name):
+    """``(namespace for zero_state, array from NumPy float64, array to NumPy, array type)``."""
+    if name == "numpy":
+        return np, lambda a: np.asarray(a, dtype=np.float64), np.asarray, np.ndarray
+    if name == "torch":
+        return torch, lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64)), lambda t: t.numpy(), torch.Tensor
+    if name == "array_api_strict":
+        import array_api_strict as xps
+
+        return xps, lambda a: xps.asarray(np.asarray(a, dtype=np.float64)), np.from_dlpack, type(xps.asarray(0.0))
+    if name == "mlx":
+        import mlx.core as mx
+
+        if mx.default_device().type != mx.cpu:
+            pytest.skip("MLX has no float64 on the GPU")
+        return mx, lambda a: mx.array(np.asarray(a, dtype=np.float64), dtype=mx.float64), np.asarray, mx.array
+    raise AssertionError(name)
+
+
+_STEPS = {"S4": ssm_core.s4_step, "S5": ssm_core.s5_step, "S6": ssm_core.s6_step, "Mamba": ssm_core.mamba_step}
+
+
+def _functional_run(lib_name, layer, kwargs, weights, xs):
+    ns, to_lib, to_np, array_type = _lib(lib_name)
+    spec = ssm_core.LAYERS[layer]
+    config = spec.config(**kwargs)
+    params = spec.params_from_mapping({k: to_lib(v) for k, v in weights.items()})
+    state = spec.zero_state(config, xs.shape[1:-1], ns, getattr(ns, "float64"))
+    assert isinstance(state, spec.state)
+    ys = []
+    for x in xs:
+        y, state = _STEPS[layer](to_lib(x), state, params)
+        assert isinstance(y, array_type) and isinstance(state, spec.state)
+        ys.append(np.array(to_np(y)))
+    return np.stack(ys), {k: np.array(to_np(v)) for k, v in state._asdict().items() if v is not None}
+
+
+@pytest.mark.parametrize("case_id,layer,kwargs", CASES, ids=CASE_IDS)
+def test_functional_api_same_numbers_on_every_library(case_id, layer, kwargs):
+    if importlib.util.find_spec("mlx") is not None:
+        importlib.import_module("backends.mlx")  # registers the completed MLX namespace
+    weights = random_weights(layer, kwargs, seed=11)
+    xs = inputs((2, 3, N), steps=6, dtype="float64", seed=12)
+    ref_y, ref_states = reference.run(layer, kwargs, weights, xs)
+    results = {lib: _functional_run(lib, layer, kwargs, weights, xs) for lib in _functional_libraries()}
+    for lib, (ys, states) in results.items():
+        assert ys.dtype == np.float64, lib
+        assert reference.rel_err(ys, ref_y) <= 1e-10, lib
+        np_ys, np_states = results["numpy"]
+        assert reference.rel_err(ys, np_ys) <= 1e-10, lib
+        for name, ref in ref_states.items():
+            # canonical layout (features last / second to last) is the traceTorch one for dim=-1
+            assert reference.rel_err(states[name], ref) <= 1e-10, (lib, name)
+            assert reference.rel_err(states[name], np_states[name]) <= 1e-10, (lib, name)
+
+
+@pytest.mark.parametrize("import_backend", [False, True], ids=["alone", "with-backends.mlx"])
+def test_functional_api_on_mlx_float64(import_backend):
+    """``ssm_core`` on MLX arrays: a clear error alone (mlx.core differs from the standard), float64-exact once completed."""
+    if importlib.util.find_spec("mlx") is None:
+        pytest.skip("pip install 'mlx[cpu]' (Linux) or mlx (macOS)")
+    code = f"""
+import sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+import numpy as np, mlx.core as mx, ssm_core, reference
+if {import_backend!r}:
+    import backends.mlx
+kwargs = dict(num_neurons=4, d_state=3, dt_rank=2)
+rng = np.random.default_rng(0)
+config = ssm_core.S6Config(**kwargs)
+w = {{k: 0.5 * rng.standard_normal(s) for k, s in config.param_shapes().items()}}
+w["dt_proj.bias"] = w["dt_proj.bias"] - 2.0
+xs = rng.standard_normal((6, 2, 4))
+ref, _ = reference.run("S6", kwargs, w, xs)
+params = ssm_core.S6.params_from_mapping({{k: mx.array(v, dtype=mx.float64) for k, v in w.items()}})
+state = ssm_core.S6.zero_state(config, (2,), mx, mx.float64)
+ys = []
+try:
+    for x in xs:
+        y, state = ssm_core.s6_step(mx.array(x, dtype=mx.float64), state, params)
+        ys.append(np.asarray(y))
+except TypeError as error:
+    print("TypeError:", error)
+else:
+    print(reference.rel_err(np.stack(ys), ref))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    if not import_backend:
+        assert last.startswith("TypeError:") and "import backends.mlx" in last, last
+        return
+    err = float(last)
+    assert err <= 1e-10, f"ssm_core.s6_step on MLX float64 with backends.mlx: relative error {err:.2e}"
+
+
+# ----------------------------------------------------------------------------- MLX evaluation
+
+
+def _mlx_evaluated(array) -> bool:
+    """True when ``array`` has no pending computation (its graph holds no primitive)."""
+    import mlx.core as mx
+
+    buffer = io.StringIO()
+    mx.export_to_dot(buffer, array)
+    return "shape=rectangle" not in buffer.getvalue()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case_id,layer,kwargs", CASES, ids=CASE_IDS)
+def test_mlx_eager_outputs_are_evaluated_and_lazy_matches(case_id, layer, kwargs, dtype):
+    mod = usable("mlx")
+    skip_mlx_float64_on_gpu("mlx", dtype)
+    import mlx.core as mx
+
+    weights = random_weights(layer, kwargs, seed=21)
+    xs = inputs((2, N), steps=6, dtype=dtype, seed=22)
+    eager = getattr(mod, layer)(**kwargs, dtype=dtype)
+    lazy = getattr(mod, layer)(**kwargs, dtype=dtype, eager=False)
+    eager.load_state_dict(weights)
+    lazy.load_state_dict(weights)
+    eager_ys, lazy_ys = [], []
+    for x in xs:
+        y = eager(mod.asarray(x))
+        assert isinstance(y, mx.array) and y.dtype == mod.backend.dtype(dtype)
+        assert _mlx_evaluated(y)
+        for name in reference.state_names(layer, kwargs):
+            assert _mlx_evaluated(getattr(eager, name)), name
+        eager_ys.append(y)
+        lazy_ys.append(lazy(mod.asarray(x)))
+    assert not _mlx_evaluated(lazy_ys[-1]), "eager=False evaluated the step itself"
+    lazy_states = [getattr(lazy, name) for name in reference.state_names(layer, kwargs)]
+    mx.eval(*lazy_ys, *lazy_states)
+    assert all(_mlx_evaluated(a) for a in (*lazy_ys, *lazy_states))
+    tol = TOL[dtype] / 10
+    assert reference.rel_err(np.stack([np.asarray(y) for y in lazy_ys]),
+                             np.stack([np.asarray(y) for y in eager_ys])) <= tol
+    for name, value in zip(reference.state_names(layer, kwargs), lazy_states):
+        assert reference.rel_err(np.asarray(value), np.asarray(getattr(eager, name))) <= tol, name
+    # And both agree with the float64 reference.
+    ref_y, _ = reference.run(layer, kwargs, weights, xs.astype(np.float64))
+    assert reference.rel_err(np.stack([np.asarray(y) for y in eager_ys]), ref_y) <= TOL[dtype]
+
+
+def test_numpy_layer_ignores_eager():
+    mod = usable("numpy")
+    a = mod.S4(N, d_state=D_STATE, seed=0, eager=False)
+    b = mod.S4(N, d_state=D_STATE, seed=0)
+    x = inputs((2, N), steps=1, dtype="float32")[0]
+    np.testing.assert_array_equal(a(x), b(x))
