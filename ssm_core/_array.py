@@ -1,9 +1,11 @@
 """Namespace resolution and the few operations the array API standard lacks.
 
 Every public function of ``ssm_core`` resolves its namespace once, here, and
-then uses only ``xp.*`` and operators. ``softplus``, ``silu`` and ``phi1`` are
-not in the standard: each is written from standard functions, with a native
-fast path where a library has one (torch), looked up once per namespace.
+then uses only ``xp.*``, operators and the few operations of
+:func:`native_ops`: ``softplus``, ``silu``, ``phi1`` are not in the standard,
+and a linear map, a multiply-add and ``exp``/``expm1`` together have faster
+fused forms in some libraries. Each is written from standard functions, with
+a native fast path where a library has one (torch), looked up once per namespace.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from types import SimpleNamespace
 
 from array_api_compat import array_namespace, is_torch_namespace
 
-__all__ = ["namespace", "register_namespace", "register_native", "softplus", "silu", "phi1"]
+__all__ = ["namespace", "register_namespace", "register_native", "native_ops", "softplus", "silu", "phi1"]
 
 
 def namespace(*arrays, xp=None):
@@ -52,41 +54,82 @@ def _standard_silu(x, xp):
     return x / (1.0 + xp.exp(-x))
 
 
-def _native_ops(xp):
-    """softplus/silu for ``xp``: the library's own kernels where it has them."""
-    ops = _NATIVE.get(xp)
-    if ops is None:
-        if is_torch_namespace(xp):
-            F = sys.modules["torch"].nn.functional  # torch is loaded: xp is its namespace
-            ops = SimpleNamespace(softplus=lambda x, xp: F.softplus(x), silu=lambda x, xp: F.silu(x))
-        else:
-            ops = SimpleNamespace(softplus=_standard_softplus, silu=_standard_silu)
-        _NATIVE[xp] = ops
-    return ops
+def _standard_linear(x, weight, bias, xp):
+    y = x @ weight.T
+    return y if bias is None else y + bias
 
 
+def _standard_muladd(a, b, c, xp):
+    return a * b + c
+
+
+def _standard_exp_expm1(z, xp):
+    decay_minus_one = xp.expm1(z)
+    return decay_minus_one + 1.0, decay_minus_one
+
+
+def _torch_ops():
+    torch = sys.modules["torch"]  # loaded: the namespace is torch's
+    F = torch.nn.functional
+
+    def exp_expm1(z, xp):
+        if z.is_cuda:
+            return _standard_exp_expm1(z, xp)
+        # torch's CPU expm1 is not vectorised (about 6x exp's time): use
+        # expm1(z) = tanh(z/2) * (exp(z) + 1), exact to a few ulp, from two vectorised kernels.
+        decay = torch.exp(z)
+        return decay, torch.tanh(z * 0.5) * (decay + 1.0)
+
+    return dict(
+        softplus=lambda x, xp: F.softplus(x),
+        silu=lambda x, xp: F.silu(x),
+        linear=lambda x, weight, bias, xp: F.linear(x, weight, bias),
+        muladd=lambda a, b, c, xp: torch.addcmul(c, a, b),
+        exp_expm1=exp_expm1,
+    )
+
+
+_STANDARD = dict(
+    softplus=_standard_softplus,
+    silu=_standard_silu,
+    linear=_standard_linear,
+    muladd=_standard_muladd,
+    exp_expm1=_standard_exp_expm1,
+)
 _NATIVE: dict = {}
 
 
-def register_native(xp, *, softplus=None, silu=None):
-    """Let a backend supply fused ``softplus``/``silu`` kernels for its namespace.
+def native_ops(xp) -> SimpleNamespace:
+    """The non-standard operations for ``xp``: the library's own kernels where it has faster ones.
 
-    Each callable takes ``(x, xp)``. Missing ones keep the standard form.
+    Each takes its arrays and ``xp``: ``softplus(x)``, ``silu(x)``,
+    ``linear(x, weight, bias)`` (``x @ weight.T + bias``),
+    ``muladd(a, b, c)`` (``a * b + c``), ``exp_expm1(z)`` (``(exp(z), expm1(z))``).
     """
-    ops = _native_ops(xp)
-    _NATIVE[xp] = SimpleNamespace(softplus=softplus or ops.softplus, silu=silu or ops.silu)
+    ops = _NATIVE.get(xp)
+    if ops is None:
+        ops = _NATIVE[xp] = SimpleNamespace(**{**_STANDARD, **(_torch_ops() if is_torch_namespace(xp) else {})})
+    return ops
+
+
+def register_native(xp, **kernels) -> None:
+    """Let a backend supply its own kernels for some of :func:`native_ops` for namespace ``xp``."""
+    unknown = set(kernels) - set(_STANDARD)
+    if unknown:
+        raise ValueError(f"register_native: unknown operations {sorted(unknown)}; expected some of {sorted(_STANDARD)}")
+    _NATIVE[xp] = SimpleNamespace(**{**vars(native_ops(xp)), **kernels})
 
 
 def softplus(x, xp=None):
     """``log(1 + exp(x))``, elementwise."""
     xp = namespace(x, xp=xp)
-    return _native_ops(xp).softplus(x, xp)
+    return native_ops(xp).softplus(x, xp)
 
 
 def silu(x, xp=None):
     """``x * sigmoid(x)``, elementwise (also called swish)."""
     xp = namespace(x, xp=xp)
-    return _native_ops(xp).silu(x, xp)
+    return native_ops(xp).silu(x, xp)
 
 
 def phi1(z, xp=None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._array import namespace
+from ._array import namespace, native_ops
 
 __all__ = ["zoh"]
 
@@ -24,9 +24,8 @@ def zoh(dt, A, xp=None):
     gain : array
         ``dt * phi1(dt * A) = expm1(dt * A) / A``, so that ``B_bar = gain * B``.
         Equal to ``(A_bar - 1) / A`` without its cancellation for small
-        ``dt * A``. One ``expm1`` gives both results: on the big,
-        input-dependent arrays of S6/Mamba one transcendental function and no
-        branch is the cheapest exact form.
+        ``dt * A``, and without a branch: on the big, input-dependent arrays
+        of S6/Mamba the fewest whole-array operations win.
 
     Notes
     -----
@@ -38,8 +37,8 @@ def zoh(dt, A, xp=None):
     xp = namespace(dt, A, xp=xp)
     # A <= 0: shifting by the floor changes only |A| below about 1e-154 (1e-19 in float32).
     A = A - _smallest_normal_sqrt(xp, A.dtype)  # [parameter shape]
-    decay_minus_one = xp.expm1(dt * A)  # [broadcast shape]
-    return decay_minus_one + 1.0, decay_minus_one * (1.0 / A)
+    decay, decay_minus_one = native_ops(xp).exp_expm1(dt * A, xp)  # [broadcast shape] x2
+    return decay, decay_minus_one * (1.0 / A)
 
 
 _FLOORS: dict = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._array import namespace
+from ._array import namespace, native_ops
 from .checks import check_axis, check_int
 from .discretize import zoh
 from .scan import causal_conv_fft, decay_powers
@@ -103,9 +103,10 @@ def s4_discretize(params: S4Params, xp=None) -> S4Dynamics:
 
 def s4_step_discrete(x, state: S4State, dynamics: S4Dynamics, xp=None):
     """One S4 step from precomputed dynamics; returns ``(y, new_state)``."""
-    h = dynamics.A_bar * state.state + dynamics.B_bar * x[..., None]  # [..., N, d]
     xp = namespace(x, xp=xp)
-    y = xp.sum(h * dynamics.C, axis=-1) + dynamics.D * x  # [..., N]
+    muladd = native_ops(xp).muladd
+    h = muladd(dynamics.A_bar, state.state, dynamics.B_bar * x[..., None], xp)  # [..., N, d]
+    y = muladd(dynamics.D, x, xp.sum(h * dynamics.C, axis=-1), xp)  # [..., N]
     return y, S4State(h)
 
 
@@ -258,8 +259,10 @@ def s5_discretize(params: S5Params, xp=None) -> S5Dynamics:
 
 def s5_step_discrete(x, state: S5State, dynamics: S5Dynamics, xp=None):
     """One S5 step from precomputed dynamics; returns ``(y, new_state)``."""
-    g = dynamics.A_bar * state.global_state + x @ dynamics.B_bar  # [..., d]
-    y = g @ dynamics.C + dynamics.D * x  # [..., N]
+    xp = namespace(x, xp=xp)
+    muladd = native_ops(xp).muladd
+    g = muladd(dynamics.A_bar, state.global_state, x @ dynamics.B_bar, xp)  # [..., d]
+    y = muladd(dynamics.D, x, g @ dynamics.C, xp)  # [..., N]
     return y, S5State(g)
 
 

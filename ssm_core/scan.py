@@ -9,6 +9,8 @@ parallel one.
 
 from __future__ import annotations
 
+from ._array import native_ops
+
 __all__ = ["linear_recurrence", "causal_conv_fft", "decay_powers", "RECURRENCE_METHODS"]
 
 RECURRENCE_METHODS = ("loop", "parallel")
@@ -26,10 +28,11 @@ def linear_recurrence(a, b, h0, xp, method: str = "loop"):
     """
     T = b.shape[0]
     if method == "loop":
+        muladd = native_ops(xp).muladd
         states = []
         h = h0
         for t in range(T):
-            h = a[t, ...] * h + b[t, ...]  # [...]
+            h = muladd(a[t, ...], h, b[t, ...], xp)  # [...]
             states.append(h)
         return xp.stack(states, axis=0)  # [T, ...]
     if method != "parallel":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._array import namespace, silu, softplus
+from ._array import namespace, native_ops
 from .checks import check_axis, check_int
 from .discretize import zoh
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
@@ -31,24 +31,30 @@ def _resolve_dt_rank(layer: str, dt_rank: int, num_neurons: int) -> int:
     return max(1, num_neurons // 16) if dt_rank == -1 else dt_rank
 
 
+def _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, d, ops, xp):
+    """``(dt, B, C)`` from ``u`` ``[..., N]``: ``[..., N]``, ``[..., d]``, ``[..., d]``."""
+    rank = dt_proj_weight.shape[1]
+    proj = ops.linear(u, proj_weight, None, xp)  # [..., R + 2d]
+    dt = ops.softplus(ops.linear(proj[..., :rank], dt_proj_weight, dt_proj_bias, xp), xp)  # [..., N]
+    return dt, proj[..., rank : rank + d], proj[..., rank + d :]
+
+
+def _readout(h, C):
+    """``sum(h * C, -1)`` for ``h`` ``[..., N, d]`` and ``C`` ``[..., d]``, as one matrix product."""
+    return (h @ C[..., None])[..., 0]  # [..., N]
+
+
 def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, xp):
     """The S6 core on ``u`` ``[..., N]`` and state ``h`` ``[..., N, d]``; returns ``(y, h)``.
 
     ``proj_weight`` ``[R + 2d, N]`` maps ``u`` to the low-rank ``dt`` features,
     ``B`` and ``C``; ``dt = softplus(dt_proj(dt_low))`` is one step per feature.
     """
-    rank = dt_proj_weight.shape[1]
-    d = A_log.shape[-1]
-    proj = u @ proj_weight.T  # [..., R + 2d]
-    dt_low = proj[..., :rank]  # [..., R]
-    B = proj[..., rank : rank + d]  # [..., d]
-    C = proj[..., rank + d :]  # [..., d]
-    dt = softplus(dt_low @ dt_proj_weight.T + dt_proj_bias, xp)  # [..., N]
-    A = -xp.exp(A_log)  # [N, d]
-    A_bar, gain = zoh(dt[..., None], A, xp)  # [..., N, d], [..., N, d]
-    h = A_bar * h + (gain * B[..., None, :]) * u[..., None]  # [..., N, d]
-    y = xp.sum(h * C[..., None, :], axis=-1) + D * u  # [..., N]
-    return y, h
+    ops = native_ops(xp)
+    dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A_log.shape[-1], ops, xp)
+    A_bar, gain = zoh(dt[..., None], -xp.exp(A_log), xp)  # [..., N, d], [..., N, d]
+    h = ops.muladd(A_bar, h, (gain * B[..., None, :]) * u[..., None], xp)  # [..., N, d]
+    return ops.muladd(D, u, _readout(h, C), xp), h  # [..., N], [..., N, d]
 
 
 # Steps per block of the sequence scan: the block's decays and inputs
@@ -66,12 +72,8 @@ def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, x
     T = u.shape[0]
     if T == 0:
         return D * u, h0
-    rank = dt_proj_weight.shape[1]
-    d = A_log.shape[-1]
-    proj = u @ proj_weight.T  # [T, ..., R + 2d]
-    B = proj[..., rank : rank + d]  # [T, ..., d]
-    C = proj[..., rank + d :]  # [T, ..., d]
-    dt = softplus(proj[..., :rank] @ dt_proj_weight.T + dt_proj_bias, xp)  # [T, ..., N]
+    ops = native_ops(xp)
+    dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A_log.shape[-1], ops, xp)
     A = -xp.exp(A_log)  # [N, d]
     h = h0
     ys = []
@@ -81,9 +83,9 @@ def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, x
         driven = (gain * B[t, ..., None, :]) * u[t, ..., None]  # [L, ..., N, d]
         hs = linear_recurrence(A_bar, driven, h, xp, method)  # [L, ..., N, d]
         h = hs[-1, ...]
-        ys.append(xp.sum(hs * C[t, ..., None, :], axis=-1))  # [L, ..., N]
+        ys.append(_readout(hs, C[t, ...]))  # [L, ..., N]
     ys = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)
-    return ys + D * u, h  # [T, ..., N], [..., N, d]
+    return ops.muladd(D, u, ys, xp), h  # [T, ..., N], [..., N, d]
 
 
 def causal_conv_scan(u, buffer, weights, bias, xp):
@@ -308,16 +310,17 @@ def mamba_step(x, state: MambaState, params: MambaParams, xp=None):
     gated by ``silu(gate)``, projected by ``out_proj`` and added to ``x``.
     """
     xp = namespace(x, xp=xp)
+    ops = native_ops(xp)
     p = params
     N = x.shape[-1]
-    xz = x @ p.in_proj_weight.T  # [..., 2N]
+    xz = ops.linear(x, p.in_proj_weight, None, xp)  # [..., 2N]
     u, gate = xz[..., :N], xz[..., N:]  # [..., N], [..., N]
     buffer = state.conv_buffer
     if buffer is not None:
         u, buffer = causal_conv_step(u, buffer, p.conv_weights, p.conv_bias, xp)  # [..., N], [..., N, K]
-    u = silu(u, xp)  # [..., N]
+    u = ops.silu(u, xp)  # [..., N]
     y, h = selective_step(u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, p.A_log, p.D, xp)
-    y = (y * silu(gate, xp)) @ p.out_proj_weight.T + x  # [..., N]
+    y = ops.linear(y * ops.silu(gate, xp), p.out_proj_weight, None, xp) + x  # [..., N]
     return y, MambaState(h, buffer)
 
 
@@ -329,19 +332,20 @@ def mamba_scan(xs, state: MambaState, params: MambaParams, xp=None, method: str 
     context, and the selective core scans as :func:`s6_scan`.
     """
     xp = namespace(xs, xp=xp)
+    ops = native_ops(xp)
     p = params
     N = xs.shape[-1]
-    xz = xs @ p.in_proj_weight.T  # [T, ..., 2N]
+    xz = ops.linear(xs, p.in_proj_weight, None, xp)  # [T, ..., 2N]
     u, gate = xz[..., :N], xz[..., N:]  # [T, ..., N], [T, ..., N]
     buffer = state.conv_buffer
     if buffer is not None:
         u, buffer = causal_conv_scan(u, buffer, p.conv_weights, p.conv_bias, xp)  # [T, ..., N], [..., N, K]
-    u = silu(u, xp)  # [T, ..., N]
+    u = ops.silu(u, xp)  # [T, ..., N]
     ys, h = selective_scan(
         u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, p.A_log, p.D, xp,
         block=block, method=method,
     )
-    ys = (ys * silu(gate, xp)) @ p.out_proj_weight.T + xs  # [T, ..., N]
+    ys = ops.linear(ys * ops.silu(gate, xp), p.out_proj_weight, None, xp) + xs  # [T, ..., N]
     return ys, MambaState(h, buffer)
 
 
