@@ -81,6 +81,8 @@ def _logaddexp(x, y):
 class _Namespace:
     """``mlx.core`` completed where it differs from the array API standard."""
 
+    __name__ = "backends.mlx.xp"
+
     def __init__(self, **completions):
         self.__dict__.update(completions)
 

@@ -3,7 +3,7 @@
 Every public function of ``ssm_core`` resolves its namespace once, here, and
 then uses only ``xp.*``, operators and the few operations of
 :func:`native_ops`: ``softplus``, ``silu``, ``phi1`` are not in the standard,
-and a linear map, a multiply-add and ``exp``/``expm1`` together have faster
+and a linear map, a multiply-add and ``exp(z)`` with ``expm1(z) / A`` have faster
 fused forms in some libraries. Each is written from standard functions, with
 a native fast path where a library has one (torch), looked up once per namespace.
 """
@@ -63,29 +63,29 @@ def _standard_muladd(a, b, c, xp):
     return a * b + c
 
 
-def _standard_exp_expm1(z, xp):
+def _standard_zoh_terms(z, inv_A, xp):
     decay_minus_one = xp.expm1(z)
-    return decay_minus_one + 1.0, decay_minus_one
+    return decay_minus_one + 1.0, decay_minus_one * inv_A
 
 
 def _torch_ops():
     torch = sys.modules["torch"]  # loaded: the namespace is torch's
     F = torch.nn.functional
 
-    def exp_expm1(z, xp):
+    def zoh_terms(z, inv_A, xp):
         if z.is_cuda:
-            return _standard_exp_expm1(z, xp)
+            return _standard_zoh_terms(z, inv_A, xp)
         # torch's CPU expm1 is not vectorised (about 6x exp's time): use
         # expm1(z) = tanh(z/2) * (exp(z) + 1), exact to a few ulp, from two vectorised kernels.
         decay = torch.exp(z)
-        return decay, torch.tanh(z * 0.5) * (decay + 1.0)
+        return decay, torch.tanh(z * 0.5) * torch.addcmul(inv_A, decay, inv_A)
 
     return dict(
         softplus=lambda x, xp: F.softplus(x),
         silu=lambda x, xp: F.silu(x),
         linear=lambda x, weight, bias, xp: F.linear(x, weight, bias),
         muladd=lambda a, b, c, xp: torch.addcmul(c, a, b),
-        exp_expm1=exp_expm1,
+        zoh_terms=zoh_terms,
     )
 
 
@@ -94,7 +94,7 @@ _STANDARD = dict(
     silu=_standard_silu,
     linear=_standard_linear,
     muladd=_standard_muladd,
-    exp_expm1=_standard_exp_expm1,
+    zoh_terms=_standard_zoh_terms,
 )
 _NATIVE: dict = {}
 
@@ -104,12 +104,18 @@ def native_ops(xp) -> SimpleNamespace:
 
     Each takes its arrays and ``xp``: ``softplus(x)``, ``silu(x)``,
     ``linear(x, weight, bias)`` (``x @ weight.T + bias``),
-    ``muladd(a, b, c)`` (``a * b + c``), ``exp_expm1(z)`` (``(exp(z), expm1(z))``).
+    ``muladd(a, b, c)`` (``a * b + c``), ``zoh_terms(z, inv_A)``
+    (``(exp(z), expm1(z) * inv_A)``).
     """
-    ops = _NATIVE.get(xp)
+    ops = _NATIVE.get(_key(xp))
     if ops is None:
-        ops = _NATIVE[xp] = SimpleNamespace(**{**_STANDARD, **(_torch_ops() if is_torch_namespace(xp) else {})})
+        ops = _NATIVE[_key(xp)] = SimpleNamespace(**{**_STANDARD, **(_torch_ops() if is_torch_namespace(xp) else {})})
     return ops
+
+
+def _key(xp):
+    # Namespaces are keyed by name: a string compares under torch.compile, a module does not.
+    return getattr(xp, "__name__", None) or id(xp)
 
 
 def register_native(xp, **kernels) -> None:
@@ -117,7 +123,7 @@ def register_native(xp, **kernels) -> None:
     unknown = set(kernels) - set(_STANDARD)
     if unknown:
         raise ValueError(f"register_native: unknown operations {sorted(unknown)}; expected some of {sorted(_STANDARD)}")
-    _NATIVE[xp] = SimpleNamespace(**{**vars(native_ops(xp)), **kernels})
+    _NATIVE[_key(xp)] = SimpleNamespace(**{**vars(native_ops(xp)), **kernels})
 
 
 def softplus(x, xp=None):

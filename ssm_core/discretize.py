@@ -37,15 +37,14 @@ def zoh(dt, A, xp=None):
     xp = namespace(dt, A, xp=xp)
     # A <= 0: shifting by the floor changes only |A| below about 1e-154 (1e-19 in float32).
     A = A - _smallest_normal_sqrt(xp, A.dtype)  # [parameter shape]
-    decay, decay_minus_one = native_ops(xp).exp_expm1(dt * A, xp)  # [broadcast shape] x2
-    return decay, decay_minus_one * (1.0 / A)
+    return native_ops(xp).zoh_terms(dt * A, 1.0 / A, xp)  # [broadcast shape] x2
 
 
 _FLOORS: dict = {}
 
 
 def _smallest_normal_sqrt(xp, dtype) -> float:
-    key = (id(xp), dtype)
+    key = (getattr(xp, "__name__", None) or id(xp), str(dtype))
     floor = _FLOORS.get(key)
     if floor is None:
         floor = _FLOORS[key] = float(xp.finfo(dtype).smallest_normal) ** 0.5

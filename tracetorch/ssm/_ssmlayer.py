@@ -199,20 +199,30 @@ class Layer(BaseLayer):
 class TimeInvariantLayer(Layer):
     r"""An SSM layer whose dynamics depend on parameters only (S4, S5).
 
-    ``TTcompile()`` computes the discretized dynamics once (kept as
+    Steps without autograd reuse the discretized dynamics until a parameter
+    changes. ``TTcompile()`` computes them once for good (kept as
     non-persistent buffers, so ``state_dict()`` is unchanged and ``.to()``
-    moves them); compiled steps then skip the ``exp``. ``TTdecompile()`` drops
-    them. Changing the parameters of a compiled layer has no effect until it
-    is compiled again.
+    moves them), also for steps with autograd on; ``TTdecompile()`` drops them.
+    Changing the parameters of a compiled layer has no effect until it is
+    compiled again.
     """
 
-    def _core_step(self, x, state):
-        params = self._core_params()
+    def _dynamics(self, params):
         if "_compiled_A_bar" in self._buffers:
-            dynamics = self.spec.dynamics(self._compiled_A_bar, self._compiled_B_bar, params.C, params.D)
-        else:
-            dynamics = self.spec.discretize(params, xp_torch)
-        return self.spec.step_discrete(x, state, dynamics, xp_torch)
+            return self.spec.dynamics(self._compiled_A_bar, self._compiled_B_bar, params.C, params.D)
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self.spec.discretize(params, xp_torch)  # part of the graph: recomputed
+        # Without autograd the dynamics are reused until a parameter changes
+        # (an optimizer step or load_state_dict bumps its version or moves its data).
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        cached = self.__dict__.get("_dynamics_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self.__dict__["_dynamics_cache"] = (key, self.spec.discretize(params, xp_torch))
+        return cached[1]
+
+    def _core_step(self, x, state):
+        return self.spec.step_discrete(x, state, self._dynamics(self._core_params()), xp_torch)
 
     def _core_scan(self, xs, state):
         return self.spec.scan(xs, state, self._core_params(), xp=xp_torch, method="auto")
