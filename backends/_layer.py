@@ -107,9 +107,8 @@ class Layer:
 
     def _set_params(self, params) -> None:
         self.params = params
-        # Time-invariant layers: the discretized dynamics are fixed until new weights load.
-        discretize = self.spec.discretize
-        self._dynamics = None if discretize is None else discretize(params, self.backend.xp)
+        # What steps need of the parameters alone is fixed until new weights load.
+        self._prepared = self.spec.prepare(params, self.backend.xp)
 
     def state_dict(self) -> dict:
         """``{traceTorch state_dict key: array}``, as ``torch_layer.state_dict()`` names them."""
@@ -190,9 +189,7 @@ class Layer:
             raise TypeError(f"{self._error_name()}: expected input of dtype {self.dtype} (the layer's), got {x.dtype}")
 
     def _core_step(self, x, state):
-        if self._dynamics is not None:
-            return self.spec.step_discrete(x, state, self._dynamics, self.backend.xp)
-        return self.spec.step(x, state, self.params, xp=self.backend.xp)
+        return self.spec.step_prepared(x, state, self.params, self._prepared, self.backend.xp)
 
     def __call__(self, x):
         """One timestep: ``x`` ``[*, num_neurons, *]`` -> ``y`` of the same shape; states advance."""
@@ -222,7 +219,7 @@ class Layer:
             self._error_name(), xs, self._states, self._slots, self.dim, self.num_neurons, self.spec.state,
             time_dim, xp,
         )
-        method = self.backend.lti_scan if self.spec.discretize is not None else self.backend.selective_scan
+        method = self.backend.lti_scan if self.spec.dynamics is not None else self.backend.selective_scan
         ys, new_state = self.spec.scan(xs_w, state, self.params, xp=xp, method=method)
         ys, states = leave_scan(axes, ys, new_state, self._slots, xp)
         if self.eager:

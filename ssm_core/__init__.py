@@ -22,7 +22,7 @@ layer's config, parameter and state containers and functions together, e.g.
 """
 
 from ._array import namespace, phi1, register_namespace, register_native, silu, softplus
-from .discretize import zoh
+from .discretize import decay_rates, zoh
 from .init import Draws
 from .lti import (
     S4, S5,
@@ -33,7 +33,7 @@ from .selective import (
     S6, Mamba,
     MambaConfig, MambaParams, MambaState, mamba_init, mamba_scan, mamba_step,
     S6Config, S6Params, S6State, s6_init, s6_scan, s6_step,
-    causal_conv_scan, causal_conv_step, selective_scan, selective_step,
+    causal_conv_scan, causal_conv_step, selective_decay, selective_scan, selective_step,
 )
 from .scan import causal_conv_fft, decay_powers, linear_recurrence
 from .spec import LayerSpec, StateSlot
@@ -42,13 +42,13 @@ LAYERS = {spec.name: spec for spec in (S4, S5, S6, Mamba)}
 
 __all__ = [
     "LAYERS", "LayerSpec", "StateSlot", "Draws",
-    "namespace", "phi1", "softplus", "silu", "zoh", "register_native", "register_namespace",
+    "namespace", "phi1", "softplus", "silu", "zoh", "decay_rates", "register_native", "register_namespace",
     "S4", "S4Config", "S4Params", "S4State", "S4Dynamics",
     "s4_init", "s4_discretize", "s4_step_discrete", "s4_step", "s4_scan",
     "S5", "S5Config", "S5Params", "S5State", "S5Dynamics",
     "s5_init", "s5_discretize", "s5_step_discrete", "s5_step", "s5_scan",
     "S6", "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
     "Mamba", "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
-    "selective_step", "selective_scan", "causal_conv_step", "causal_conv_scan",
+    "selective_decay", "selective_step", "selective_scan", "causal_conv_step", "causal_conv_scan",
     "linear_recurrence", "causal_conv_fft", "decay_powers",
 ]

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from ._array import namespace, native_ops
 
-__all__ = ["zoh"]
+__all__ = ["zoh", "decay_rates"]
 
 
-def zoh(dt, A, xp=None):
+def decay_rates(A, xp=None):
+    """``(A, 1 / A)`` with ``A`` shifted ``sqrt(smallest normal)`` away from zero (see :func:`zoh`)."""
+    xp = namespace(A, xp=xp)
+    # A <= 0: shifting by the floor changes only |A| below about 1e-154 (1e-19 in float32).
+    A = A - _smallest_normal_sqrt(xp, A.dtype)  # [parameter shape]
+    return A, 1.0 / A
+
+
+def zoh(dt, A, xp=None, inv_A=None):
     """Discretize ``h' = A h + B x`` over a step ``dt`` with a zero-order hold.
 
     Parameters
@@ -16,6 +24,9 @@ def zoh(dt, A, xp=None):
         Step sizes, broadcastable against ``A``.
     A : array
         Diagonal of the (negative) continuous dynamics; a parameter-sized array.
+    inv_A : array, optional
+        ``1 / A`` when ``(A, inv_A)`` come from :func:`decay_rates` already
+        (reused across steps); otherwise computed here.
 
     Returns
     -------
@@ -35,9 +46,9 @@ def zoh(dt, A, xp=None):
     (``expm1(z) = z`` for such tiny ``z``), where ``(A_bar - 1) / A`` is 0/0.
     """
     xp = namespace(dt, A, xp=xp)
-    # A <= 0: shifting by the floor changes only |A| below about 1e-154 (1e-19 in float32).
-    A = A - _smallest_normal_sqrt(xp, A.dtype)  # [parameter shape]
-    return native_ops(xp).zoh_terms(dt * A, 1.0 / A, xp)  # [broadcast shape] x2
+    if inv_A is None:
+        A, inv_A = decay_rates(A, xp)  # [parameter shape] x2
+    return native_ops(xp).zoh_terms(dt * A, inv_A, xp)  # [broadcast shape] x2
 
 
 _FLOORS: dict = {}

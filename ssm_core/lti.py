@@ -172,6 +172,10 @@ def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto")
     return xp.astype(ys, dtype), S4State(xp.astype(h, dtype))
 
 
+def _s4_step_prepared(x, state, params, dynamics, xp):
+    return s4_step_discrete(x, state, dynamics, xp)
+
+
 S4 = LayerSpec(
     name="S4",
     config=S4Config,
@@ -181,9 +185,9 @@ S4 = LayerSpec(
     init=s4_init,
     step=s4_step,
     scan=s4_scan,
+    prepare=s4_discretize,
+    step_prepared=_s4_step_prepared,
     dynamics=S4Dynamics,
-    discretize=s4_discretize,
-    step_discrete=s4_step_discrete,
 )
 
 
@@ -299,6 +303,10 @@ def s5_scan(xs, state: S5State, params: S5Params, xp=None, method: str = "auto")
     return xp.astype(ys, dtype), S5State(xp.astype(g[-1, ...], dtype))
 
 
+def _s5_step_prepared(x, state, params, dynamics, xp):
+    return s5_step_discrete(x, state, dynamics, xp)
+
+
 S5 = LayerSpec(
     name="S5",
     config=S5Config,
@@ -308,7 +316,7 @@ S5 = LayerSpec(
     init=s5_init,
     step=s5_step,
     scan=s5_scan,
+    prepare=s5_discretize,
+    step_prepared=_s5_step_prepared,
     dynamics=S5Dynamics,
-    discretize=s5_discretize,
-    step_discrete=s5_step_discrete,
 )

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from ._array import namespace, native_ops
 from .checks import check_axis, check_int
-from .discretize import zoh
+from .discretize import decay_rates, zoh
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
 from .scan import linear_recurrence
 from .spec import LayerSpec, StateSlot
@@ -21,7 +21,7 @@ from .spec import LayerSpec, StateSlot
 __all__ = [
     "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
     "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
-    "selective_step", "selective_scan", "causal_conv_step", "causal_conv_scan", "SCAN_BLOCK",
+    "selective_decay", "selective_step", "selective_scan", "causal_conv_step", "causal_conv_scan", "SCAN_BLOCK",
     "S6", "Mamba",
 ]
 
@@ -44,15 +44,23 @@ def _readout(h, C):
     return (h @ C[..., None])[..., 0]  # [..., N]
 
 
-def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, xp):
+def selective_decay(A_log, xp=None):
+    """``(A, 1/A)`` for ``A = -exp(A_log)`` ``[N, d]``: what the selective layers need of ``A_log``."""
+    xp = namespace(A_log, xp=xp)
+    return decay_rates(-xp.exp(A_log), xp)
+
+
+def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp):
     """The S6 core on ``u`` ``[..., N]`` and state ``h`` ``[..., N, d]``; returns ``(y, h)``.
 
     ``proj_weight`` ``[R + 2d, N]`` maps ``u`` to the low-rank ``dt`` features,
-    ``B`` and ``C``; ``dt = softplus(dt_proj(dt_low))`` is one step per feature.
+    ``B`` and ``C``; ``dt = softplus(dt_proj(dt_low))`` is one step per
+    feature; ``decay`` is ``selective_decay(A_log)``.
     """
     ops = native_ops(xp)
-    dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A_log.shape[-1], ops, xp)
-    A_bar, gain = zoh(dt[..., None], -xp.exp(A_log), xp)  # [..., N, d], [..., N, d]
+    A, inv_A = decay  # [N, d] x2
+    dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], ops, xp)
+    A_bar, gain = zoh(dt[..., None], A, xp, inv_A)  # [..., N, d], [..., N, d]
     h = ops.muladd(A_bar, h, (gain * B[..., None, :]) * u[..., None], xp)  # [..., N, d]
     return ops.muladd(D, u, _readout(h, C), xp), h  # [..., N], [..., N, d]
 
@@ -62,7 +70,7 @@ def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, xp
 SCAN_BLOCK = 32
 
 
-def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, xp, *, block=SCAN_BLOCK, method="loop"):
+def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp, *, block=SCAN_BLOCK, method="loop"):
     """The S6 core over ``u`` ``[T, ..., N]`` from ``h0`` ``[..., N, d]``; returns ``(ys, h_T)``.
 
     The same arithmetic as ``T`` calls of :func:`selective_step`: all
@@ -73,13 +81,13 @@ def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, x
     if T == 0:
         return D * u, h0
     ops = native_ops(xp)
-    dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A_log.shape[-1], ops, xp)
-    A = -xp.exp(A_log)  # [N, d]
+    A, inv_A = decay  # [N, d] x2
+    dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], ops, xp)
     h = h0
     ys = []
     for start in range(0, T, block):
         t = slice(start, min(start + block, T))
-        A_bar, gain = zoh(dt[t, ..., None], A, xp)  # [L, ..., N, d], [L, ..., N, d]
+        A_bar, gain = zoh(dt[t, ..., None], A, xp, inv_A)  # [L, ..., N, d], [L, ..., N, d]
         driven = (gain * B[t, ..., None, :]) * u[t, ..., None]  # [L, ..., N, d]
         hs = linear_recurrence(A_bar, driven, h, xp, method)  # [L, ..., N, d]
         h = hs[-1, ...]
@@ -180,15 +188,19 @@ def s6_init(config: S6Config, draws: Draws) -> S6Params:
     )
 
 
-def s6_step(x, state: S6State, params: S6Params, xp=None):
-    """One S6 step on ``x`` ``[..., N]``; returns ``(y, new_state)``."""
+def s6_step(x, state: S6State, params: S6Params, xp=None, decay=None):
+    """One S6 step on ``x`` ``[..., N]``; returns ``(y, new_state)``.
+
+    ``decay``: ``selective_decay(params.A_log)`` when the caller keeps it across steps.
+    """
     xp = namespace(x, xp=xp)
     p = params
-    y, h = selective_step(x, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, p.A_log, p.D, xp)
+    decay = selective_decay(p.A_log, xp) if decay is None else decay
+    y, h = selective_step(x, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp)
     return y, S6State(h)
 
 
-def s6_scan(xs, state: S6State, params: S6Params, xp=None, method: str = "loop", block: int = SCAN_BLOCK):
+def s6_scan(xs, state: S6State, params: S6Params, xp=None, method: str = "loop", block: int = SCAN_BLOCK, decay=None):
     """S6 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`s6_step`; ``method`` is
@@ -196,8 +208,9 @@ def s6_scan(xs, state: S6State, params: S6Params, xp=None, method: str = "loop",
     """
     xp = namespace(xs, xp=xp)
     p = params
+    decay = selective_decay(p.A_log, xp) if decay is None else decay
     ys, h = selective_scan(
-        xs, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, p.A_log, p.D, xp,
+        xs, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp,
         block=block, method=method,
     )
     return ys, S6State(h)
@@ -212,6 +225,8 @@ S6 = LayerSpec(
     init=s6_init,
     step=s6_step,
     scan=s6_scan,
+    prepare=lambda params, xp: selective_decay(params.A_log, xp),
+    step_prepared=lambda x, state, params, decay, xp: s6_step(x, state, params, xp, decay),
 )
 
 
@@ -302,12 +317,13 @@ def mamba_init(config: MambaConfig, draws: Draws) -> MambaParams:
     )
 
 
-def mamba_step(x, state: MambaState, params: MambaParams, xp=None):
+def mamba_step(x, state: MambaState, params: MambaParams, xp=None, decay=None):
     """One Mamba block step on ``x`` ``[..., N]``; returns ``(y, new_state)``.
 
     ``in_proj`` splits into a main and a gate branch; the main branch goes
     through the causal conv (when present), SiLU and the selective core, is
     gated by ``silu(gate)``, projected by ``out_proj`` and added to ``x``.
+    ``decay``: ``selective_decay(params.A_log)`` when the caller keeps it across steps.
     """
     xp = namespace(x, xp=xp)
     ops = native_ops(xp)
@@ -319,12 +335,15 @@ def mamba_step(x, state: MambaState, params: MambaParams, xp=None):
     if buffer is not None:
         u, buffer = causal_conv_step(u, buffer, p.conv_weights, p.conv_bias, xp)  # [..., N], [..., N, K]
     u = ops.silu(u, xp)  # [..., N]
-    y, h = selective_step(u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, p.A_log, p.D, xp)
+    decay = selective_decay(p.A_log, xp) if decay is None else decay
+    y, h = selective_step(u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp)
     y = ops.linear(y * ops.silu(gate, xp), p.out_proj_weight, None, xp) + x  # [..., N]
     return y, MambaState(h, buffer)
 
 
-def mamba_scan(xs, state: MambaState, params: MambaParams, xp=None, method: str = "loop", block: int = SCAN_BLOCK):
+def mamba_scan(
+    xs, state: MambaState, params: MambaParams, xp=None, method: str = "loop", block: int = SCAN_BLOCK, decay=None
+):
     """The Mamba block over a whole sequence ``xs`` ``[T, ..., N]``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`mamba_step`: the projections run
@@ -341,8 +360,9 @@ def mamba_scan(xs, state: MambaState, params: MambaParams, xp=None, method: str 
     if buffer is not None:
         u, buffer = causal_conv_scan(u, buffer, p.conv_weights, p.conv_bias, xp)  # [T, ..., N], [..., N, K]
     u = ops.silu(u, xp)  # [T, ..., N]
+    decay = selective_decay(p.A_log, xp) if decay is None else decay
     ys, h = selective_scan(
-        u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, p.A_log, p.D, xp,
+        u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp,
         block=block, method=method,
     )
     ys = ops.linear(ys * ops.silu(gate, xp), p.out_proj_weight, None, xp) + xs  # [T, ..., N]
@@ -361,4 +381,6 @@ Mamba = LayerSpec(
     init=mamba_init,
     step=mamba_step,
     scan=mamba_scan,
+    prepare=lambda params, xp: selective_decay(params.A_log, xp),
+    step_prepared=lambda x, state, params, decay, xp: mamba_step(x, state, params, xp, decay),
 )

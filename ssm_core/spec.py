@@ -37,8 +37,12 @@ class LayerSpec:
     ``(y, new_state)``; ``scan(xs, state, params, xp=None, method=...)`` does
     the same for a sequence ``[T, ..., N]`` and returns ``(ys, final_state)``;
     ``init(config, draws)`` returns fresh parameters.
-    ``dynamics``/``discretize``/``step_discrete`` are set for time-invariant layers, whose
-    dynamics can be computed once and reused for every step.
+
+    ``prepare(params, xp)`` computes what a step needs of the parameters
+    alone (S4/S5: the discretized dynamics; S6/Mamba: ``A`` and ``1/A``), and
+    ``step_prepared(x, state, params, prepared, xp)`` steps with it: a binding
+    keeps ``prepared`` while the parameters do not change.
+    ``dynamics`` (the prepared type) is set for time-invariant layers.
     """
 
     name: str
@@ -49,9 +53,9 @@ class LayerSpec:
     init: Callable
     step: Callable
     scan: Callable
+    prepare: Callable
+    step_prepared: Callable
     dynamics: type | None = None
-    discretize: Callable | None = None
-    step_discrete: Callable | None = None
 
     def param_shapes(self, config) -> dict:
         """``{state_dict key: shape}`` of the parameters ``config`` has."""

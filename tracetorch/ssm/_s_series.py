@@ -69,7 +69,8 @@ class S4(TimeInvariantLayer):
         return ssm_core.S4Config(self.num_neurons, self.d_state, self.dim)
 
     def _core_params(self):
-        return ssm_core.S4Params(self.A_log, self.B, self.C, self.log_dt, self.D)
+        p = self._parameters
+        return ssm_core.S4Params(p["A_log"], p["B"], p["C"], p["log_dt"], p["D"])
 
 
 class S5(TimeInvariantLayer):
@@ -125,7 +126,8 @@ class S5(TimeInvariantLayer):
         return ssm_core.S5Config(self.num_neurons, self.d_state, self.dim)
 
     def _core_params(self):
-        return ssm_core.S5Params(self.A_log, self.B, self.C, self.D, self.log_dt)
+        p = self._parameters
+        return ssm_core.S5Params(p["A_log"], p["B"], p["C"], p["D"], p["log_dt"])
 
     def _ensure_state(self, state_name, reference_tensor):
         r"""Create ``global_state`` as zeros: the input's shape with ``d_state`` at ``dim``."""
@@ -193,7 +195,8 @@ class S6(SSMLayer):
         return ssm_core.S6Config(self.num_neurons, self.d_state, self.dt_proj.in_features, self.dim)
 
     def _core_params(self):
-        return ssm_core.S6Params(self.A_log, self.D, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias)
+        p, x_proj, dt_proj = self._parameters, self._modules["x_proj"]._parameters, self._modules["dt_proj"]._parameters
+        return ssm_core.S6Params(p["A_log"], p["D"], x_proj["weight"], dt_proj["weight"], dt_proj["bias"])
 
 
 class Mamba(SSMLayer):
@@ -268,11 +271,11 @@ class Mamba(SSMLayer):
         return ssm_core.MambaConfig(self.num_neurons, self.d_state, self.dim, self.dt_proj.in_features, self.conv_kernel)
 
     def _core_params(self):
-        has_conv = self.conv_kernel > 1
+        p, m = self._parameters, self._modules
         return ssm_core.MambaParams(
-            self.A_log, self.D, self.in_proj.weight, self.out_proj.weight, self.ssm_proj.weight,
-            self.dt_proj.weight, self.dt_proj.bias,
-            self.conv_weights if has_conv else None, self.conv_bias if has_conv else None,
+            p["A_log"], p["D"], m["in_proj"]._parameters["weight"], m["out_proj"]._parameters["weight"],
+            m["ssm_proj"]._parameters["weight"], m["dt_proj"]._parameters["weight"], m["dt_proj"]._parameters["bias"],
+            p.get("conv_weights"), p.get("conv_bias"),
         )
 
     def _ensure_state(self, state_name, reference_tensor):

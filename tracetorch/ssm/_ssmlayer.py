@@ -117,7 +117,7 @@ class Layer(BaseLayer):
         layer = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
-        reference = self.A_log
+        reference = self._parameters["A_log"]
         if x.dtype != reference.dtype and x.is_floating_point():
             raise TypeError(
                 f"{layer}: expected input of dtype {reference.dtype} (the layer's parameters), got {x.dtype}; "
@@ -141,12 +141,25 @@ class Layer(BaseLayer):
         )
         y, new_state = self._core_step(x_w, state)
         y, states = leave_step(axis, x.ndim, y, new_state, slots, xp_torch)
-        for name, value in states.items():
-            setattr(self, name, value)
+        self.__dict__.update(states)  # states are plain attributes: skip nn.Module.__setattr__
         return y
 
+    def _prepared(self, params):
+        """``spec.prepare(params)``: recomputed under autograd, else reused until a parameter changes."""
+        present = [p for p in params if p is not None]
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() and any(p.requires_grad for p in present):
+            return self.spec.prepare(params, xp_torch)  # part of the graph
+        # An optimizer step or load_state_dict bumps a parameter's version or moves its data.
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in present)
+        cached = self.__dict__.get("_prepared_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self.__dict__["_prepared_cache"] = (key, self.spec.prepare(params, xp_torch))
+        return cached[1]
+
     def _core_step(self, x, state):
-        return self.spec.step(x, state, self._core_params(), xp=xp_torch)
+        params = self._core_params()
+        return self.spec.step_prepared(x, state, params, self._prepared(params), xp_torch)
 
     def scan(self, xs: torch.Tensor, time_dim: int = 0) -> torch.Tensor:
         r"""Run a whole sequence in one call: the same outputs and final states as stepping.
@@ -175,8 +188,7 @@ class Layer(BaseLayer):
         )
         ys, new_state = self._core_scan(xs_w, state)
         ys, states = leave_scan(axes, ys, new_state, slots, xp_torch)
-        for name, value in states.items():
-            setattr(self, name, value)
+        self.__dict__.update(states)
         return ys
 
     def _core_scan(self, xs, state):
@@ -207,22 +219,10 @@ class TimeInvariantLayer(Layer):
     compiled again.
     """
 
-    def _dynamics(self, params):
+    def _prepared(self, params):
         if "_compiled_A_bar" in self._buffers:
             return self.spec.dynamics(self._compiled_A_bar, self._compiled_B_bar, params.C, params.D)
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self.spec.discretize(params, xp_torch)  # part of the graph: recomputed
-        # Without autograd the dynamics are reused until a parameter changes
-        # (an optimizer step or load_state_dict bumps its version or moves its data).
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        cached = self.__dict__.get("_dynamics_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = self.__dict__["_dynamics_cache"] = (key, self.spec.discretize(params, xp_torch))
-        return cached[1]
-
-    def _core_step(self, x, state):
-        return self.spec.step_discrete(x, state, self._dynamics(self._core_params()), xp_torch)
+        return super()._prepared(params)
 
     def _core_scan(self, xs, state):
         return self.spec.scan(xs, state, self._core_params(), xp=xp_torch, method="auto")
@@ -231,7 +231,7 @@ class TimeInvariantLayer(Layer):
         r"""Precompute the discretized dynamics for fast inference steps."""
         super().TTcompile()
         with torch.no_grad():
-            dynamics = self.spec.discretize(self._core_params(), xp_torch)
+            dynamics = self.spec.prepare(self._core_params(), xp_torch)
         self.register_buffer("_compiled_A_bar", dynamics.A_bar, persistent=False)
         self.register_buffer("_compiled_B_bar", dynamics.B_bar, persistent=False)
 
