@@ -71,7 +71,13 @@ class Layer:
         self.config = config
         self.eager = eager
         self._fixed_dtype = dtype is not None
-        self.dtype = self.backend.dtype(dtype)
+        try:
+            self.dtype = self.backend.dtype(dtype)
+            floating = self.backend.xp.isdtype(self.dtype, "real floating")
+        except (TypeError, KeyError) as error:
+            raise TypeError(f"{self._error_name()}: dtype must be a floating dtype, got {dtype!r}") from error
+        if not floating:
+            raise TypeError(f"{self._error_name()}: dtype must be a floating dtype, got {dtype!r}")
         self._slots = config.state_slots()
         self._states = dict.fromkeys(slot.name for slot in self._slots)
         self._set_params(self.spec.init(config, self.backend.draws(self.dtype, seed)))
@@ -106,9 +112,16 @@ class Layer:
     # ------------------------------------------------------------- parameters
 
     def _set_params(self, params) -> None:
+        xp = self.backend.xp
         self.params = params
+        # Half-precision layers compute, and keep their states, in float32.
+        dtype = params.A_log.dtype
+        self._compute_dtype = xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+        self._compute_params = type(params)(
+            *(None if p is None else xp.astype(p, self._compute_dtype, copy=False) for p in params)
+        )
         # What steps need of the parameters alone is fixed until new weights load.
-        self._prepared = self.spec.prepare(params, self.backend.xp)
+        self._prepared = self.spec.prepare(self._compute_params, xp)
 
     def state_dict(self) -> dict:
         """``{traceTorch state_dict key: array}``, as ``torch_layer.state_dict()`` names them."""
@@ -143,7 +156,7 @@ class Layer:
         merged = {**self.state_dict(), **loaded}
         self._set_params(self.spec.params_from_mapping({k: xp.astype(v, dtype) for k, v in merged.items()}))
         if dtype != self.dtype:
-            self._states = {k: None if v is None else xp.astype(v, dtype) for k, v in self._states.items()}
+            self._states = {k: None if v is None else xp.astype(v, self._compute_dtype) for k, v in self._states.items()}
             self.dtype = dtype
 
     # ------------------------------------------------------------- states
@@ -170,8 +183,8 @@ class Layer:
                 continue
             array = self.backend.asarray(states[slot.name])
             check_loaded_state(layer, slot.name, slot, tuple(array.shape), self.dim)
-            if array.dtype != self.dtype:
-                raise TypeError(f"{layer}: state {slot.name} must have dtype {self.dtype}, got {array.dtype}")
+            if array.dtype != self._compute_dtype:
+                raise TypeError(f"{layer}: state {slot.name} must have dtype {self._compute_dtype}, got {array.dtype}")
             new[slot.name] = xp.asarray(array, copy=True)
         self._states = new
 
@@ -188,18 +201,20 @@ class Layer:
         if x.dtype != self.dtype and backend.xp.isdtype(x.dtype, "real floating"):
             raise TypeError(f"{self._error_name()}: expected input of dtype {self.dtype} (the layer's), got {x.dtype}")
 
-    def _core_step(self, x, state):
-        return self.spec.step_prepared(x, state, self.params, self._prepared, self.backend.xp)
+    def _to_compute(self, x):
+        return x if x.dtype == self._compute_dtype else self.backend.xp.astype(x, self._compute_dtype)
 
     def __call__(self, x):
         """One timestep: ``x`` ``[*, num_neurons, *]`` -> ``y`` of the same shape; states advance."""
         self._check_input(x)
         xp = self.backend.xp
         axis, x_w, state = enter_step(
-            self._error_name(), x, self._states, self._slots, self.dim, self.num_neurons, self.spec.state, xp
+            self._error_name(), self._to_compute(x), self._states, self._slots, self.dim, self.num_neurons,
+            self.spec.state, xp,
         )
-        y, new_state = self._core_step(x_w, state)
+        y, new_state = self.spec.step_prepared(x_w, state, self._compute_params, self._prepared, xp)
         y, states = leave_step(axis, x.ndim, y, new_state, self._slots, xp)
+        y = y if y.dtype == x.dtype else xp.astype(y, x.dtype)
         if self.eager:
             self.backend.finish((y, *states.values()))
         self._states = states
@@ -216,12 +231,13 @@ class Layer:
         self._check_input(xs)
         xp = self.backend.xp
         axes, xs_w, state = enter_scan(
-            self._error_name(), xs, self._states, self._slots, self.dim, self.num_neurons, self.spec.state,
-            time_dim, xp,
+            self._error_name(), self._to_compute(xs), self._states, self._slots, self.dim, self.num_neurons,
+            self.spec.state, time_dim, xp,
         )
         method = self.backend.lti_scan if self.spec.dynamics is not None else self.backend.selective_scan
-        ys, new_state = self.spec.scan(xs_w, state, self.params, xp=xp, method=method)
+        ys, new_state = self.spec.scan(xs_w, state, self._compute_params, xp=xp, method=method)
         ys, states = leave_scan(axes, ys, new_state, self._slots, xp)
+        ys = ys if ys.dtype == xs.dtype else xp.astype(ys, xs.dtype)
         if self.eager:
             self.backend.finish((ys, *states.values()))
         self._states = states

@@ -98,7 +98,7 @@ xp = _Namespace(
     asarray=_asarray,
     isdtype=_isdtype,
     moveaxis=_moveaxis,
-    astype=lambda x, dtype: x.astype(dtype),
+    astype=lambda x, dtype, copy=True: x.astype(dtype),  # MLX arrays share no views: a copy is moot
     exp=_exp,
     logaddexp=_logaddexp,
 )
@@ -122,7 +122,10 @@ class MlxBackend:
             return spec
         import numpy as np
 
-        return _DTYPES[np.dtype(spec).name]
+        name = spec if isinstance(spec, str) else np.dtype(spec).name
+        if name not in _DTYPES:
+            raise TypeError(f"backends.mlx: expected a floating dtype ({', '.join(_DTYPES)}), got {spec!r}")
+        return _DTYPES[name]
 
     def asarray(self, value):
         if isinstance(value, mx.array):

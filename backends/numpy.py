@@ -41,11 +41,13 @@ class NumpyBackend:
 
     def draws(self, dtype, seed):
         rng = np.random.default_rng(seed)
+        # The generator draws float32 or float64 only: narrower dtypes get float32 draws, cast.
+        draw = dtype if dtype == np.float64 else np.float32
         return ssm_core.Draws(
             xp=xp,
             dtype=dtype,
-            uniform=lambda shape: rng.random(shape, dtype=dtype),
-            normal=lambda shape: rng.standard_normal(shape, dtype=dtype),
+            uniform=lambda shape: rng.random(shape, dtype=draw).astype(dtype, copy=False),
+            normal=lambda shape: rng.standard_normal(shape, dtype=draw).astype(dtype, copy=False),
         )
 
     def finish(self, arrays):

@@ -27,6 +27,11 @@ def _draws(dtype: torch.dtype) -> ssm_core.Draws:
     )
 
 
+# Half-precision layers compute and keep their states in float32: the state is
+# a running sum over many steps, which float16/bfloat16 would round away.
+_COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     # Weights come from ssm_core's init formulas: skip nn.Linear's own draw.
     return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias)
@@ -134,15 +139,24 @@ class Layer(BaseLayer):
         if time_dim is not None:  # inside tt.sequence_mode: x is a whole sequence
             return self.scan(x, time_dim)
         self._check_input(x)
+        x_c, params = self._compute_inputs(x)
         slots = self._slots
         held = {slot.name: getattr(self, slot.name) for slot in slots}
         axis, x_w, state = enter_step(
-            type(self).__name__, x, held, slots, self.dim, self.num_neurons, self.spec.state, xp_torch
+            type(self).__name__, x_c, held, slots, self.dim, self.num_neurons, self.spec.state, xp_torch
         )
-        y, new_state = self._core_step(x_w, state)
+        y, new_state = self._core_step(x_w, state, params)
         y, states = leave_step(axis, x.ndim, y, new_state, slots, xp_torch)
         self.__dict__.update(states)  # states are plain attributes: skip nn.Module.__setattr__
-        return y
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _compute_inputs(self, x):
+        """``x`` and the parameters in the compute dtype: float32 for a half-precision layer."""
+        params = self._core_params()
+        compute = _COMPUTE_DTYPE.get(x.dtype)
+        if compute is None:
+            return x, params
+        return x.to(compute), type(params)(*(None if p is None else p.to(compute) for p in params))
 
     def _prepared(self, params):
         """``spec.prepare(params)``: recomputed under autograd, else reused until a parameter changes."""
@@ -157,8 +171,7 @@ class Layer(BaseLayer):
                 cached = self.__dict__["_prepared_cache"] = (key, self.spec.prepare(params, xp_torch))
         return cached[1]
 
-    def _core_step(self, x, state):
-        params = self._core_params()
+    def _core_step(self, x, state, params):
         return self.spec.step_prepared(x, state, params, self._prepared(params), xp_torch)
 
     def scan(self, xs: torch.Tensor, time_dim: int = 0) -> torch.Tensor:
@@ -181,27 +194,30 @@ class Layer(BaseLayer):
         Tensor of the shape of ``xs``: the output of every step.
         """
         self._check_input(xs)
+        xs_c, params = self._compute_inputs(xs)
         slots = self._slots
         held = {slot.name: getattr(self, slot.name) for slot in slots}
         axes, xs_w, state = enter_scan(
-            type(self).__name__, xs, held, slots, self.dim, self.num_neurons, self.spec.state, time_dim, xp_torch
+            type(self).__name__, xs_c, held, slots, self.dim, self.num_neurons, self.spec.state, time_dim, xp_torch
         )
-        ys, new_state = self._core_scan(xs_w, state)
+        ys, new_state = self._core_scan(xs_w, state, params)
         ys, states = leave_scan(axes, ys, new_state, slots, xp_torch)
         self.__dict__.update(states)
-        return ys
+        return ys if ys.dtype == xs.dtype else ys.to(xs.dtype)
 
-    def _core_scan(self, xs, state):
+    def _core_scan(self, xs, state, params):
         # The recurrence's log-depth form pays on a GPU; on CPU cores the loop over precomputed blocks wins.
         method = "parallel" if xs.device.type == "cuda" else "loop"
-        return self.spec.scan(xs, state, self._core_params(), xp=xp_torch, method=method)
+        return self.spec.scan(xs, state, params, xp=xp_torch, method=method)
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
         super()._check_loaded_state(state_name, value, key)
-        if value.dtype != self.A_log.dtype:
+        param_dtype = self._parameters["A_log"].dtype
+        state_dtype = _COMPUTE_DTYPE.get(param_dtype, param_dtype)
+        if value.dtype != state_dtype:
             raise ValueError(
-                f"{type(self).__name__}: state {key} must have the dtype of the layer's parameters, "
-                f"{self.A_log.dtype}, got {value.dtype}"
+                f"{type(self).__name__}: state {key} must have dtype {state_dtype} (for parameters of "
+                f"{param_dtype}), got {value.dtype}"
             )
         for slot in self._slots:
             if slot.name == state_name:
@@ -221,17 +237,22 @@ class TimeInvariantLayer(Layer):
 
     def _prepared(self, params):
         if "_compiled_A_bar" in self._buffers:
-            return self.spec.dynamics(self._compiled_A_bar, self._compiled_B_bar, params.C, params.D)
+            dtype = params.C.dtype  # the compute dtype: float32 for a half-precision layer
+            return self.spec.dynamics(self._compiled_A_bar.to(dtype), self._compiled_B_bar.to(dtype), params.C, params.D)
         return super()._prepared(params)
 
-    def _core_scan(self, xs, state):
-        return self.spec.scan(xs, state, self._core_params(), xp=xp_torch, method="auto")
+    def _core_scan(self, xs, state, params):
+        return self.spec.scan(xs, state, params, xp=xp_torch, method="auto")
 
     def TTcompile(self) -> None:
         r"""Precompute the discretized dynamics for fast inference steps."""
         super().TTcompile()
+        params = self._core_params()
+        compute = _COMPUTE_DTYPE.get(params.A_log.dtype)
+        if compute is not None:
+            params = type(params)(*(p.to(compute) for p in params))
         with torch.no_grad():
-            dynamics = self.spec.prepare(self._core_params(), xp_torch)
+            dynamics = self.spec.prepare(params, xp_torch)
         self.register_buffer("_compiled_A_bar", dynamics.A_bar, persistent=False)
         self.register_buffer("_compiled_B_bar", dynamics.B_bar, persistent=False)
 
