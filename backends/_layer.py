@@ -120,6 +120,7 @@ class Layer:
         self._compute_params = type(params)(
             *(None if p is None else xp.astype(p, self._compute_dtype, copy=False) for p in params)
         )
+        self._device = getattr(params.A_log, "device", None)
         # What steps need of the parameters alone is fixed until new weights load.
         self._prepared = self.spec.prepare(self._compute_params, xp)
 
@@ -200,6 +201,9 @@ class Layer:
             )
         if x.dtype != self.dtype and backend.xp.isdtype(x.dtype, "real floating"):
             raise TypeError(f"{self._error_name()}: expected input of dtype {self.dtype} (the layer's), got {x.dtype}")
+        device = getattr(x, "device", None)
+        if device is not None and self._device is not None and device != self._device:
+            raise ValueError(f"{self._error_name()}: expected input on {self._device} (the layer's), got {device}")
 
     def _to_compute(self, x):
         return x if x.dtype == self._compute_dtype else self.backend.xp.astype(x, self._compute_dtype)

@@ -7,11 +7,41 @@ from typing import Callable, Literal, Union
 import torch
 from torch import nn
 
-__all__ = ["Layer"]
+__all__ = ["Layer", "check_state_dict"]
 
 
 def _identity(x):
     return x
+
+
+def check_state_dict(module: nn.Module, state_dict, strict: bool) -> None:
+    """Raise before ``module.load_state_dict`` changes anything if ``state_dict`` does not fit.
+
+    ``nn.Module.load_state_dict`` copies entry by entry and raises at the end,
+    leaving a half-loaded module; checking keys, shapes and kinds first makes
+    the load all or nothing. Floating entries of another floating dtype are
+    cast, as torch casts them.
+    """
+    name = type(module).__name__
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if strict and (missing or unexpected):
+        raise ValueError(f"{name}.load_state_dict: missing keys {missing}, unexpected keys {unexpected}; nothing loaded")
+    for key in own.keys() & state_dict.keys():
+        value, target = state_dict[key], own[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}.load_state_dict: {key} must be a tensor, got {type(value).__name__}; nothing loaded")
+        if value.shape != target.shape:
+            raise ValueError(
+                f"{name}.load_state_dict: {key} must have shape {tuple(target.shape)}, got {tuple(value.shape)}; "
+                "nothing loaded"
+            )
+        if target.is_floating_point() and not value.is_floating_point():
+            raise TypeError(
+                f"{name}.load_state_dict: {key} must be floating-point like {target.dtype}, got {value.dtype}; "
+                "nothing loaded"
+            )
 
 
 class Layer(nn.Module):
@@ -103,6 +133,13 @@ class Layer(nn.Module):
             if dynamic is not None and name in dynamic:
                 return dynamic[name](super().__getattr__(f"raw_{name}"))
             raise
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        r"""``nn.Module.load_state_dict``, all or nothing: a missing (when strict), unexpected (when
+        strict), mis-shaped or non-floating entry raises ``ValueError``/``TypeError`` before any
+        parameter changes."""
+        check_state_dict(self, state_dict, strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------- states
 

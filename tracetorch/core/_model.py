@@ -9,7 +9,7 @@ from typing import Dict, Iterator, Tuple
 import torch
 from torch import nn
 
-from ._layer import Layer
+from ._layer import Layer, check_state_dict
 
 __all__ = ["Model"]
 
@@ -111,6 +111,11 @@ class Model(nn.Module):
                     override(obj)
             elif isinstance(obj, nn.Module) and callable(getattr(obj, method_name, None)):
                 getattr(obj, method_name)()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        r"""``nn.Module.load_state_dict``, all or nothing (see ``tt.Layer.load_state_dict``)."""
+        check_state_dict(self, state_dict, strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def scan(self, xs, time_dim: int = 0):
         r"""Run the model over a whole sequence ``xs`` in one call (see ``tt.sequence_mode``).
