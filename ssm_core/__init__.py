@@ -35,7 +35,7 @@ from .selective import (
     S6Config, S6Params, S6State, s6_init, s6_scan, s6_step,
     causal_conv_scan, causal_conv_step, selective_decay, selective_scan, selective_step,
 )
-from .scan import causal_conv_fft, decay_powers, linear_recurrence
+from .scan import causal_conv_fft, decay_powers, linear_recurrence, time_blocks
 from .spec import LayerSpec, StateSlot
 
 LAYERS = {spec.name: spec for spec in (S4, S5, S6, Mamba)}
@@ -50,5 +50,5 @@ __all__ = [
     "S6", "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
     "Mamba", "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
     "selective_decay", "selective_step", "selective_scan", "causal_conv_step", "causal_conv_scan",
-    "linear_recurrence", "causal_conv_fft", "decay_powers",
+    "linear_recurrence", "causal_conv_fft", "decay_powers", "time_blocks",
 ]

@@ -129,8 +129,8 @@ def _widen(xp, *arrays):
 
 def _step_loop(step_discrete, xs, state, dynamics, xp):
     ys = []
-    for t in range(xs.shape[0]):
-        y, state = step_discrete(xs[t, ...], state, dynamics, xp)
+    for x in xp.unstack(xs, axis=0):  # not xs[t]: see linear_recurrence
+        y, state = step_discrete(x, state, dynamics, xp)
         ys.append(y)
     return xp.stack(ys, axis=0), state
 

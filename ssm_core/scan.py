@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ._array import native_ops
 
-__all__ = ["linear_recurrence", "causal_conv_fft", "decay_powers", "RECURRENCE_METHODS"]
+__all__ = ["linear_recurrence", "causal_conv_fft", "decay_powers", "time_blocks", "RECURRENCE_METHODS"]
 
 RECURRENCE_METHODS = ("loop", "parallel")
 
@@ -31,8 +31,9 @@ def linear_recurrence(a, b, h0, xp, method: str = "loop"):
         muladd = native_ops(xp).muladd
         states = []
         h = h0
-        for t in range(T):
-            h = muladd(a[t, ...], h, b[t, ...], xp)  # [...]
+        # unstack, not a[t]: autograd's gradient of each index is a zero-filled full-size array.
+        for a_t, b_t in zip(xp.unstack(a, axis=0), xp.unstack(b, axis=0)):
+            h = muladd(a_t, h, b_t, xp)  # [...]
             states.append(h)
         return xp.stack(states, axis=0)  # [T, ...]
     if method != "parallel":
@@ -46,6 +47,26 @@ def linear_recurrence(a, b, h0, xp, method: str = "loop"):
         a = xp.concat((a[:offset, ...], a[offset:, ...] * a[:-offset, ...]), axis=0)
         offset *= 2
     return b
+
+
+def time_blocks(x, block: int, xp) -> list:
+    """``x`` ``[T, ...]`` cut along time into arrays of ``block`` steps (the last one shorter).
+
+    One reshape and unstack rather than ``T / block`` slices: under autograd
+    each slice's gradient is a zero-filled array of the whole ``x``.
+    """
+    T = x.shape[0]
+    count = -(-T // block)
+    if count <= 1:
+        return [x]
+    pad = count * block - T
+    if pad:
+        zeros = xp.zeros((pad,) + tuple(x.shape[1:]), dtype=x.dtype, device=getattr(x, "device", None))
+        x = xp.concat((x, zeros), axis=0)  # [count * block, ...]
+    blocks = xp.unstack(xp.reshape(x, (count, block) + tuple(x.shape[1:])), axis=0)  # count x [block, ...]
+    if pad:
+        blocks = [*blocks[:-1], blocks[-1][: block - pad, ...]]
+    return list(blocks)
 
 
 def decay_powers(decay, steps: int, xp):

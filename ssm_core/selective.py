@@ -15,7 +15,7 @@ from ._array import namespace, native_ops
 from .checks import check_axis, check_int
 from .discretize import decay_rates, zoh
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
-from .scan import linear_recurrence
+from .scan import linear_recurrence, time_blocks
 from .spec import LayerSpec, StateSlot
 
 __all__ = [
@@ -85,13 +85,12 @@ def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, x
     dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], ops, xp)
     h = h0
     ys = []
-    for start in range(0, T, block):
-        t = slice(start, min(start + block, T))
-        A_bar, gain = zoh(dt[t, ..., None], A, xp, inv_A)  # [L, ..., N, d], [L, ..., N, d]
-        driven = (gain * B[t, ..., None, :]) * u[t, ..., None]  # [L, ..., N, d]
+    for dt_t, B_t, C_t, u_t in zip(*(time_blocks(a, block, xp) for a in (dt, B, C, u))):
+        A_bar, gain = zoh(dt_t[..., None], A, xp, inv_A)  # [L, ..., N, d], [L, ..., N, d]
+        driven = (gain * B_t[..., None, :]) * u_t[..., None]  # [L, ..., N, d]
         hs = linear_recurrence(A_bar, driven, h, xp, method)  # [L, ..., N, d]
         h = hs[-1, ...]
-        ys.append(_readout(hs, C[t, ...]))  # [L, ..., N]
+        ys.append(_readout(hs, C_t))  # [L, ..., N]
     ys = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)
     return ops.muladd(D, u, ys, xp), h  # [T, ..., N], [..., N, d]
 
