@@ -145,7 +145,7 @@ class Layer:
         for key, shape in shapes.items():
             if key not in mapping:
                 continue
-            array = self.backend.asarray(mapping[key])
+            array = self._convert(mapping[key], key)
             if tuple(array.shape) != shape:
                 raise ValueError(f"{layer}: {key} must have shape {shape}, got {tuple(array.shape)}")
             if not xp.isdtype(array.dtype, "real floating"):
@@ -159,6 +159,15 @@ class Layer:
         if dtype != self.dtype:
             self._states = {k: None if v is None else xp.astype(v, self._compute_dtype) for k, v in self._states.items()}
             self.dtype = dtype
+
+    def _convert(self, value, key):
+        try:
+            return self.backend.asarray(value)
+        except (TypeError, ValueError, RuntimeError, BufferError) as error:  # e.g. a torch meta tensor
+            raise TypeError(
+                f"{self._error_name()}: {key} cannot become a {self.backend.name} array "
+                f"({type(error).__name__}: {error})"
+            ) from error
 
     # ------------------------------------------------------------- states
 
@@ -182,7 +191,7 @@ class Layer:
         for slot in self._slots:
             if slot.name not in states:
                 continue
-            array = self.backend.asarray(states[slot.name])
+            array = self._convert(states[slot.name], slot.name)
             check_loaded_state(layer, slot.name, slot, tuple(array.shape), self.dim)
             if array.dtype != self._compute_dtype:
                 raise TypeError(f"{layer}: state {slot.name} must have dtype {self._compute_dtype}, got {array.dtype}")
@@ -199,7 +208,9 @@ class Layer:
                 f"{backend.array_types[0].__name__} input, got {type(x).__module__}.{type(x).__name__}; "
                 f"convert it with backends.{backend.name}.asarray(x)"
             )
-        if x.dtype != self.dtype and backend.xp.isdtype(x.dtype, "real floating"):
+        if not backend.xp.isdtype(x.dtype, "real floating"):
+            raise TypeError(f"{self._error_name()}: expected a real floating-point input, got dtype {x.dtype}")
+        if x.dtype != self.dtype:
             raise TypeError(f"{self._error_name()}: expected input of dtype {self.dtype} (the layer's), got {x.dtype}")
         device = getattr(x, "device", None)
         if device is not None and self._device is not None and device != self._device:

@@ -11,6 +11,7 @@ import numpy as np
 
 import ssm_core
 
+from ._backend import Backend
 from ._host import to_host
 from ._layer import bind
 
@@ -19,14 +20,11 @@ __all__ = ["backend", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
 _DTYPES = {"float32": xp.float32, "float64": xp.float64}
 
 
-class ArrayApiStrictBackend:
+class ArrayApiStrictBackend(Backend):
     name = "array_api_strict"
     xp = xp
     array_types = (type(xp.asarray(0.0)),)
     default_dtype = xp.float32
-
-    lti_scan = "auto"
-    selective_scan = "loop"
 
     def dtype(self, spec):
         if spec is None:
@@ -52,12 +50,6 @@ class ArrayApiStrictBackend:
             uniform=lambda shape: xp.asarray(rng.random(shape, dtype=np_dtype)),
             normal=lambda shape: xp.asarray(rng.standard_normal(shape, dtype=np_dtype)),
         )
-
-    def finish(self, arrays):
-        pass
-
-    def synchronize(self):
-        pass
 
 
 backend = ArrayApiStrictBackend()

@@ -10,29 +10,23 @@ from __future__ import annotations
 
 import array_api_compat.cupy as xp
 import cupy as cp
-import numpy as np
-
-import ssm_core
 
 from ._host import to_host
 from ._layer import bind
+from .numpy import NumpyBackend
 
 __all__ = ["backend", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
 
 _DLPACK_CUDA = 2  # DLDeviceType kDLCUDA
 
 
-class CupyBackend:
+class CupyBackend(NumpyBackend):
+    """CuPy mirrors NumPy's API: only making, moving and synchronising arrays differ."""
+
     name = "cupy"
     xp = xp
     array_types = (cp.ndarray,)
-    default_dtype = np.dtype(np.float32)
-
-    lti_scan = "auto"
-    selective_scan = "parallel"
-
-    def dtype(self, spec):
-        return self.default_dtype if spec is None else np.dtype(spec)
+    selective_scan = "parallel"  # the log-depth scan pays on a GPU
 
     def asarray(self, value):
         if isinstance(value, cp.ndarray):
@@ -46,19 +40,8 @@ class CupyBackend:
     def to_numpy(self, array):
         return cp.asnumpy(array)
 
-    def draws(self, dtype, seed):
-        rng = cp.random.default_rng(seed)
-        # The generator draws float32 or float64 only: narrower dtypes get float32 draws, cast.
-        draw = dtype if dtype == np.float64 else np.float32
-        return ssm_core.Draws(
-            xp=xp,
-            dtype=dtype,
-            uniform=lambda shape: rng.random(shape, dtype=draw).astype(dtype, copy=False),
-            normal=lambda shape: rng.standard_normal(shape, dtype=draw).astype(dtype, copy=False),
-        )
-
-    def finish(self, arrays):
-        pass
+    def generator(self, seed):
+        return cp.random.default_rng(seed)
 
     def synchronize(self):
         cp.cuda.get_current_stream().synchronize()

@@ -19,6 +19,7 @@ import mlx.core as mx
 
 import ssm_core
 
+from ._backend import Backend
 from ._layer import bind
 
 __all__ = ["backend", "xp", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
@@ -104,7 +105,7 @@ xp = _Namespace(
 )
 
 
-class MlxBackend:
+class MlxBackend(Backend):
     name = "mlx"
     xp = xp
     array_types = (mx.array,)
@@ -113,7 +114,6 @@ class MlxBackend:
     # MLX transforms in complex64 only: the FFT form would lose float64 (and the
     # float64 widening that keeps float32 exact), so S4/S5 scans step.
     lti_scan = "loop"
-    selective_scan = "loop"
 
     def dtype(self, spec):
         if spec is None:

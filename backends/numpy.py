@@ -15,20 +15,18 @@ import numpy as np
 
 import ssm_core
 
+from ._backend import Backend
 from ._host import to_host
 from ._layer import bind
 
 __all__ = ["backend", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     name = "numpy"
     xp = xp
     array_types = (np.ndarray,)
     default_dtype = np.dtype(np.float32)
-
-    lti_scan = "auto"
-    selective_scan = "loop"
 
     def dtype(self, spec):
         return self.default_dtype if spec is None else np.dtype(spec)
@@ -39,22 +37,19 @@ class NumpyBackend:
     def to_numpy(self, array):
         return array
 
+    def generator(self, seed):
+        return np.random.default_rng(seed)
+
     def draws(self, dtype, seed):
-        rng = np.random.default_rng(seed)
+        rng = self.generator(seed)
         # The generator draws float32 or float64 only: narrower dtypes get float32 draws, cast.
         draw = dtype if dtype == np.float64 else np.float32
         return ssm_core.Draws(
-            xp=xp,
+            xp=self.xp,
             dtype=dtype,
             uniform=lambda shape: rng.random(shape, dtype=draw).astype(dtype, copy=False),
             normal=lambda shape: rng.standard_normal(shape, dtype=draw).astype(dtype, copy=False),
         )
-
-    def finish(self, arrays):
-        pass
-
-    def synchronize(self):
-        pass
 
 
 backend = NumpyBackend()

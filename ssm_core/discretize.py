@@ -8,10 +8,9 @@ __all__ = ["zoh", "decay_rates"]
 
 
 def decay_rates(A, xp=None):
-    """``(A, 1 / A)`` with ``A`` shifted ``sqrt(smallest normal)`` away from zero (see :func:`zoh`)."""
+    """``(A, 1 / A)`` with ``A`` kept at least a tiny floor away from zero (see :func:`zoh`)."""
     xp = namespace(A, xp=xp)
-    # A <= 0: shifting by the floor changes only |A| below about 1e-154 (1e-19 in float32).
-    A = A - _smallest_normal_sqrt(xp, A.dtype)  # [parameter shape]
+    A = xp.minimum(A, -_floor(xp, A.dtype))  # [parameter shape]
     return A, 1.0 / A
 
 
@@ -40,10 +39,12 @@ def zoh(dt, A, xp=None, inv_A=None):
 
     Notes
     -----
-    ``A`` is shifted ``sqrt(smallest normal)`` away from zero (about 1e-154
-    in float64, 1e-19 in float32) so that ``1 / A`` stays finite when
-    ``A = -exp(A_log)`` underflows. The gain then tends to ``dt`` as it should
-    (``expm1(z) = z`` for such tiny ``z``), where ``(A_bar - 1) / A`` is 0/0.
+    ``A`` is kept at most ``-sqrt(smallest normal)`` (about -1e-154 in
+    float64, -1e-19 in float32; the smallest normal itself in the narrow
+    range of float16) so that ``1 / A`` stays finite when ``A = -exp(A_log)``
+    underflows. The gain then tends to ``dt`` as it should (``expm1(z) = z``
+    for such tiny ``z``), where ``(A_bar - 1) / A`` is 0/0. Larger ``|A|`` are
+    untouched.
     """
     xp = namespace(dt, A, xp=xp)
     if inv_A is None:
@@ -54,9 +55,13 @@ def zoh(dt, A, xp=None, inv_A=None):
 _FLOORS: dict = {}
 
 
-def _smallest_normal_sqrt(xp, dtype) -> float:
+def _floor(xp, dtype) -> float:
     key = (getattr(xp, "__name__", None) or id(xp), str(dtype))
     floor = _FLOORS.get(key)
     if floor is None:
-        floor = _FLOORS[key] = float(xp.finfo(dtype).smallest_normal) ** 0.5
+        info = xp.finfo(dtype)
+        tiny = float(info.smallest_normal)
+        # The square root keeps dt * A a normal number for any dt > sqrt(tiny);
+        # float16's range is too narrow for that margin.
+        floor = _FLOORS[key] = tiny**0.5 if info.bits >= 32 else tiny
     return floor

@@ -116,10 +116,14 @@ def s4_step(x, state: S4State, params: S4Params, xp=None):
     return s4_step_discrete(x, state, s4_discretize(params, xp), xp)
 
 
-def _use_fft(method: str, steps: int) -> bool:
+def _use_fft(method: str, xs, state, xp) -> bool:
     if method not in LTI_SCAN_METHODS:
         raise ValueError(f"scan: method must be one of {LTI_SCAN_METHODS}, got {method!r}")
-    return method == "fft" or (method == "auto" and steps >= FFT_MIN_STEPS)
+    if method != "auto":
+        return method == "fft"
+    # A NaN or Inf would reach every output of its feature through the
+    # transform, earlier steps too: such sequences step, which keeps them causal.
+    return xs.shape[0] >= FFT_MIN_STEPS and bool(xp.all(xp.isfinite(xs)))
 
 
 def _widen(xp, *arrays):
@@ -144,13 +148,14 @@ def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto")
     batch factor in the state work) plus the initial state's decay, and the
     final state as one contraction over time, all in float64 and rounded once
     to the input's dtype; ``"loop"`` steps; ``"auto"`` takes the FFT from
-    ``FFT_MIN_STEPS`` steps on.
+    ``FFT_MIN_STEPS`` steps on, for finite inputs (the transform would carry a
+    NaN or Inf to earlier steps too).
     """
     xp = namespace(xs, xp=xp)
     T = xs.shape[0]
     if T == 0:
         return xs, state
-    if not _use_fft(method, T):
+    if not _use_fft(method, xs, state, xp):
         return _step_loop(s4_step_discrete, xs, state, s4_discretize(params, xp), xp)
     # The system that steps run (discretized in the input's dtype), computed
     # exactly in float64 (see causal_conv_fft) and rounded once at the end.
@@ -289,7 +294,7 @@ def s5_scan(xs, state: S5State, params: S5Params, xp=None, method: str = "auto")
     T = xs.shape[0]
     if T == 0:
         return xs, state
-    if not _use_fft(method, T):
+    if not _use_fft(method, xs, state, xp):
         return _step_loop(s5_step_discrete, xs, state, s5_discretize(params, xp), xp)
     dtype = xs.dtype
     A_bar, B_bar, C, D = _widen(xp, *s5_discretize(params, xp))  # [d], [N, d], [d, N], [N]

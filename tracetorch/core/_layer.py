@@ -32,6 +32,8 @@ def check_state_dict(module: nn.Module, state_dict, strict: bool) -> None:
         value, target = state_dict[key], own[key]
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}.load_state_dict: {key} must be a tensor, got {type(value).__name__}; nothing loaded")
+        if value.is_meta:
+            raise ValueError(f"{name}.load_state_dict: {key} is a meta tensor, which holds no data; nothing loaded")
         if value.shape != target.shape:
             raise ValueError(
                 f"{name}.load_state_dict: {key} must have shape {tuple(target.shape)}, got {tuple(value.shape)}; "
@@ -175,6 +177,8 @@ class Layer(nn.Module):
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
         r"""Raise if ``value`` cannot be state ``state_name`` (called before anything is loaded)."""
         layer = type(self).__name__
+        if value.is_meta:
+            raise ValueError(f"{layer}: state {key} is a meta tensor, which holds no data")
         if not value.is_floating_point():
             raise TypeError(f"{layer}: state {key} must be a floating-point tensor, got dtype {value.dtype}")
         held = getattr(self, state_name)
