@@ -36,7 +36,7 @@ import tracetorch as tt
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=500, help="training steps (batches)")
+    parser.add_argument("--steps", type=int, default=800, help="training steps (batches)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     parser.add_argument("--device", default="cpu", help="torch device for training, e.g. cpu or cuda")
     parser.add_argument(
