@@ -116,7 +116,7 @@ def s4_step(x, state: S4State, params: S4Params, xp=None):
     return s4_step_discrete(x, state, s4_discretize(params, xp), xp)
 
 
-def _use_fft(method: str, xs, state, xp) -> bool:
+def _use_fft(method: str, xs, xp) -> bool:
     if method not in LTI_SCAN_METHODS:
         raise ValueError(f"scan: method must be one of {LTI_SCAN_METHODS}, got {method!r}")
     if method != "auto":
@@ -155,7 +155,7 @@ def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto")
     T = xs.shape[0]
     if T == 0:
         return xs, state
-    if not _use_fft(method, xs, state, xp):
+    if not _use_fft(method, xs, xp):
         return _step_loop(s4_step_discrete, xs, state, s4_discretize(params, xp), xp)
     # The system that steps run (discretized in the input's dtype), computed
     # exactly in float64 (see causal_conv_fft) and rounded once at the end.
@@ -294,7 +294,7 @@ def s5_scan(xs, state: S5State, params: S5Params, xp=None, method: str = "auto")
     T = xs.shape[0]
     if T == 0:
         return xs, state
-    if not _use_fft(method, xs, state, xp):
+    if not _use_fft(method, xs, xp):
         return _step_loop(s5_step_discrete, xs, state, s5_discretize(params, xp), xp)
     dtype = xs.dtype
     A_bar, B_bar, C, D = _widen(xp, *s5_discretize(params, xp))  # [d], [N, d], [d, N], [N]
