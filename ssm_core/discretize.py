@@ -10,7 +10,11 @@ __all__ = ["zoh", "decay_rates"]
 def decay_rates(A, xp=None):
     """``(A, 1 / A)`` with ``A`` kept at least a tiny floor away from zero (see :func:`zoh`)."""
     xp = namespace(A, xp=xp)
-    A = xp.minimum(A, -_floor(xp, A.dtype))  # [parameter shape]
+    floor, shift = _floor(xp, A.dtype)
+    # A shift is one operator (and traces under torch.compile); it moves only
+    # |A| below about 1e-154 (float64) or 1e-19 (float32). float16's floor is
+    # too large for that: there A is clamped instead.
+    A = A - floor if shift else xp.minimum(A, -floor)  # [parameter shape]
     return A, 1.0 / A
 
 
@@ -39,12 +43,11 @@ def zoh(dt, A, xp=None, inv_A=None):
 
     Notes
     -----
-    ``A`` is kept at most ``-sqrt(smallest normal)`` (about -1e-154 in
-    float64, -1e-19 in float32; the smallest normal itself in the narrow
+    ``A`` is moved ``sqrt(smallest normal)`` away from zero (about 1e-154 in
+    float64, 1e-19 in float32; clamped at the smallest normal in the narrow
     range of float16) so that ``1 / A`` stays finite when ``A = -exp(A_log)``
     underflows. The gain then tends to ``dt`` as it should (``expm1(z) = z``
-    for such tiny ``z``), where ``(A_bar - 1) / A`` is 0/0. Larger ``|A|`` are
-    untouched.
+    for such tiny ``z``), where ``(A_bar - 1) / A`` is 0/0.
     """
     xp = namespace(dt, A, xp=xp)
     if inv_A is None:
@@ -55,7 +58,8 @@ def zoh(dt, A, xp=None, inv_A=None):
 _FLOORS: dict = {}
 
 
-def _floor(xp, dtype) -> float:
+def _floor(xp, dtype) -> tuple:
+    """``(floor, shift)``: how far ``A`` stays from zero, and whether shifting by it is harmless."""
     key = (getattr(xp, "__name__", None) or id(xp), str(dtype))
     floor = _FLOORS.get(key)
     if floor is None:
@@ -63,5 +67,5 @@ def _floor(xp, dtype) -> float:
         tiny = float(info.smallest_normal)
         # The square root keeps dt * A a normal number for any dt > sqrt(tiny);
         # float16's range is too narrow for that margin.
-        floor = _FLOORS[key] = tiny**0.5 if info.bits >= 32 else tiny
+        floor = _FLOORS[key] = (tiny**0.5, True) if info.bits >= 32 else (tiny, False)
     return floor

@@ -1,0 +1,48 @@
+"""The speed paths change no numbers: reused dynamics, native kernels, torch.compile."""
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+
+import tracetorch as tt
+
+LAYERS = [tt.ssm.S4, tt.ssm.S5, tt.ssm.S6, tt.ssm.Mamba]
+
+
+@pytest.mark.parametrize("layer_type", LAYERS, ids=lambda c: c.__name__)
+def test_reused_dynamics_follow_parameter_changes(layer_type):
+    layer = layer_type(6).double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+        layer.zero_states()
+        layer.A_log.sub_(0.3)  # in place, as an optimizer step
+        cached = layer(x)
+    fresh = layer_type(6).double()
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(cached, fresh(x))
+        layer.zero_states()
+        layer.load_state_dict({k: v * 0.9 for k, v in layer.state_dict().items()})
+        reloaded = layer(x)
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(reloaded, fresh(x))
+
+
+@pytest.mark.parametrize("layer_type", LAYERS, ids=lambda c: c.__name__)
+def test_torch_compile_traces_every_layer_whole(layer_type):
+    layer = layer_type(8)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        layer(x)
+        explanation = dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    layer.zero_states()
+    compiled = torch.compile(layer, backend="aot_eager")
+    with torch.no_grad():
+        compiled_ys = [compiled(x) for _ in range(3)]
+        layer.zero_states()
+        eager_ys = [layer(x) for _ in range(3)]
+    for a, b in zip(compiled_ys, eager_ys):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
