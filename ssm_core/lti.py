@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from ._array import namespace, native_ops
 from .checks import check_axis, check_int
 from .discretize import zoh
-from .scan import causal_conv_fft, decay_powers
+from .scan import _log_decay, causal_conv_fft, contiguous, decay_powers
 from .init import Draws, log_uniform_log_dt, s4d_real_A_log
 from .spec import LayerSpec, StateSlot
 
@@ -145,9 +145,9 @@ def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto")
     The same numbers as ``T`` calls of :func:`s4_step`. The system is
     time-invariant, so ``method="fft"`` computes the outputs as a causal
     convolution with the kernel ``K_j = sum(C * A_bar**j * B_bar)`` (FFT, no
-    batch factor in the state work) plus the initial state's decay, and the
-    final state as one contraction over time, all in float64 and rounded once
-    to the input's dtype; ``"loop"`` steps; ``"auto"`` takes the FFT from
+    batch factor in the state work, the convolution in float64) plus the
+    initial state's decay, and the final state as one contraction over time;
+    ``"loop"`` steps; ``"auto"`` takes the FFT from
     ``FFT_MIN_STEPS`` steps on, for finite inputs (the transform would carry a
     NaN or Inf to earlier steps too).
     """
@@ -157,24 +157,58 @@ def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto")
         return xs, state
     if not _use_fft(method, xs, xp):
         return _step_loop(s4_step_discrete, xs, state, s4_discretize(params, xp), xp)
-    # The system that steps run (discretized in the input's dtype), computed
-    # exactly in float64 (see causal_conv_fft) and rounded once at the end.
-    dtype = xs.dtype
-    A_bar, B_bar, C, D = _widen(xp, *s4_discretize(params, xp))  # [N, d] x3, [N]
-    xs, h0 = _widen(xp, xs, state.state)  # [T, ..., N], [..., N, d]
-    batch_ones = (1,) * (xs.ndim - 2)
-    powers = decay_powers(A_bar, T, xp)  # [T+1, N, d]
-    kernel = xp.sum(powers[:T, ...] * (C * B_bar), axis=-1)  # [T, N]
-    kernel = xp.reshape(kernel, (T,) + batch_ones + (kernel.shape[-1],))  # [T, 1.., N]
-    ys = causal_conv_fft(xs, kernel, xp) + D * xs  # [T, ..., N]
-    # The initial state decays through the readout: sum_d C * A_bar**(t+1) * h0.
-    from_h0 = (C * h0)[..., None, :] @ xp.permute_dims(powers[1:, ...], (1, 2, 0))  # [..., N, 1, T]
-    ys = ys + xp.moveaxis(from_h0[..., 0, :], -1, 0)  # [T, ..., N]
-    # h_T = A_bar**T h0 + sum_s A_bar**(T-1-s) B_bar x_s: one contraction over time.
-    weights = xp.permute_dims(xp.flip(powers[:T, ...], axis=0) * B_bar, (1, 0, 2))  # [N, T, d]
-    driven = xp.moveaxis(xs, 0, -1)[..., None, :] @ weights  # [..., N, 1, d]
-    h = powers[T, ...] * h0 + driven[..., 0, :]  # [..., N, d]
-    return xp.astype(ys, dtype), S4State(xp.astype(h, dtype))
+    return _s4_fft_scan(xs, state.state, s4_discretize(params, xp), xp)
+
+
+# Decay powers are made this many steps at a time: [chunk, N, d] at once, never [T, N, d].
+POWER_CHUNK = 128
+
+
+def _s4_fft_scan(xs, h0, dynamics: S4Dynamics, xp):
+    """S4 over ``xs`` ``[T, ..., N]`` from ``h0`` ``[..., N, d]`` through the convolution form.
+
+    The system is the one steps run (discretized in the input's dtype). The
+    decays ``A_bar**j`` are made a chunk at a time, and every contraction is a
+    matrix product batched over features; only the convolution is widened to
+    float64 (see :func:`causal_conv_fft`).
+    """
+    A_bar, B_bar, C, D = dynamics  # [N, d] x3, [N]
+    T, N, d = xs.shape[0], xs.shape[-1], A_bar.shape[-1]
+    batch = tuple(xs.shape[1:-1])
+    M = 1
+    for size in batch:
+        M *= size
+    x_by_feature = contiguous(xp.permute_dims(xp.reshape(xs, (T, M, N)), (1, 2, 0)), xp)  # [M, N, T]
+    h0 = xp.permute_dims(xp.reshape(h0, (M, N, d)), (1, 0, 2))  # [N, M, d]
+    x_nmt = contiguous(xp.permute_dims(x_by_feature, (1, 0, 2)), xp)  # [N, M, T]
+    with_h0 = bool(xp.any(h0 != 0))  # from zero states the initial decay adds nothing
+    log_decay = _log_decay(A_bar, xp)  # [N, d]
+    chunk = min(POWER_CHUNK, T)
+    steps = decay_powers(A_bar, chunk - 1, xp)  # [chunk, N, d]: A_bar**k
+    readout = (C * B_bar)[..., None]  # [N, d, 1]
+    kernel, from_h0 = [], []
+    driven = xp.zeros((N, M, d), dtype=xs.dtype, device=getattr(xs, "device", None))
+    for start in range(0, T, chunk):
+        size = min(chunk, T - start)
+        powers = xp.permute_dims(steps[:size, ...] * xp.exp(start * log_decay), (1, 0, 2))  # [N, size, d]: j = start..
+        kernel.append((powers @ readout)[..., 0])  # [N, size]: K_j = sum_d C B_bar A_bar**j
+        if with_h0:  # y_t gets sum_d C A_bar**(t+1) h0: powers j serve t = j - 1
+            from_h0.append(((C[:, None, :] * h0) @ xp.permute_dims(powers * A_bar[:, None, :], (0, 2, 1))))
+        # h_T = A_bar**T h0 + sum_j A_bar**j B_bar x_{T-1-j}
+        inputs = xp.flip(x_nmt[..., T - start - size : T - start], axis=-1)  # [N, M, size]: x_{T-1-j}
+        driven = driven + inputs @ (powers * B_bar[:, None, :])  # [N, M, d]
+    kernel = xp.concat(kernel, axis=1)  # [N, T]
+    wide = xp.float64
+    conv = causal_conv_fft(xp.astype(x_by_feature, wide), xp.astype(kernel, wide), xp, axis=-1)  # [M, N, T]
+    conv = xp.reshape(xp.permute_dims(xp.astype(conv, xs.dtype), (2, 0, 1)), (T,) + batch + (N,))  # [T, ..., N]
+    ys = native_ops(xp).muladd(D, xs, conv, xp)  # [T, ..., N]
+    h = driven
+    if with_h0:
+        y0 = xp.permute_dims(xp.concat(from_h0, axis=-1), (2, 1, 0))  # [T, M, N]
+        ys = ys + xp.reshape(y0, (T,) + batch + (N,))
+        h = h + xp.exp(T * log_decay)[:, None, :] * h0  # [N, M, d]
+    h = xp.reshape(xp.permute_dims(h, (1, 0, 2)), batch + (N, d))  # [..., N, d]
+    return ys, S4State(h)
 
 
 def _s4_step_prepared(x, state, params, dynamics, xp):

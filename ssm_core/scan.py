@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ._array import native_ops
 
-__all__ = ["linear_recurrence", "causal_conv_fft", "decay_powers", "time_blocks", "RECURRENCE_METHODS"]
+__all__ = ["linear_recurrence", "causal_conv_fft", "contiguous", "decay_powers", "time_blocks", "RECURRENCE_METHODS"]
 
 RECURRENCE_METHODS = ("loop", "parallel")
 
@@ -49,6 +49,12 @@ def linear_recurrence(a, b, h0, xp, method: str = "loop"):
     return b
 
 
+def contiguous(x, xp):
+    """``x`` laid out row-major (a copy only when it is not): matrix products and
+    transforms over a permuted view are several times slower."""
+    return xp.reshape(xp.reshape(x, (-1,)), tuple(x.shape))
+
+
 def time_blocks(x, block: int, xp) -> list:
     """``x`` ``[T, ...]`` cut along time into arrays of ``block`` steps (the last one shorter).
 
@@ -76,16 +82,20 @@ def decay_powers(decay, steps: int, xp):
     multiple of a non-positive log-decay (nothing grows), and a decay of 0
     gives ``1, 0, 0, ...``.
     """
-    # A decay of 0 gets a huge finite log: 0 * log stays 0 at j = 0.
-    positive = decay > 0
-    log_decay = xp.where(positive, xp.log(xp.where(positive, decay, 1.0)), -(2.0**1000))  # [...]
     j = xp.arange(steps + 1, dtype=decay.dtype)  # [steps + 1]
     j = xp.reshape(j, (steps + 1,) + (1,) * decay.ndim)
-    return xp.exp(j * log_decay)  # [steps + 1, *decay.shape]
+    return xp.exp(j * _log_decay(decay, xp))  # [steps + 1, *decay.shape]
 
 
-def causal_conv_fft(x, kernel, xp):
-    """``y_t = sum_{s <= t} kernel_{t-s} * x_s`` along axis 0, through the FFT.
+def _log_decay(decay, xp):
+    """``log(decay)`` for ``0 <= decay <= 1``, a decay of 0 getting a huge finite log (0 * it stays 0)."""
+    positive = decay > 0
+    huge = -(2.0**100) if xp.finfo(decay.dtype).bits >= 32 else -(2.0**14)
+    return xp.where(positive, xp.log(xp.where(positive, decay, 1.0)), huge)  # [...]
+
+
+def causal_conv_fft(x, kernel, xp, axis: int = 0):
+    """``y_t = sum_{s <= t} kernel_{t-s} * x_s`` along ``axis`` (time), through the FFT.
 
     ``x`` is ``[T, ...]``; ``kernel`` has as many axes and broadcasts against
     it (``[T, 1, ..., N]`` for one kernel per feature). Zero-padding to at
@@ -96,7 +106,8 @@ def causal_conv_fft(x, kernel, xp):
     ``T = 1000`` for slowly decaying kernels); in float64 it stays far below
     a float32 input's own rounding.
     """
-    T = x.shape[0]
+    T = x.shape[axis]
     n = 1 << max(1, (2 * T - 2).bit_length())  # power of two >= 2T - 1
-    spectrum = xp.fft.rfft(x, n=n, axis=0) * xp.fft.rfft(kernel, n=n, axis=0)
-    return xp.fft.irfft(spectrum, n=n, axis=0)[:T, ...]  # [T, ...]
+    spectrum = xp.fft.rfft(x, n=n, axis=axis) * xp.fft.rfft(kernel, n=n, axis=axis)
+    y = xp.fft.irfft(spectrum, n=n, axis=axis)  # [..., n, ...]
+    return xp.moveaxis(xp.moveaxis(y, axis, 0)[:T, ...], 0, axis)  # x's shape
