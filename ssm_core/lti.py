@@ -47,10 +47,12 @@ class S4Config:
         check_axis("S4", "dim", self.dim)
 
     def param_shapes(self) -> dict:
+        """``{state_dict key: shape}`` of the layer's parameters."""
         N, d = self.num_neurons, self.d_state
         return {"A_log": (N, d), "B": (N, d), "C": (N, d), "log_dt": (N,), "D": (N,)}
 
     def state_slots(self) -> tuple:
+        """The layer's hidden states, as :class:`~ssm_core.spec.StateSlot`\ s."""
         return (StateSlot("state", self.num_neurons, self.d_state),)
 
 
@@ -247,10 +249,12 @@ class S5Config:
         check_axis("S5", "dim", self.dim)
 
     def param_shapes(self) -> dict:
+        """``{state_dict key: shape}`` of the layer's parameters."""
         N, d = self.num_neurons, self.d_state
         return {"A_log": (d,), "B": (N, d), "C": (d, N), "D": (N,), "log_dt": (1,)}
 
     def state_slots(self) -> tuple:
+        """The layer's hidden states, as :class:`~ssm_core.spec.StateSlot`\ s."""
         return (StateSlot("global_state", self.d_state, None),)
 
 

@@ -138,6 +138,7 @@ class S6Config:
         object.__setattr__(self, "dt_rank", _resolve_dt_rank("S6", self.dt_rank, self.num_neurons))
 
     def param_shapes(self) -> dict:
+        """``{state_dict key: shape}`` of the layer's parameters."""
         N, d, R = self.num_neurons, self.d_state, self.dt_rank
         return {
             "A_log": (N, d),
@@ -148,6 +149,7 @@ class S6Config:
         }
 
     def state_slots(self) -> tuple:
+        """The layer's hidden states, as :class:`~ssm_core.spec.StateSlot`\ s."""
         return (StateSlot("state", self.num_neurons, self.d_state),)
 
 
@@ -257,6 +259,7 @@ class MambaConfig:
         return self.conv_kernel > 1
 
     def param_shapes(self) -> dict:
+        """``{state_dict key: shape}`` of the layer's parameters."""
         N, d, R, K = self.num_neurons, self.d_state, self.dt_rank, self.conv_kernel
         shapes = {"conv_weights": (N, K), "conv_bias": (N,)} if self.has_conv else {}
         shapes.update({
@@ -271,6 +274,7 @@ class MambaConfig:
         return shapes
 
     def state_slots(self) -> tuple:
+        """The layer's hidden states, as :class:`~ssm_core.spec.StateSlot`\ s."""
         ssm = StateSlot("ssm_state", self.num_neurons, self.d_state)
         if not self.has_conv:
             return (ssm,)
