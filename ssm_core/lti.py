@@ -52,7 +52,7 @@ class S4Config:
         return {"A_log": (N, d), "B": (N, d), "C": (N, d), "log_dt": (N,), "D": (N,)}
 
     def state_slots(self) -> tuple:
-        """The layer's hidden states, as :class:`~ssm_core.spec.StateSlot`\ s."""
+        """The layer's hidden states (:class:`~ssm_core.spec.StateSlot` records)."""
         return (StateSlot("state", self.num_neurons, self.d_state),)
 
 
@@ -254,7 +254,7 @@ class S5Config:
         return {"A_log": (d,), "B": (N, d), "C": (d, N), "D": (N,), "log_dt": (1,)}
 
     def state_slots(self) -> tuple:
-        """The layer's hidden states, as :class:`~ssm_core.spec.StateSlot`\ s."""
+        """The layer's hidden states (:class:`~ssm_core.spec.StateSlot` records)."""
         return (StateSlot("global_state", self.d_state, None),)
 
 

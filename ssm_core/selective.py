@@ -149,7 +149,7 @@ class S6Config:
         }
 
     def state_slots(self) -> tuple:
-        """The layer's hidden states, as :class:`~ssm_core.spec.StateSlot`\ s."""
+        """The layer's hidden states (:class:`~ssm_core.spec.StateSlot` records)."""
         return (StateSlot("state", self.num_neurons, self.d_state),)
 
 
@@ -274,7 +274,7 @@ class MambaConfig:
         return shapes
 
     def state_slots(self) -> tuple:
-        """The layer's hidden states, as :class:`~ssm_core.spec.StateSlot`\ s."""
+        """The layer's hidden states (:class:`~ssm_core.spec.StateSlot` records)."""
         ssm = StateSlot("ssm_state", self.num_neurons, self.d_state)
         if not self.has_conv:
             return (ssm,)
