@@ -73,7 +73,9 @@ def _torch_ops():
     F = torch.nn.functional
 
     def zoh_terms(z, inv_A, xp):
-        if z.is_cuda:
+        if z.is_cuda or z.requires_grad:
+            # On GPUs expm1 is fast; under autograd the two-kernel form below
+            # costs more in its backward than it saves (measured on CPU).
             return _standard_zoh_terms(z, inv_A, xp)
         # torch's CPU expm1 is not vectorised (about 6x exp's time): use
         # expm1(z) = tanh(z/2) * (exp(z) + 1), exact to a few ulp, from two vectorised kernels.
