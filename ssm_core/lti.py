@@ -133,6 +133,17 @@ def _widen(xp, *arrays):
     return tuple(xp.astype(a, xp.float64, copy=False) for a in arrays)
 
 
+def _lti_scan(xs, state, params, xp, method, discretize, step_discrete, fft_scan):
+    """The scan of a time-invariant layer: steps, or the convolution form (see ``_use_fft``)."""
+    xp = namespace(xs, xp=xp)
+    if xs.shape[0] == 0:
+        return xs, state
+    dynamics = discretize(params, xp)
+    if not _use_fft(method, xs, xp):
+        return _step_loop(step_discrete, xs, state, dynamics, xp)
+    return fft_scan(xs, state, dynamics, xp)
+
+
 def _step_loop(step_discrete, xs, state, dynamics, xp):
     ys = []
     for x in xp.unstack(xs, axis=0):  # not xs[t]: see linear_recurrence
@@ -153,21 +164,15 @@ def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto")
     ``FFT_MIN_STEPS`` steps on, for finite inputs (the transform would carry a
     NaN or Inf to earlier steps too).
     """
-    xp = namespace(xs, xp=xp)
-    T = xs.shape[0]
-    if T == 0:
-        return xs, state
-    if not _use_fft(method, xs, xp):
-        return _step_loop(s4_step_discrete, xs, state, s4_discretize(params, xp), xp)
-    return _s4_fft_scan(xs, state.state, s4_discretize(params, xp), xp)
+    return _lti_scan(xs, state, params, xp, method, s4_discretize, s4_step_discrete, _s4_fft_scan)
 
 
 # Decay powers are made this many steps at a time: [chunk, N, d] at once, never [T, N, d].
 POWER_CHUNK = 128
 
 
-def _s4_fft_scan(xs, h0, dynamics: S4Dynamics, xp):
-    """S4 over ``xs`` ``[T, ..., N]`` from ``h0`` ``[..., N, d]`` through the convolution form.
+def _s4_fft_scan(xs, state: S4State, dynamics: S4Dynamics, xp):
+    """S4 over ``xs`` ``[T, ..., N]`` from ``state`` through the convolution form.
 
     The system is the one steps run (discretized in the input's dtype). The
     decays ``A_bar**j`` are made a chunk at a time, and every contraction is a
@@ -181,7 +186,7 @@ def _s4_fft_scan(xs, h0, dynamics: S4Dynamics, xp):
     for size in batch:
         M *= size
     x_by_feature = contiguous(xp.permute_dims(xp.reshape(xs, (T, M, N)), (1, 2, 0)), xp)  # [M, N, T]
-    h0 = xp.permute_dims(xp.reshape(h0, (M, N, d)), (1, 0, 2))  # [N, M, d]
+    h0 = xp.permute_dims(xp.reshape(state.state, (M, N, d)), (1, 0, 2))  # [N, M, d]
     x_nmt = contiguous(xp.permute_dims(x_by_feature, (1, 0, 2)), xp)  # [N, M, T]
     with_h0 = bool(xp.any(h0 != 0))  # from zero states the initial decay adds nothing
     log_decay = _log_decay(A_bar, xp)  # [N, d]
@@ -328,14 +333,13 @@ def s5_scan(xs, state: S5State, params: S5Params, xp=None, method: str = "auto")
     state's decay, and reads out with one matrix product (in float64, rounded
     once to the input's dtype); ``"loop"`` steps.
     """
-    xp = namespace(xs, xp=xp)
-    T = xs.shape[0]
-    if T == 0:
-        return xs, state
-    if not _use_fft(method, xs, xp):
-        return _step_loop(s5_step_discrete, xs, state, s5_discretize(params, xp), xp)
-    dtype = xs.dtype
-    A_bar, B_bar, C, D = _widen(xp, *s5_discretize(params, xp))  # [d], [N, d], [d, N], [N]
+    return _lti_scan(xs, state, params, xp, method, s5_discretize, s5_step_discrete, _s5_fft_scan)
+
+
+def _s5_fft_scan(xs, state: S5State, dynamics: S5Dynamics, xp):
+    """S5 over ``xs`` ``[T, ..., N]`` from ``state`` through the convolution form, in float64."""
+    T, dtype = xs.shape[0], xs.dtype
+    A_bar, B_bar, C, D = _widen(xp, *dynamics)  # [d], [N, d], [d, N], [N]
     xs, g0 = _widen(xp, xs, state.global_state)  # [T, ..., N], [..., d]
     batch_ones = (1,) * (xs.ndim - 2)
     powers = decay_powers(A_bar, T, xp)  # [T+1, d]

@@ -72,7 +72,20 @@ def weights_for(name: str, kwargs: dict, seed: int = 0) -> dict:
     return out
 
 
-class TorchBinding:
+class _Binding:
+    """What the torch layers and the array backends share of the small test interface."""
+
+    def raw_states(self, layer) -> dict:
+        return {n: getattr(layer, n) for n in self.state_names(layer)}
+
+    def params(self, layer) -> dict:
+        return {k: self.host(v) for k, v in layer.state_dict().items()}
+
+    def zero_states(self, layer):
+        layer.zero_states()
+
+
+class TorchBinding(_Binding):
     """The torch layers behind the same small interface as the array backends."""
 
     name = "torch"
@@ -104,17 +117,8 @@ class TorchBinding:
     def state_names(self, layer):
         return sorted(layer._state_names)
 
-    def raw_states(self, layer) -> dict:
-        return {n: getattr(layer, n) for n in self.state_names(layer)}
 
-    def params(self, layer) -> dict:
-        return {k: self.host(v) for k, v in layer.state_dict().items()}
-
-    def zero_states(self, layer):
-        layer.zero_states()
-
-
-class ArrayBinding:
+class ArrayBinding(_Binding):
     """A ``backends.<name>`` module."""
 
     def __init__(self, name):
@@ -145,15 +149,6 @@ class ArrayBinding:
 
     def state_names(self, layer):
         return sorted(layer._states)
-
-    def raw_states(self, layer) -> dict:
-        return {n: getattr(layer, n) for n in self.state_names(layer)}
-
-    def params(self, layer) -> dict:
-        return {k: self.host(v) for k, v in layer.state_dict().items()}
-
-    def zero_states(self, layer):
-        layer.zero_states()
 
 
 def binding(name: str):
