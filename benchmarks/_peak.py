@@ -135,7 +135,6 @@ def _serve(jobs: list, timeout_s: float) -> None:
     """The server: load the reference once, then one fresh process per job (see module doc)."""
     # Imports only (no tensor work before forking): the children share them.
     import torch  # noqa: F401
-    import torch._refs  # noqa: F401  (nn.utils.skip_init, used by S6/Mamba, imports it: ~1 s per process)
 
     import tracetorch  # noqa: F401
 

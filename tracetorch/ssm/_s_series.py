@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 import ssm_core
 
 from ._ssmlayer import Layer as SSMLayer
