@@ -57,10 +57,6 @@ class LayerSpec:
     step_prepared: Callable
     dynamics: type | None = None
 
-    def param_shapes(self, config) -> dict:
-        """``{state_dict key: shape}`` of the parameters ``config`` has."""
-        return config.param_shapes()
-
     def params_from_mapping(self, mapping) -> NamedTuple:
         """Parameters from a ``{state_dict key: array}`` mapping (absent keys are None)."""
         return self.params(*(mapping.get(key) for key in self.param_keys))
