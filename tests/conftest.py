@@ -16,7 +16,7 @@ import tracetorch as tt  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tracetorch-0.19.2"
+from reference import FIXTURE_DIR  # noqa: E402,F401
 
 
 def rel_err(a, b) -> float:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-# traceTorch 0.19.2's recorded outputs (see shared/fixtures/README.md), next to the repository.
-FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tracetorch-0.19.2"
+# traceTorch 0.19.2's recorded outputs (see tests/fixtures/README.md), kept inside the repository.
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "tracetorch-0.19.2"
 
 __all__ = [
     "FIXTURE_DIR", "rel_err",

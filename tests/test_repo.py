@@ -35,3 +35,18 @@ def test_ssm_core_sources_have_no_module_level_array_imports():
     pattern = re.compile(r"^\s*(import|from)\s+(torch|numpy|cupy|mlx|array_api_strict)\b", re.M)
     offenders = [p.name for p in (ROOT / "ssm_core").glob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_tests_read_nothing_outside_the_repository():
+    # A bare clone, with nothing beside it, must pass: the published recordings live in tests/fixtures/.
+    from reference import FIXTURE_DIR
+
+    assert FIXTURE_DIR.resolve().is_relative_to(ROOT), FIXTURE_DIR
+    assert len(list(FIXTURE_DIR.glob("*.npz"))) >= 8, FIXTURE_DIR
+    pattern = re.compile(r"parents\[[2-9]\]|\.\./|shared/fixtures")
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").rglob("*.py")
+        if p.name != "test_repo.py" and pattern.search(p.read_text())
+    ]
+    assert offenders == [], offenders
