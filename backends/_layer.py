@@ -117,12 +117,16 @@ class Layer:
         # Half-precision layers compute, and keep their states, in float32.
         dtype = params.A_log.dtype
         self._compute_dtype = xp.float32 if xp.finfo(dtype).bits < 32 else dtype
-        self._compute_params = type(params)(
-            *(None if p is None else xp.astype(p, self._compute_dtype, copy=False) for p in params)
-        )
         self._device = getattr(params.A_log, "device", None)
-        # What steps need of the parameters alone is fixed until new weights load.
-        self._prepared = self.spec.prepare(self._compute_params, xp)
+
+    def _compute_params(self):
+        """The parameters in the compute dtype, from their current values.
+
+        Nothing derived from them is kept between calls: ``state_dict()`` hands
+        out the live arrays, and an in-place edit of one must reach the next step.
+        """
+        xp, dtype = self.backend.xp, self._compute_dtype
+        return type(self.params)(*(None if p is None else xp.astype(p, dtype, copy=False) for p in self.params))
 
     def state_dict(self) -> dict:
         """``{traceTorch state_dict key: array}``, as ``torch_layer.state_dict()`` names them."""
@@ -227,7 +231,8 @@ class Layer:
             self._error_name(), self._to_compute(x), self._states, self._slots, self.dim, self.num_neurons,
             self.spec.state, xp,
         )
-        y, new_state = self.spec.step_prepared(x_w, state, self._compute_params, self._prepared, xp)
+        params = self._compute_params()
+        y, new_state = self.spec.step_prepared(x_w, state, params, self.spec.prepare(params, xp), xp)
         y, states = leave_step(axis, x.ndim, y, new_state, self._slots, xp)
         y = y if y.dtype == x.dtype else xp.astype(y, x.dtype)
         if self.eager:
@@ -250,7 +255,7 @@ class Layer:
             self.spec.state, time_dim, xp,
         )
         method = self.backend.lti_scan if self.spec.dynamics is not None else self.backend.selective_scan
-        ys, new_state = self.spec.scan(xs_w, state, self._compute_params, xp=xp, method=method)
+        ys, new_state = self.spec.scan(xs_w, state, self._compute_params(), xp=xp, method=method)
         ys, states = leave_scan(axes, ys, new_state, self._slots, xp)
         ys = ys if ys.dtype == xs.dtype else xp.astype(ys, xs.dtype)
         if self.eager:

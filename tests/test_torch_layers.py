@@ -339,7 +339,7 @@ def test_model_ttcompile_same_outputs():
 
     model.TTcompile()
     assert list(model.state_dict()) == keys
-    assert "_compiled_A_bar" in model.extra[0]._buffers  # the plain-list layer was compiled too
+    assert "_compiled_dynamics_A_bar" in model.extra[0]._buffers  # the plain-list layer was compiled too
     xs = torch.randn(T, 2, N, dtype=torch.float64)
     with torch.no_grad():
         y_c = run_steps(model, xs)
@@ -348,7 +348,7 @@ def test_model_ttcompile_same_outputs():
 
     model.TTdecompile()
     model.zero_states()
-    assert "_compiled_A_bar" not in model.extra[0]._buffers
+    assert "_compiled_dynamics_A_bar" not in model.extra[0]._buffers
     loss = run_steps(model, xs).sum()
     loss.backward()
     for layer in (model.net[0], model.net[1], model.extra[0]):

@@ -160,17 +160,14 @@ class Layer(BaseLayer):
         return x.to(compute), type(params)(*(None if p is None else p.to(compute) for p in params))
 
     def _prepared(self, params):
-        """``spec.prepare(params)``: recomputed under autograd, else reused until a parameter changes."""
-        present = [p for p in params if p is not None]
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() and any(p.requires_grad for p in present):
-            return self.spec.prepare(params, xp_torch)  # part of the graph
-        # An optimizer step or load_state_dict bumps a parameter's version or moves its data.
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in present)
-        cached = self.__dict__.get("_prepared_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = self.__dict__["_prepared_cache"] = (key, self.spec.prepare(params, xp_torch))
-        return cached[1]
+        """``spec.prepare(params)``, what a step needs of the parameters alone, from their current values.
+
+        Recomputed on every call: no key on a parameter (its version, its data
+        pointer) sees every way its values change (writes through ``p.data``
+        bump no version), and a stale value here is a silently wrong output.
+        Only ``TTcompile()`` keeps such values across calls, by explicit request.
+        """
+        return self.spec.prepare(params, xp_torch)
 
     def _core_step(self, x, state, params):
         return self.spec.step_prepared(x, state, params, self._prepared(params), xp_torch)
@@ -228,25 +225,27 @@ class Layer(BaseLayer):
 class TimeInvariantLayer(Layer):
     r"""An SSM layer whose dynamics depend on parameters only (S4, S5).
 
-    Steps without autograd reuse the discretized dynamics until a parameter
-    changes. ``TTcompile()`` computes them once for good (kept as
-    non-persistent buffers, so ``state_dict()`` is unchanged and ``.to()``
-    moves them), also for steps with autograd on; ``TTdecompile()`` drops them.
-    Changing the parameters of a compiled layer has no effect until it is
-    compiled again.
+    ``TTcompile()`` discretizes the system once for fast inference steps and
+    freezes it: until ``TTdecompile()``, steps use the weights as they were
+    when compiled (kept as non-persistent buffers, so ``state_dict()`` is
+    unchanged and ``.to()`` moves them), and changing the parameters has no
+    effect on them. Without ``TTcompile()`` every call follows the current weights.
     """
 
+    _COMPILED = "_compiled_dynamics_"
+
     def _prepared(self, params):
-        if "_compiled_A_bar" in self._buffers:
+        buffers = self._buffers
+        if self._COMPILED + "A_bar" in buffers:
             dtype = params.C.dtype  # the compute dtype: float32 for a half-precision layer
-            return self.spec.dynamics(self._compiled_A_bar.to(dtype), self._compiled_B_bar.to(dtype), params.C, params.D)
+            return self.spec.dynamics(*(buffers[self._COMPILED + f].to(dtype) for f in self.spec.dynamics._fields))
         return super()._prepared(params)
 
     def _core_scan(self, xs, state, params):
         return self.spec.scan(xs, state, params, xp=xp_torch, method="auto")
 
     def TTcompile(self) -> None:
-        r"""Precompute the discretized dynamics for fast inference steps."""
+        r"""Discretize the system once for fast inference steps; the weights are frozen until ``TTdecompile()``."""
         super().TTcompile()
         params = self._core_params()
         compute = _COMPUTE_DTYPE.get(params.A_log.dtype)
@@ -254,11 +253,11 @@ class TimeInvariantLayer(Layer):
             params = type(params)(*(p.to(compute) for p in params))
         with torch.no_grad():
             dynamics = self.spec.prepare(params, xp_torch)
-        self.register_buffer("_compiled_A_bar", dynamics.A_bar, persistent=False)
-        self.register_buffer("_compiled_B_bar", dynamics.B_bar, persistent=False)
+        for field, value in zip(dynamics._fields, dynamics):
+            self.register_buffer(self._COMPILED + field, value.detach().clone(), persistent=False)
 
     def TTdecompile(self) -> None:
-        r"""Drop the precomputed dynamics: steps follow the parameters again and train."""
+        r"""Drop the frozen dynamics: steps follow the parameters again and train."""
         super().TTdecompile()
-        self._buffers.pop("_compiled_A_bar", None)
-        self._buffers.pop("_compiled_B_bar", None)
+        for field in self.spec.dynamics._fields:
+            self._buffers.pop(self._COMPILED + field, None)
