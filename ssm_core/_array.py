@@ -68,6 +68,13 @@ def _standard_zoh_terms(z, inv_A, xp):
     return decay_minus_one + 1.0, decay_minus_one * inv_A
 
 
+def _torch_linear(x, weight, bias, xp):
+    y = sys.modules["torch"].nn.functional.linear(x, weight, bias)
+    # Under autocast the product comes back in the low precision; what follows
+    # it (softplus, the discretization, the recurrence) stays in x's dtype.
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 def _torch_ops():
     torch = sys.modules["torch"]  # loaded: the namespace is torch's
     F = torch.nn.functional
@@ -85,7 +92,7 @@ def _torch_ops():
     return dict(
         softplus=lambda x, xp: F.softplus(x),
         silu=lambda x, xp: F.silu(x),
-        linear=lambda x, weight, bias, xp: F.linear(x, weight, bias),
+        linear=_torch_linear,
         muladd=lambda a, b, c, xp: torch.addcmul(c, a, b),
         zoh_terms=zoh_terms,
     )

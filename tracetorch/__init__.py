@@ -5,8 +5,8 @@ the step math comes from the backend-agnostic ``ssm_core``.
 """
 
 from . import core, ssm
-from .core import Layer, Model, sequence_mode
+from .core import Layer, Model, checkpoint, sequence_mode
 
 __version__ = "0.1.0"
 
-__all__ = ["Layer", "Model", "core", "ssm", "sequence_mode", "__version__"]
+__all__ = ["Layer", "Model", "checkpoint", "core", "ssm", "sequence_mode", "__version__"]

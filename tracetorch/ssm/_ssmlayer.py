@@ -9,12 +9,25 @@ import torch
 from torch import nn
 
 import ssm_core
-from ssm_core.checks import check_loaded_state
+from ssm_core.checks import check_dim, check_loaded_state, check_step_input, expected_state_shape
 from ssm_core.layout import enter_scan, enter_step, leave_scan, leave_step
 
 from ..core import Layer as BaseLayer
 
-__all__ = ["Layer"]
+__all__ = ["Layer", "Stateless"]
+
+_STATELESS_HINT = (
+    "{layer}: {what} cannot carry the hidden state the layer keeps between calls (it would start every call "
+    "from zeros). Capture the stateless form instead, which takes and returns the states: "
+    "torch.export.export(layer.stateless(), (x, *layer.initial_states(x)))"
+)
+
+
+def _autocast_dtype(device_type: str):
+    """The dtype ``torch.autocast`` lowers to on ``device_type``, or None when autocast is off there."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def _draws(dtype: torch.dtype) -> ssm_core.Draws:
@@ -119,14 +132,24 @@ class Layer(BaseLayer):
             owner = getattr(self, owner_name) if owner_name else self
             setattr(owner, attr, nn.Parameter(value))
 
-    def _check_input(self, x) -> None:
+    def _check_input(self, x) -> torch.dtype:
+        """Check ``x`` against the layer's parameters; return the dtype of the output.
+
+        Under ``torch.autocast`` a float32 layer also takes input of the
+        autocast dtype and answers in it, as torch's own layers do; its
+        discretization, recurrence and states stay in float32.
+        """
         layer = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{layer}: expected a real floating-point input, got dtype {x.dtype}")
         reference = self._parameters["A_log"]
-        if x.dtype != reference.dtype and x.is_floating_point():
+        autocast = _autocast_dtype(x.device.type) if reference.dtype == torch.float32 else None
+        if x.dtype != reference.dtype and x.dtype != autocast:
+            allowed = f"{reference.dtype}" + ("" if autocast is None else f" or {autocast} (autocast)")
             raise TypeError(
-                f"{layer}: expected input of dtype {reference.dtype} (the layer's parameters), got {x.dtype}; "
+                f"{layer}: expected input of dtype {allowed} (the layer's parameters), got {x.dtype}; "
                 f"convert the input, or the layer with .to({x.dtype})"
             )
         if x.device != reference.device:
@@ -134,30 +157,54 @@ class Layer(BaseLayer):
                 f"{layer}: expected input on {reference.device} (the layer's parameters), got {x.device}; "
                 f"move the input, or the layer with .to({str(x.device)!r})"
             )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time_dim = self.__dict__.get("_sequence_time_dim")
-        if time_dim is not None:  # inside tt.sequence_mode: x is a whole sequence
-            return self.scan(x, time_dim)
-        self._check_input(x)
-        x_c, params = self._compute_inputs(x)
-        slots = self._slots
-        held = {slot.name: getattr(self, slot.name) for slot in slots}
-        axis, x_w, state = enter_step(
-            type(self).__name__, x_c, held, slots, self.dim, self.num_neurons, self.spec.state, xp_torch
-        )
-        y, new_state = self._core_step(x_w, state, params)
-        y, states = leave_step(axis, x.ndim, y, new_state, slots, xp_torch)
-        self.__dict__.update(states)  # states are plain attributes: skip nn.Module.__setattr__
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return x.dtype if autocast is None else autocast
 
     def _compute_inputs(self, x):
-        """``x`` and the parameters in the compute dtype: float32 for a half-precision layer."""
+        """``x`` and the parameters in the compute dtype: the layer's, float32 for a half-precision layer."""
         params = self._core_params()
-        compute = _COMPUTE_DTYPE.get(x.dtype)
-        if compute is None:
-            return x, params
-        return x.to(compute), type(params)(*(None if p is None else p.to(compute) for p in params))
+        param_dtype = params.A_log.dtype
+        compute = _COMPUTE_DTYPE.get(param_dtype, param_dtype)
+        if compute != param_dtype:
+            params = type(params)(*(None if p is None else p.to(compute) for p in params))
+        return (x if x.dtype == compute else x.to(compute)), params
+
+    def _run(self, x, held: dict, time_dim):
+        """The layer on ``x`` from the states ``held``: one step (``time_dim`` None) or a sequence.
+
+        Returns ``(y, {state name: new state})`` and changes nothing: the
+        callers store the states, so an error leaves the layer as it was.
+        """
+        out_dtype = self._check_input(x)
+        x_c, params = self._compute_inputs(x)
+        slots, name = self._slots, type(self).__name__
+        if time_dim is None:
+            axis, x_f, state = enter_step(name, x_c, held, slots, self.dim, self.num_neurons, self.spec.state, xp_torch)
+            y, new_state = self._core_step(x_f, state, params)
+            y, states = leave_step(axis, x.ndim, y, new_state, slots, xp_torch)
+        else:
+            axes, x_f, state = enter_scan(
+                name, x_c, held, slots, self.dim, self.num_neurons, self.spec.state, time_dim, xp_torch
+            )
+            y, new_state = self._core_scan(x_f, state, params)
+            y, states = leave_scan(axes, y, new_state, slots, xp_torch)
+        return (y if y.dtype == out_dtype else y.to(out_dtype)), states
+
+    def _held_states(self) -> dict:
+        return {slot.name: getattr(self, slot.name) for slot in self._slots}
+
+    def _refuse_export(self) -> None:
+        if torch.compiler.is_exporting():
+            raise RuntimeError(_STATELESS_HINT.format(layer=type(self).__name__, what="torch.export"))
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_STATELESS_HINT.format(layer=type(self).__name__, what="torch.jit.script"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._refuse_export()
+        time_dim = self.__dict__.get("_sequence_time_dim")  # inside tt.sequence_mode: x is a whole sequence
+        y, states = self._run(x, self._held_states(), time_dim)
+        self.__dict__.update(states)  # states are plain attributes: skip nn.Module.__setattr__
+        return y
 
     def _prepared(self, params):
         """``spec.prepare(params)``, what a step needs of the parameters alone, from their current values.
@@ -191,18 +238,47 @@ class Layer(BaseLayer):
         -------
         Tensor of the shape of ``xs``: the output of every step.
         """
-        self._check_input(xs)
-        xs_c, params = self._compute_inputs(xs)
-        slots = self._slots
-        held = {slot.name: getattr(self, slot.name) for slot in slots}
-        axes, xs_w, state = enter_scan(
-            type(self).__name__, xs_c, held, slots, self.dim, self.num_neurons, self.spec.state, time_dim, xp_torch
-        )
-        ys, new_state = self._core_scan(xs_w, state, params)
-        ys, states = leave_scan(axes, ys, new_state, slots, xp_torch)
+        self._refuse_export()
+        ys, states = self._run(xs, self._held_states(), time_dim)
         self.__dict__.update(states)
-        return ys if ys.dtype == xs.dtype else ys.to(xs.dtype)
+        return ys
 
+    # ------------------------------------------------------------- the stateless form
+
+    @property
+    def state_names(self) -> tuple:
+        """The names of the hidden states, in the order the stateless form takes and returns them."""
+        return tuple(slot.name for slot in self._slots)
+
+    def initial_states(self, x: torch.Tensor, time_dim: Optional[int] = None) -> tuple:
+        """Zero states for input ``x`` (one step, or a sequence with its time axis at ``time_dim``).
+
+        In the order of :attr:`state_names`, shaped and typed as the layer
+        would create them.
+        """
+        self._check_input(x)
+        shape = tuple(x.shape)
+        if time_dim is not None:
+            time = check_dim(type(self).__name__, time_dim, x.ndim, name="time_dim")
+            shape = shape[:time] + shape[time + 1 :]
+        axis = check_step_input(type(self).__name__, shape, x.is_floating_point(), x.dtype, self.dim, self.num_neurons)
+        dtype = _COMPUTE_DTYPE.get(self._parameters["A_log"].dtype, self._parameters["A_log"].dtype)
+        return tuple(
+            x.new_zeros(expected_state_shape(shape, axis, slot.size, slot.trailing), dtype=dtype) for slot in self._slots
+        )
+
+    def stateless(self, time_dim: Optional[int] = None) -> "Stateless":
+        """This layer as a pure module ``(x, *states) -> (y, *new_states)``, sharing its parameters.
+
+        What ``torch.export`` captures with the states as inputs and outputs::
+
+            step = layer.stateless()
+            program = torch.export.export(step, (x, *layer.initial_states(x)))
+            y, *states = program.module()(x, *states)
+
+        With ``time_dim`` set, the module runs whole sequences (``scan``) instead of steps.
+        """
+        return Stateless(self, time_dim)
     def _core_scan(self, xs, state, params):
         # The recurrence's log-depth form pays on a GPU; on CPU cores the loop over precomputed blocks wins.
         method = "parallel" if xs.device.type == "cuda" else "loop"
@@ -261,3 +337,34 @@ class TimeInvariantLayer(Layer):
         super().TTdecompile()
         for field in self.spec.dynamics._fields:
             self._buffers.pop(self._COMPILED + field, None)
+
+
+class Stateless(nn.Module):
+    r"""A traceTorch layer as a pure module: ``forward(x, *states) -> (y, *new_states)``.
+
+    Holds no state of its own and leaves the wrapped layer's held states
+    untouched; the parameters are the layer's. States are in the order of
+    ``layer.state_names`` and in traceTorch's layout; ``layer.initial_states(x)``
+    gives zeros. This is the form ``torch.export`` captures.
+    """
+
+    def __init__(self, layer: Layer, time_dim: Optional[int] = None):
+        super().__init__()
+        self.layer = layer
+        self.time_dim = time_dim
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self.layer).__name__}.stateless(): TorchScript cannot compile the array-API step math; "
+            "capture this form with torch.export.export(layer.stateless(), (x, *layer.initial_states(x)))"
+        )
+
+    def forward(self, x: torch.Tensor, *states: torch.Tensor):
+        names = self.layer.state_names
+        if len(states) != len(names):
+            raise TypeError(
+                f"{type(self.layer).__name__}.stateless(): expected {len(names)} state(s) {list(names)} "
+                f"after the input, got {len(states)}"
+            )
+        y, new = self.layer._run(x, dict(zip(names, states)), self.time_dim)
+        return (y, *(new[name] for name in names))

@@ -1,0 +1,78 @@
+"""The stateless form ``(x, *states) -> (y, *states)``: what torch.export captures.
+
+The stateful module cannot be exported or scripted (the state would be
+dropped); doing so fails with a message that names the stateless form.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import LAYER_CASES, LAYER_IDS, assert_states_equal, make_layer, snapshot
+
+STEPS, BATCH = 5, 3
+
+
+def _inputs(kwargs, time=None):
+    shape = (BATCH, kwargs["num_neurons"]) if time is None else (time, BATCH, kwargs["num_neurons"])
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+def test_exported_step_stepped_equals_the_layer_stepped(case):
+    _, cls_name, kwargs = case
+    layer = make_layer(cls_name, kwargs)
+    xs = _inputs(kwargs, STEPS)
+    states = layer.initial_states(xs[0])
+    assert len(states) == len(layer.state_names)
+    program = torch.export.export(layer.stateless(), (xs[0], *states))
+    step = program.module()
+    outputs = []
+    for x in xs:
+        y, *states = step(x, *states)
+        outputs.append(y)
+    expected = torch.stack([layer(x) for x in xs])
+    torch.testing.assert_close(torch.stack(outputs), expected, rtol=1e-12, atol=1e-12)
+    for name, value in zip(layer.state_names, states):
+        torch.testing.assert_close(value, getattr(layer, name), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+def test_exported_sequence_form_continues_from_given_states(case):
+    _, cls_name, kwargs = case
+    layer = make_layer(cls_name, kwargs)
+    first, second = _inputs(kwargs, 4), _inputs(kwargs, 4)
+    program = torch.export.export(layer.stateless(time_dim=0), (first, *layer.initial_states(first, time_dim=0)))
+    ys1, *states = program.module()(first, *layer.initial_states(first, time_dim=0))
+    ys2, *states = program.module()(second, *states)
+    expected = torch.cat([layer.scan(first), layer.scan(second)])
+    torch.testing.assert_close(torch.cat([ys1, ys2]), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+def test_stateless_form_leaves_the_layer_states_alone(case):
+    _, cls_name, kwargs = case
+    layer = make_layer(cls_name, kwargs)
+    x = _inputs(kwargs)
+    layer(x)
+    before = snapshot(layer)
+    y, *states = layer.stateless()(x, *layer.initial_states(x))
+    assert_states_equal(layer, before)
+    layer.zero_states()
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+    with pytest.raises(TypeError, match=rf"{cls_name}.stateless\(\): expected {len(states)} state"):
+        layer.stateless()(x)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES[:1] + LAYER_CASES[2:3] + LAYER_CASES[4:5], ids=["S4", "S6", "Mamba"])
+def test_exporting_or_scripting_the_stateful_layer_points_to_the_stateless_form(case):
+    _, cls_name, kwargs = case
+    layer = make_layer(cls_name, kwargs)
+    x = _inputs(kwargs)
+    with pytest.raises(RuntimeError, match=rf"{cls_name}: torch.export .*layer.stateless\(\)"):
+        torch.export.export(layer, (x,))
+    with pytest.raises(RuntimeError, match=rf"{cls_name}: torch.jit.script .*layer.stateless\(\)"):
+        torch.jit.script(layer)
+    with pytest.raises(RuntimeError, match=r"torch.export.export\(layer.stateless\(\)"):
+        torch.jit.script(layer.stateless())
