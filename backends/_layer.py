@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import ssm_core
-from ssm_core.checks import check_loaded_state
+from ssm_core.checks import check_loaded_state, check_loaded_states_agree
 from ssm_core.layout import enter_scan, enter_step, leave_scan, leave_step
 
 __all__ = ["Layer", "bind"]
@@ -185,7 +185,11 @@ class Layer:
         return {name: xp.asarray(value, copy=True) for name, value in self._states.items() if value is not None}
 
     def load_states(self, states: dict, strict: bool = True) -> None:
-        """Load states saved by ``save_states()`` (copies them); all or nothing."""
+        """Load states saved by ``save_states()`` (copies them); all or nothing.
+
+        Loaded states replace the held ones, whatever batch shape those had;
+        the states a layer ends up with must agree on one batch shape.
+        """
         layer, xp = self._error_name(), self.backend.xp
         missing = sorted(set(self._states) - set(states))
         unexpected = sorted(set(states) - set(self._states))
@@ -200,6 +204,9 @@ class Layer:
             if array.dtype != self._compute_dtype:
                 raise TypeError(f"{layer}: state {slot.name} must have dtype {self._compute_dtype}, got {array.dtype}")
             new[slot.name] = xp.asarray(array, copy=True)
+        present = [slot for slot in self._slots if new[slot.name] is not None]
+        shapes = {slot.name: tuple(new[slot.name].shape) for slot in present}
+        check_loaded_states_agree(layer, present, shapes, self.dim, self.num_neurons)
         self._states = new
 
     # ------------------------------------------------------------- stepping

@@ -14,6 +14,7 @@ __all__ = [
     "check_step_input",
     "expected_state_shape",
     "check_loaded_state",
+    "check_loaded_states_agree",
 ]
 
 
@@ -87,4 +88,26 @@ def check_loaded_state(layer: str, key: str, slot, shape: tuple, dim: int) -> No
             f"{layer}: state {key} must have {slot.size} on the feature axis dim={dim}"
             + ("" if slot.trailing is None else f" and {slot.trailing} on the last axis")
             + f", got shape {tuple(shape)}"
+        )
+
+
+def check_loaded_states_agree(layer: str, slots, shapes: dict, dim: int, num_neurons: int) -> None:
+    """Raise unless the states ``{key: shape}`` loaded together into one layer fit one input shape.
+
+    ``slots`` are the layer's :class:`~ssm_core.spec.StateSlot` records, in
+    the order of ``shapes`` (each already passed :func:`check_loaded_state`).
+    Each state implies the shape of the input that made it (its feature axis
+    set to ``num_neurons``, its trailing axis dropped); two states of one
+    layer that imply different inputs would only fail at the next step.
+    """
+    implied = {}
+    for slot, (key, shape) in zip(slots, shapes.items()):
+        step_shape = list(shape if slot.trailing is None else shape[:-1])
+        step_shape[dim] = num_neurons
+        implied[key] = tuple(step_shape)
+    if len(set(implied.values())) > 1:
+        described = ", ".join(f"{key} {tuple(shape)}" for key, shape in shapes.items())
+        raise ValueError(
+            f"{layer}: the loaded states belong to different input shapes ({described}); "
+            "states saved together from one layer agree on their batch shape"
         )

@@ -175,18 +175,20 @@ class Layer(nn.Module):
             self._ensure_state(name, reference_tensor)
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
-        r"""Raise if ``value`` cannot be state ``state_name`` (called before anything is loaded)."""
+        r"""Raise if ``value`` cannot be state ``state_name`` (called before anything is loaded).
+
+        A loaded state replaces the held one: its batch shape may differ.
+        """
         layer = type(self).__name__
         if value.is_meta:
             raise ValueError(f"{layer}: state {key} is a meta tensor, which holds no data")
         if not value.is_floating_point():
             raise TypeError(f"{layer}: state {key} must be a floating-point tensor, got dtype {value.dtype}")
-        held = getattr(self, state_name)
-        if held is not None and (held.shape != value.shape or held.dtype != value.dtype):
-            raise ValueError(
-                f"{layer}: state {key} must match the held state, shape {tuple(held.shape)} and dtype "
-                f"{held.dtype}, got shape {tuple(value.shape)} and dtype {value.dtype}"
-            )
+
+    def _check_loaded_states(self, loaded: dict) -> None:
+        r"""Raise if the states ``{state name: (key, tensor)}`` cannot be loaded together."""
+        for name, (key, value) in loaded.items():
+            self._check_loaded_state(name, value, key)
 
     def __getstate__(self):
         # Copies carry states detached: a non-leaf tensor cannot be deep-copied,

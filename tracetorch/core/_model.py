@@ -32,6 +32,15 @@ def _canonical_key(key: str) -> str:
     return _MODULES_ALIAS.sub(r"\1\2", key.lstrip("."))
 
 
+def _same_tensor(a, b) -> bool:
+    if a is b:
+        return True
+    return (
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        and a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu()))
+    )
+
+
 def _walk(root) -> Iterator[Tuple[str, object]]:
     """Every object reachable from ``root`` once, with its path.
 
@@ -173,8 +182,11 @@ class Model(nn.Module):
             Where the states go; by default the device of each layer's
             parameters (or of the loaded tensor for a layer without any).
 
-        Raises ``ValueError`` on a missing or unexpected key (when strict), or an
-        entry whose shape or dtype does not fit; nothing is loaded then.
+        Loaded states replace the held ones, whatever batch shape those had.
+        Raises ``ValueError`` on a missing or unexpected key (when strict), a
+        state given twice (under both key forms), an entry whose shape or dtype
+        does not fit its layer, or states of one layer that disagree on their
+        batch shape; nothing is loaded then.
         """
         targets = {}
         for path, layer in self._layers():
@@ -183,7 +195,17 @@ class Model(nn.Module):
 
         incoming = {}
         for key, value in states.items():
-            incoming[_canonical_key(key)] = (key, value)
+            canonical = _canonical_key(key)
+            if canonical in incoming:
+                # 0.19.2's save_states writes each state under every form of its key, all equal;
+                # two different values for one state would leave a silent pick.
+                if not _same_tensor(incoming[canonical][1], value):
+                    raise ValueError(
+                        f"{type(self).__name__}.load_states: {incoming[canonical][0]!r} and {key!r} name the "
+                        "same state with different values; give it once"
+                    )
+                continue
+            incoming[canonical] = (key, value)
         missing = sorted(set(targets) - set(incoming))
         unexpected = sorted(incoming[k][0] for k in set(incoming) - set(targets))
         if strict and (missing or unexpected):
@@ -191,18 +213,20 @@ class Model(nn.Module):
                 f"{type(self).__name__}.load_states: missing states {missing}, unexpected states {unexpected}"
             )
 
-        plan = []
+        per_layer = {}  # id(layer) -> (layer, {state name: (key, tensor)})
         for key, (layer, name) in targets.items():
             if key not in incoming:
                 continue
             original_key, value = incoming[key]
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{type(self).__name__}.load_states: {original_key} must be a tensor, got {type(value).__name__}")
-            layer._check_loaded_state(name, value, original_key)
-            target = device
-            if target is None:
-                reference = next(iter(layer.parameters()), None)
-                target = value.device if reference is None else reference.device
-            plan.append((layer, name, value.detach().to(target, copy=True)))
+            per_layer.setdefault(id(layer), (layer, {}))[1][name] = (original_key, value)
+        plan = []
+        for layer, loaded in per_layer.values():
+            layer._check_loaded_states(loaded)  # each state, and the states of one layer against each other
+            reference = next(iter(layer.parameters()), None)
+            for name, (_, value) in loaded.items():
+                where = device if device is not None else (value.device if reference is None else reference.device)
+                plan.append((layer, name, value.detach().to(where, copy=True)))
         for layer, name, value in plan:
             setattr(layer, name, value)

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import ssm_core
-from ssm_core.checks import check_dim, check_loaded_state, check_step_input, expected_state_shape
+from ssm_core.checks import (
+    check_axis, check_dim, check_loaded_state, check_loaded_states_agree, check_step_input, expected_state_shape,
+)
 from ssm_core.layout import enter_scan, enter_step, leave_scan, leave_step
 
 from ..core import Layer as BaseLayer
@@ -239,6 +241,7 @@ class Layer(BaseLayer):
         Tensor of the shape of ``xs``: the output of every step.
         """
         self._refuse_export()
+        check_axis(type(self).__name__, "time_dim", time_dim)  # None would mean one step to _run
         ys, states = self._run(xs, self._held_states(), time_dim)
         self.__dict__.update(states)
         return ys
@@ -296,6 +299,17 @@ class Layer(BaseLayer):
         for slot in self._slots:
             if slot.name == state_name:
                 check_loaded_state(type(self).__name__, key, slot, tuple(value.shape), self.dim)
+
+    def _check_loaded_states(self, loaded: dict) -> None:
+        super()._check_loaded_states(loaded)
+        # The states kept (a partial load) must agree with the loaded ones too.
+        slots, shapes = [], {}
+        for slot in self._slots:
+            key, value = loaded.get(slot.name, (f"held {slot.name}", getattr(self, slot.name)))
+            if value is not None:
+                slots.append(slot)
+                shapes[key] = tuple(value.shape)
+        check_loaded_states_agree(type(self).__name__, slots, shapes, self.dim, self.num_neurons)
 
 
 class TimeInvariantLayer(Layer):
