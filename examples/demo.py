@@ -51,7 +51,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=8, help="distinct data tokens")
     parser.add_argument("--width", type=int, default=32, help="model width (features)")
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch", "test", "length", "tokens", "vocab", "width"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.tokens > args.length:
+        parser.error(f"--tokens ({args.tokens}) must not exceed --length ({args.length}): each token needs a position")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    problem = device_problem(args.device)
+    if problem:
+        parser.error(f"--device {args.device}: {problem}")
+    return args
+
+
+def device_problem(name: str):
+    """Why torch cannot train on device ``name`` here, or None."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        return str(error).splitlines()[0]
+    if device.type == "cpu":
+        return None
+    module = getattr(torch, device.type, None)
+    if module is None or not hasattr(module, "is_available") or not module.is_available():
+        return f"this torch build ({torch.__version__}) has no usable {device.type} device"
+    return None
 
 
 # ----------------------------------------------------------------------------- the task

@@ -48,3 +48,31 @@ def test_demo_rejects_an_unknown_backend():
     demo = _load_demo()
     with pytest.raises(SystemExit, match="unknown backend"):
         demo.chosen_backends("numpy,fortran")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tokens", "20", "--length", "16"], "--tokens (20) must not exceed --length (16)"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--device", "nonsense"], "--device nonsense:"),
+        (["--lr", "-1"], "--lr must be positive"),
+    ],
+)
+def test_demo_rejects_bad_arguments_in_one_line(argv, message, capsys):
+    demo = _load_demo()
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_rejects_a_device_this_torch_lacks(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA: --device cuda is valid here")
+    demo = _load_demo()
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--device", "cuda"])
+    assert "has no usable cuda device" in capsys.readouterr().err
