@@ -21,7 +21,7 @@ layer's config, parameter and state containers and functions together, e.g.
 ``ssm_core.S6.zero_state(config, batch_shape, xp)``.
 """
 
-from ._array import namespace, phi1, register_namespace, register_native, silu, softplus
+from ._array import namespace, phi1, register_namespace, silu, softplus
 from .discretize import decay_rates, zoh
 from .init import Draws
 from .lti import (
@@ -42,7 +42,7 @@ LAYERS = {spec.name: spec for spec in (S4, S5, S6, Mamba)}
 
 __all__ = [
     "LAYERS", "LayerSpec", "StateSlot", "Draws",
-    "namespace", "phi1", "softplus", "silu", "zoh", "decay_rates", "register_native", "register_namespace",
+    "namespace", "phi1", "softplus", "silu", "zoh", "decay_rates", "register_namespace",
     "S4", "S4Config", "S4Params", "S4State", "S4Dynamics",
     "s4_init", "s4_discretize", "s4_step_discrete", "s4_step", "s4_scan",
     "S5", "S5Config", "S5Params", "S5State", "S5Dynamics",

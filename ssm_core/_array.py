@@ -1,21 +1,20 @@
 """Namespace resolution and the few operations the array API standard lacks.
 
-Every public function of ``ssm_core`` resolves its namespace once, here, and
-then uses only ``xp.*``, operators and the few operations of
-:func:`native_ops`: ``softplus``, ``silu``, ``phi1`` are not in the standard,
-and a linear map, a multiply-add and ``exp(z)`` with ``expm1(z) / A`` have faster
-fused forms in some libraries. Each is written from standard functions, with
-a native fast path where a library has one (torch), looked up once per namespace.
+Every public function of ``ssm_core`` resolves its namespace once, with
+:func:`namespace`, and then uses only ``xp.*``, operators and the functions
+here. ``softplus``, ``silu`` and ``phi1`` are not in the standard; ``linear``,
+``muladd`` and ``zoh_terms`` are, but torch has faster fused kernels for them.
+Each function is the standard form, with an explicit ``if _is_torch(xp):``
+branch where torch's own kernel is faster and gives the same numbers.
 """
 
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
 
-from array_api_compat import array_namespace, is_torch_namespace
+from array_api_compat import array_namespace
 
-__all__ = ["namespace", "register_namespace", "register_native", "native_ops", "softplus", "silu", "phi1"]
+__all__ = ["namespace", "register_namespace", "softplus", "silu", "phi1", "linear", "muladd", "zoh_terms"]
 
 
 def namespace(*arrays, xp=None):
@@ -44,107 +43,64 @@ def register_namespace(found, completed) -> None:
     _COMPLETED[found] = completed
 
 
-def _standard_softplus(x, xp):
-    # log(1 + e^x) without overflow for large x or loss for very negative x.
-    return xp.logaddexp(x, 0.0)
+_TORCH_NAMES = frozenset({"torch", "array_api_compat.torch"})
 
 
-def _standard_silu(x, xp):
-    # x * sigmoid(x); for x -> -inf, exp(-x) -> inf and the quotient -> -0.
-    return x / (1.0 + xp.exp(-x))
-
-
-def _standard_linear(x, weight, bias, xp):
-    y = x @ weight.T
-    return y if bias is None else y + bias
-
-
-def _standard_muladd(a, b, c, xp):
-    return a * b + c
-
-
-def _standard_zoh_terms(z, inv_A, xp):
-    decay_minus_one = xp.expm1(z)
-    return decay_minus_one + 1.0, decay_minus_one * inv_A
-
-
-def _torch_linear(x, weight, bias, xp):
-    y = sys.modules["torch"].nn.functional.linear(x, weight, bias)
-    # Under autocast the product comes back in the low precision; what follows
-    # it (softplus, the discretization, the recurrence) stays in x's dtype.
-    return y if y.dtype == x.dtype else y.to(x.dtype)
-
-
-def _torch_ops():
-    torch = sys.modules["torch"]  # loaded: the namespace is torch's
-    F = torch.nn.functional
-
-    def zoh_terms(z, inv_A, xp):
-        if z.is_cuda or z.requires_grad:
-            # On GPUs expm1 is fast; under autograd the two-kernel form below
-            # costs more in its backward than it saves (measured on CPU).
-            return _standard_zoh_terms(z, inv_A, xp)
-        # torch's CPU expm1 is not vectorised (about 6x exp's time): use
-        # expm1(z) = tanh(z/2) * (exp(z) + 1), exact to a few ulp, from two vectorised kernels.
-        decay = torch.exp(z)
-        return decay, torch.tanh(z * 0.5) * torch.addcmul(inv_A, decay, inv_A)
-
-    return dict(
-        softplus=lambda x, xp: F.softplus(x),
-        silu=lambda x, xp: F.silu(x),
-        linear=_torch_linear,
-        muladd=lambda a, b, c, xp: torch.addcmul(c, a, b),
-        zoh_terms=zoh_terms,
-    )
-
-
-_STANDARD = dict(
-    softplus=_standard_softplus,
-    silu=_standard_silu,
-    linear=_standard_linear,
-    muladd=_standard_muladd,
-    zoh_terms=_standard_zoh_terms,
-)
-_NATIVE: dict = {}
-
-
-def native_ops(xp) -> SimpleNamespace:
-    """The non-standard operations for ``xp``: the library's own kernels where it has faster ones.
-
-    Each takes its arrays and ``xp``: ``softplus(x)``, ``silu(x)``,
-    ``linear(x, weight, bias)`` (``x @ weight.T + bias``),
-    ``muladd(a, b, c)`` (``a * b + c``), ``zoh_terms(z, inv_A)``
-    (``(exp(z), expm1(z) * inv_A)``).
-    """
-    ops = _NATIVE.get(_key(xp))
-    if ops is None:
-        ops = _NATIVE[_key(xp)] = SimpleNamespace(**{**_STANDARD, **(_torch_ops() if is_torch_namespace(xp) else {})})
-    return ops
-
-
-def _key(xp):
-    # Namespaces are keyed by name: a string compares under torch.compile, a module does not.
-    return getattr(xp, "__name__", None) or id(xp)
-
-
-def register_native(xp, **kernels) -> None:
-    """Let a backend supply its own kernels for some of :func:`native_ops` for namespace ``xp``."""
-    unknown = set(kernels) - set(_STANDARD)
-    if unknown:
-        raise ValueError(f"register_native: unknown operations {sorted(unknown)}; expected some of {sorted(_STANDARD)}")
-    _NATIVE[_key(xp)] = SimpleNamespace(**{**vars(native_ops(xp)), **kernels})
+def _is_torch(xp) -> bool:
+    # By name, not array_api_compat.is_torch_namespace: that one is an lru_cache,
+    # and torch.compile warns at every cached function it traces. A torch
+    # namespace means torch is loaded: sys.modules["torch"] imports nothing.
+    return getattr(xp, "__name__", None) in _TORCH_NAMES
 
 
 def softplus(x, xp=None):
     """``log(1 + exp(x))``, elementwise."""
     xp = namespace(x, xp=xp)
-    return native_ops(xp).softplus(x, xp)
+    if _is_torch(xp):
+        return sys.modules["torch"].nn.functional.softplus(x)
+    # log(1 + e^x) without overflow for large x or loss for very negative x.
+    return xp.logaddexp(x, 0.0)
 
 
 def silu(x, xp=None):
     """``x * sigmoid(x)``, elementwise (also called swish)."""
     xp = namespace(x, xp=xp)
-    return native_ops(xp).silu(x, xp)
+    if _is_torch(xp):
+        return sys.modules["torch"].nn.functional.silu(x)
+    # For x -> -inf, exp(-x) -> inf and the quotient -> -0.
+    return x / (1.0 + xp.exp(-x))
+
+
+def linear(x, weight, bias, xp):
+    """``x @ weight.T + bias`` (``bias`` may be None): ``torch.nn.Linear``'s map, weight ``[out, in]``."""
+    if _is_torch(xp):
+        y = sys.modules["torch"].nn.functional.linear(x, weight, bias)  # one kernel with the bias
+        # Under autocast the product comes back in the low precision; what follows
+        # it (softplus, the discretization, the recurrence) stays in x's dtype.
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+    y = x @ weight.T  # [..., out]
+    return y if bias is None else y + bias
+
+
+def muladd(a, b, c, xp):
+    """``a * b + c``, elementwise with broadcasting."""
+    if _is_torch(xp):
+        return sys.modules["torch"].addcmul(c, a, b)  # one pass over memory instead of two
+    return a * b + c
+
+
+def zoh_terms(z, inv_A, xp):
+    """``(exp(z), expm1(z) * inv_A)``: the two terms of a zero-order hold with ``z = dt * A``."""
+    if _is_torch(xp) and not (z.is_cuda or z.requires_grad):
+        # torch's CPU expm1 is not vectorised (about 6x exp's time): use
+        # expm1(z) = tanh(z/2) * (exp(z) + 1), exact to a few ulp, from two
+        # vectorised kernels. On GPUs expm1 is fast; under autograd this form
+        # costs more in its backward than it saves (measured on CPU).
+        torch = sys.modules["torch"]
+        decay = torch.exp(z)
+        return decay, torch.tanh(z * 0.5) * torch.addcmul(inv_A, decay, inv_A)
+    decay_minus_one = xp.expm1(z)
+    return decay_minus_one + 1.0, decay_minus_one * inv_A
 
 
 def phi1(z, xp=None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._array import namespace, native_ops
+from ._array import namespace, zoh_terms
 
 __all__ = ["zoh", "decay_rates"]
 
@@ -52,7 +52,7 @@ def zoh(dt, A, xp=None, inv_A=None):
     xp = namespace(dt, A, xp=xp)
     if inv_A is None:
         A, inv_A = decay_rates(A, xp)  # [parameter shape] x2
-    return native_ops(xp).zoh_terms(dt * A, inv_A, xp)  # [broadcast shape] x2
+    return zoh_terms(dt * A, inv_A, xp)  # [broadcast shape] x2
 
 
 _FLOORS: dict = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._array import namespace, native_ops
+from ._array import muladd, namespace
 from .checks import check_axis, check_int
 from .discretize import zoh
 from .scan import _log_decay, causal_conv_fft, contiguous, decay_powers
@@ -106,7 +106,6 @@ def s4_discretize(params: S4Params, xp=None) -> S4Dynamics:
 def s4_step_discrete(x, state: S4State, dynamics: S4Dynamics, xp=None):
     """One S4 step from precomputed dynamics; returns ``(y, new_state)``."""
     xp = namespace(x, xp=xp)
-    muladd = native_ops(xp).muladd
     h = muladd(dynamics.A_bar, state.state, dynamics.B_bar * x[..., None], xp)  # [..., N, d]
     y = muladd(dynamics.D, x, xp.sum(h * dynamics.C, axis=-1), xp)  # [..., N]
     return y, S4State(h)
@@ -208,7 +207,7 @@ def _s4_fft_scan(xs, state: S4State, dynamics: S4Dynamics, xp):
     wide = xp.float64
     conv = causal_conv_fft(xp.astype(x_by_feature, wide), xp.astype(kernel, wide), xp, axis=-1)  # [M, N, T]
     conv = xp.reshape(xp.permute_dims(xp.astype(conv, xs.dtype), (2, 0, 1)), (T,) + batch + (N,))  # [T, ..., N]
-    ys = native_ops(xp).muladd(D, xs, conv, xp)  # [T, ..., N]
+    ys = muladd(D, xs, conv, xp)  # [T, ..., N]
     h = driven
     if with_h0:
         y0 = xp.permute_dims(xp.concat(from_h0, axis=-1), (2, 1, 0))  # [T, M, N]
@@ -312,7 +311,6 @@ def s5_discretize(params: S5Params, xp=None) -> S5Dynamics:
 def s5_step_discrete(x, state: S5State, dynamics: S5Dynamics, xp=None):
     """One S5 step from precomputed dynamics; returns ``(y, new_state)``."""
     xp = namespace(x, xp=xp)
-    muladd = native_ops(xp).muladd
     g = muladd(dynamics.A_bar, state.global_state, x @ dynamics.B_bar, xp)  # [..., d]
     y = muladd(dynamics.D, x, g @ dynamics.C, xp)  # [..., N]
     return y, S5State(g)

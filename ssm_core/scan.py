@@ -9,7 +9,7 @@ parallel one.
 
 from __future__ import annotations
 
-from ._array import native_ops
+from ._array import muladd
 
 __all__ = ["linear_recurrence", "causal_conv_fft", "contiguous", "decay_powers", "time_blocks", "RECURRENCE_METHODS"]
 
@@ -28,7 +28,6 @@ def linear_recurrence(a, b, h0, xp, method: str = "loop"):
     """
     T = b.shape[0]
     if method == "loop":
-        muladd = native_ops(xp).muladd
         states = []
         h = h0
         # unstack, not a[t]: autograd's gradient of each index is a zero-filled full-size array.

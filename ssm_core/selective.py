@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._array import namespace, native_ops
+from ._array import linear, muladd, namespace, silu, softplus
 from .checks import check_axis, check_int
 from .discretize import decay_rates, zoh
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
@@ -31,11 +31,11 @@ def _resolve_dt_rank(layer: str, dt_rank: int, num_neurons: int) -> int:
     return max(1, num_neurons // 16) if dt_rank == -1 else dt_rank
 
 
-def _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, d, ops, xp):
+def _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, d, xp):
     """``(dt, B, C)`` from ``u`` ``[..., N]``: ``[..., N]``, ``[..., d]``, ``[..., d]``."""
     rank = dt_proj_weight.shape[1]
-    proj = ops.linear(u, proj_weight, None, xp)  # [..., R + 2d]
-    dt = ops.softplus(ops.linear(proj[..., :rank], dt_proj_weight, dt_proj_bias, xp), xp)  # [..., N]
+    proj = linear(u, proj_weight, None, xp)  # [..., R + 2d]
+    dt = softplus(linear(proj[..., :rank], dt_proj_weight, dt_proj_bias, xp), xp)  # [..., N]
     return dt, proj[..., rank : rank + d], proj[..., rank + d :]
 
 
@@ -57,12 +57,11 @@ def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp
     ``B`` and ``C``; ``dt = softplus(dt_proj(dt_low))`` is one step per
     feature; ``decay`` is ``selective_decay(A_log)``.
     """
-    ops = native_ops(xp)
     A, inv_A = decay  # [N, d] x2
-    dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], ops, xp)
+    dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], xp)
     A_bar, gain = zoh(dt[..., None], A, xp, inv_A)  # [..., N, d], [..., N, d]
-    h = ops.muladd(A_bar, h, (gain * B[..., None, :]) * u[..., None], xp)  # [..., N, d]
-    return ops.muladd(D, u, _readout(h, C), xp), h  # [..., N], [..., N, d]
+    h = muladd(A_bar, h, (gain * B[..., None, :]) * u[..., None], xp)  # [..., N, d]
+    return muladd(D, u, _readout(h, C), xp), h  # [..., N], [..., N, d]
 
 
 # Steps per block of the sequence scan: the block's decays and inputs
@@ -80,9 +79,8 @@ def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, x
     T = u.shape[0]
     if T == 0:
         return D * u, h0
-    ops = native_ops(xp)
     A, inv_A = decay  # [N, d] x2
-    dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], ops, xp)
+    dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], xp)
     h = h0
     ys = []
     for dt_t, B_t, C_t, u_t in zip(*(time_blocks(a, block, xp) for a in (dt, B, C, u))):
@@ -92,7 +90,7 @@ def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, x
         h = hs[-1, ...]
         ys.append(_readout(hs, C_t))  # [L, ..., N]
     ys = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)
-    return ops.muladd(D, u, ys, xp), h  # [T, ..., N], [..., N, d]
+    return muladd(D, u, ys, xp), h  # [T, ..., N], [..., N, d]
 
 
 def causal_conv_scan(u, buffer, weights, bias, xp):
@@ -329,18 +327,17 @@ def mamba_step(x, state: MambaState, params: MambaParams, xp=None, decay=None):
     ``decay``: ``selective_decay(params.A_log)`` when the caller keeps it across steps.
     """
     xp = namespace(x, xp=xp)
-    ops = native_ops(xp)
     p = params
     N = x.shape[-1]
-    xz = ops.linear(x, p.in_proj_weight, None, xp)  # [..., 2N]
+    xz = linear(x, p.in_proj_weight, None, xp)  # [..., 2N]
     u, gate = xz[..., :N], xz[..., N:]  # [..., N], [..., N]
     buffer = state.conv_buffer
     if buffer is not None:
         u, buffer = causal_conv_step(u, buffer, p.conv_weights, p.conv_bias, xp)  # [..., N], [..., N, K]
-    u = ops.silu(u, xp)  # [..., N]
+    u = silu(u, xp)  # [..., N]
     decay = selective_decay(p.A_log, xp) if decay is None else decay
     y, h = selective_step(u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp)
-    y = ops.linear(y * ops.silu(gate, xp), p.out_proj_weight, None, xp) + x  # [..., N]
+    y = linear(y * silu(gate, xp), p.out_proj_weight, None, xp) + x  # [..., N]
     return y, MambaState(h, buffer)
 
 
@@ -354,21 +351,20 @@ def mamba_scan(
     context, and the selective core scans as :func:`s6_scan`.
     """
     xp = namespace(xs, xp=xp)
-    ops = native_ops(xp)
     p = params
     N = xs.shape[-1]
-    xz = ops.linear(xs, p.in_proj_weight, None, xp)  # [T, ..., 2N]
+    xz = linear(xs, p.in_proj_weight, None, xp)  # [T, ..., 2N]
     u, gate = xz[..., :N], xz[..., N:]  # [T, ..., N], [T, ..., N]
     buffer = state.conv_buffer
     if buffer is not None:
         u, buffer = causal_conv_scan(u, buffer, p.conv_weights, p.conv_bias, xp)  # [T, ..., N], [..., N, K]
-    u = ops.silu(u, xp)  # [T, ..., N]
+    u = silu(u, xp)  # [T, ..., N]
     decay = selective_decay(p.A_log, xp) if decay is None else decay
     ys, h = selective_scan(
         u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp,
         block=block, method=method,
     )
-    ys = ops.linear(ys * ops.silu(gate, xp), p.out_proj_weight, None, xp) + xs  # [T, ..., N]
+    ys = linear(ys * silu(gate, xp), p.out_proj_weight, None, xp) + xs  # [T, ..., N]
     return ys, MambaState(h, buffer)
 
 
