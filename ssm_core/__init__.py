@@ -15,10 +15,14 @@ Functional API, uniform over the four layers::
     ys, state = ssm_core.s6_scan(xs, state, params)    # a whole sequence xs [T, ..., N]:
                                                        # the same numbers as T steps
 
+These check their arguments first (shapes and dtypes, no array work; see
+:mod:`ssm_core.functional`) and raise an error naming the function.
+
 ``ssm_core.S4`` ... ``ssm_core.Mamba`` are :class:`LayerSpec` records tying each
 layer's config, parameter and state containers and functions together, e.g.
 ``ssm_core.S6.params_from_mapping(torch_layer.state_dict())`` and
-``ssm_core.S6.zero_state(config, batch_shape, xp)``.
+``ssm_core.S6.zero_state(config, batch_shape, xp)``. Their ``step`` and ``scan``
+are the unchecked functions, for bindings that check their inputs themselves.
 """
 
 from ._array import namespace, phi1, register_namespace, silu, softplus
@@ -26,15 +30,16 @@ from .discretize import decay_rates, zoh
 from .init import Draws
 from .lti import (
     S4, S5,
-    S4Config, S4Dynamics, S4Params, S4State, s4_discretize, s4_init, s4_scan, s4_step, s4_step_discrete,
-    S5Config, S5Dynamics, S5Params, S5State, s5_discretize, s5_init, s5_scan, s5_step, s5_step_discrete,
+    S4Config, S4Dynamics, S4Params, S4State, s4_discretize, s4_init, s4_step_discrete,
+    S5Config, S5Dynamics, S5Params, S5State, s5_discretize, s5_init, s5_step_discrete,
 )
 from .selective import (
     S6, Mamba,
-    MambaConfig, MambaParams, MambaState, mamba_init, mamba_scan, mamba_step,
-    S6Config, S6Params, S6State, s6_init, s6_scan, s6_step,
+    MambaConfig, MambaParams, MambaState, mamba_init,
+    S6Config, S6Params, S6State, s6_init,
     causal_conv_scan, causal_conv_step, selective_decay, selective_scan, selective_step,
 )
+from .functional import mamba_scan, mamba_step, s4_scan, s4_step, s5_scan, s5_step, s6_scan, s6_step
 from .scan import causal_conv_fft, decay_powers, linear_recurrence, time_blocks
 from .spec import LayerSpec, StateSlot
 
