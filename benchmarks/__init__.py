@@ -9,9 +9,9 @@ Run ``python -m benchmarks [--quick] [--only step,scan] [--rounds N] [--out DIR]
   our ``scan``, forward and forward+backward, with peak memory.
 - ``benchmarks.report``: Markdown tables, PNG plots and the machine summary.
 
-The reference ``tracetorch==0.19.2`` is installed apart, under
-``benchmarks/.reference``, and imported as ``tracetorch_ref``
-(``benchmarks._reference``).
+The published ``tracetorch==0.19.2`` is installed apart, under
+``benchmarks/.published``, and imported as ``tracetorch_published``
+(``benchmarks._published``).
 """
 
 import os

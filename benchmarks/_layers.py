@@ -56,13 +56,13 @@ def torch_sync(device: str):
 
 
 def reference_or_reason():
-    """``(tracetorch_ref module, None)`` or ``(None, why the reference is unavailable)``."""
-    from . import _reference
+    """``(published package, None)`` or ``(None, why it is unavailable)``."""
+    from . import _published
 
     try:
-        return _reference.load(install=True), None
+        return _published.load(install=True), None
     except Exception as error:
-        return None, f"reference tracetorch=={_reference.VERSION} unavailable ({type(error).__name__}: {error})"
+        return None, f"published tracetorch=={_published.VERSION} unavailable ({type(error).__name__}: {error})"
 
 
 def build_pair(name: str, features: int, device: str, reference, seed: int = 0):

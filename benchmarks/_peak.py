@@ -138,10 +138,10 @@ def _serve(jobs: list, timeout_s: float) -> None:
 
     import tracetorch  # noqa: F401
 
-    from . import _layers, _reference, scan  # noqa: F401
+    from . import _layers, _published, scan  # noqa: F401
 
     try:
-        reference = _reference.load(install=False)
+        reference = _published.load(install=False)
     except Exception:
         reference = None
     for job in jobs:
