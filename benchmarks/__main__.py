@@ -1,29 +1,41 @@
 """``python -m benchmarks [--quick] [--only step,scan] [--rounds N] [--out DIR] [--threads N] [--torch-compile]``.
 
 Writes ``step.md``, ``scan.md``, ``step.png``, ``scan.png`` and ``machine.md``
-into ``--out`` (default ``benchmarks/results/``) and prints the tables.
+and prints the tables. A full run writes to ``benchmarks/results/``, the
+figures the README quotes, but only on a quiet machine: when the 1-minute
+load average is above 0.5 it waits up to 10 minutes, then writes to the
+ignored ``benchmarks/results-local/`` and says so. ``--quick`` runs always
+write there (or to ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from .report import QUIET_LOAD
+
 BENCHMARKS = ("step", "scan")
 RESULTS = Path(__file__).resolve().parent / "results"
+LOCAL = RESULTS.with_name("results-local")  # ignored by git
+QUIET_WAIT_S = 600
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks",
                                      description="Benchmarks of tracetorch's SSM layers against traceTorch 0.19.2.")
-    parser.add_argument("--quick", action="store_true", help="a short run that checks that everything works")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run that checks that everything works (its figures are not published)")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: step, scan (default: both)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7; 2 with --quick)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/results/ for a full run on a quiet machine, "
+                             "else benchmarks/results-local/)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--torch-compile", action="store_true", help="time torch.compile per step even with --quick")
     args = parser.parse_args(argv)
@@ -43,9 +55,44 @@ def _log(message: str) -> None:
     print(f"[{time.perf_counter() - _STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
+def _shout(message: str) -> None:
+    print(f"\n{'!' * 78}\n{message}\n{'!' * 78}\n", file=sys.stderr, flush=True)
+
+
+def _busy_load():
+    """``None`` once the 1-minute load average is at most ``QUIET_LOAD`` (waiting up to ``QUIET_WAIT_S``), else it."""
+    if not hasattr(os, "getloadavg"):
+        return "unknown (no os.getloadavg)"
+    deadline = time.monotonic() + QUIET_WAIT_S
+    while (load := os.getloadavg()[0]) > QUIET_LOAD:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return f"{load:.2f}"
+        _log(f"1-minute load average {load:.2f} > {QUIET_LOAD}: waiting for a quiet machine before a run "
+             f"whose figures are published ({left / 60:.1f} min left)")
+        time.sleep(min(15.0, left))
+    return None
+
+
+def output_folder(args) -> tuple:
+    """``(folder, why it is not the committed results)``; the reason is ``""`` when it is."""
+    if args.out is not None and args.out.resolve() != RESULTS:
+        return args.out, ""
+    if args.quick:
+        return LOCAL, "--quick: writing to benchmarks/results-local/, not to the committed benchmarks/results/"
+    load = _busy_load()
+    if load is None:
+        return RESULTS, ""
+    return LOCAL, (f"NOT PUBLISHED: the 1-minute load average was still {load} (above {QUIET_LOAD}) after "
+                   f"{QUIET_WAIT_S // 60} min of waiting, so these timings went to benchmarks/results-local/, "
+                   "not to the committed benchmarks/results/. Rerun on a quiet machine.")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = args.out or RESULTS
+    out, diverted = output_folder(args)
+    if diverted:
+        _shout(diverted)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -54,7 +101,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m benchmarks", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     info = report.machine_info()
-    _write(out / "machine.md", report.machine_markdown(info, command))
+    _write(out / "machine.md", report.machine_markdown(info, command, diverted))
     title = f"{report.machine_line(info)}\n{command}"
     failed = []
     for name in args.only:
@@ -67,7 +114,9 @@ def main(argv=None) -> int:
             text = f"# {name} benchmark failed\n\nCommand: `{command}`\n\n```\n{error}```\n"
             _write(out / f"{name}.md", text)
         print(text)
-    _write(out / "machine.md", report.machine_markdown(report.finish_machine_info(info), command))
+    _write(out / "machine.md", report.machine_markdown(report.finish_machine_info(info), command, diverted))
+    if diverted:
+        _shout(diverted)
     return 1 if failed else 0
 
 
