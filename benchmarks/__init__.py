@@ -1,17 +1,17 @@
 """Benchmarks of the state-space layers: ours against the published traceTorch 0.19.2.
 
-Run ``python -m benchmarks [--quick] [--only step,scan] [--rounds N] [--out DIR]``.
+``python -m benchmarks`` (see ``benchmarks/__main__.py``) runs:
 
-- ``benchmarks.step``: per-step latency of S4, S5, S6 and Mamba on every
-  available backend (torch CPU/CUDA, NumPy, MLX, CuPy), in inference,
-  autograd, ``TTcompile`` and ``torch.compile`` modes, plus an RSS check.
-- ``benchmarks.scan``: whole sequences, upstream stepping vs our stepping vs
-  our ``scan``, forward and forward+backward, with peak memory.
+- ``benchmarks.step``: per-step latency on every available backend, in
+  inference, autograd, ``TTcompile`` and ``torch.compile`` modes, and a check
+  that stepping does not grow memory;
+- ``benchmarks.scan``: whole sequences: the exp-and-matmul floor, stepping
+  0.19.2, our stepping, our ``scan`` (eager and compiled), and Mamba's peers
+  (mamba.py, transformers), forward and forward+backward, with peak memory
+  and first-call time;
 - ``benchmarks.report``: Markdown tables, PNG plots and the machine summary.
 
-The reference ``tracetorch==0.19.2`` is installed apart, under
-``benchmarks/.reference``, and imported as ``tracetorch_ref``
-(``benchmarks._reference``).
+The published ``tracetorch==0.19.2`` is installed apart (``benchmarks._published``).
 """
 
 import os

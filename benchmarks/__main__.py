@@ -1,92 +1,112 @@
-"""``python -m benchmarks [--quick] [--only step,scan] [--rounds N] [--out DIR]``.
+"""``python -m benchmarks [--quick] [--only step,scan] [--rounds N] [--out DIR] [--threads N] [--torch-compile]``.
 
-Runs the selected benchmarks, writes ``step.md``, ``scan.md``, ``step.png``,
-``scan.png`` and ``machine.md`` into ``--out`` (default
-``benchmarks/results/``), and prints the tables.
+Writes ``step.md``, ``scan.md``, ``step.png``, ``scan.png`` and ``machine.md``
+and prints the tables. A full run writes to ``benchmarks/results/``, the
+figures the README quotes, but only on a quiet machine: when the 1-minute
+load average is above 0.5 it waits up to 10 minutes, then writes to the
+ignored ``benchmarks/results-local/`` and says so. ``--quick`` runs always
+write there (or to ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from .report import QUIET_LOAD
+
 BENCHMARKS = ("step", "scan")
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-THREADS = 2
+RESULTS = Path(__file__).resolve().parent / "results"
+LOCAL = RESULTS.with_name("results-local")  # ignored by git
+QUIET_WAIT_S = 600
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description="Benchmarks of tracetorch's SSM layers against traceTorch 0.19.2.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description="Benchmarks of tracetorch's SSM layers against traceTorch 0.19.2.")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny configuration (2 sizes, T in {64, 256}, 2 rounds, no torch.compile)")
-    parser.add_argument("--only", default=",".join(BENCHMARKS),
-                        help="comma-separated benchmarks to run: step, scan (default: both)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="timed rounds per configuration (default 7; 2 with --quick)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/results/)")
-    parser.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads (default 2)")
-    compile_group = parser.add_mutually_exclusive_group()
-    compile_group.add_argument("--torch-compile", dest="torch_compile", action="store_true", default=None,
-                               help="time torch.compile even with --quick")
-    compile_group.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
-                               help="skip torch.compile")
-    parser.add_argument("--no-memory", action="store_true", help="skip the scan benchmark's peak-memory runs")
+                        help="a short run that checks that everything works (its figures are not published)")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: step, scan (default: both)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7; 2 with --quick)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/results/ for a full run on a quiet machine, "
+                             "else benchmarks/results-local/)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--torch-compile", action="store_true", help="time torch.compile per step even with --quick")
     args = parser.parse_args(argv)
     args.only = list(dict.fromkeys(name.strip() for name in args.only.split(",") if name.strip()))
-    unknown = sorted(set(args.only) - set(BENCHMARKS))
-    if unknown:
-        parser.error(f"--only: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    if set(args.only) - set(BENCHMARKS):
+        parser.error(f"--only: unknown benchmark(s) {sorted(set(args.only) - set(BENCHMARKS))}; "
+                     f"choose from {list(BENCHMARKS)}")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
     return args
-
-
-def command_line(argv=None) -> str:
-    """The command as typed, for the report headers."""
-    argv = sys.argv[1:] if argv is None else argv
-    return " ".join(["python -m benchmarks", *map(shlex.quote, argv)])
 
 
 _STARTED = time.perf_counter()
 
 
 def _log(message: str) -> None:
-    """Progress on stderr, with the seconds since start."""
     print(f"[{time.perf_counter() - _STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def _write(path: Path, text: str) -> None:
-    path.write_text(text)
-    _log(f"wrote {path}")
+def _shout(message: str) -> None:
+    print(f"\n{'!' * 78}\n{message}\n{'!' * 78}\n", file=sys.stderr, flush=True)
+
+
+def _busy_load():
+    """``None`` once the 1-minute load average is at most ``QUIET_LOAD`` (waiting up to ``QUIET_WAIT_S``), else it."""
+    if not hasattr(os, "getloadavg"):
+        return "unknown (no os.getloadavg)"
+    deadline = time.monotonic() + QUIET_WAIT_S
+    while (load := os.getloadavg()[0]) > QUIET_LOAD:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return f"{load:.2f}"
+        _log(f"1-minute load average {load:.2f} > {QUIET_LOAD}: waiting for a quiet machine before a run "
+             f"whose figures are published ({left / 60:.1f} min left)")
+        time.sleep(min(15.0, left))
+    return None
+
+
+def output_folder(args) -> tuple:
+    """``(folder, why it is not the committed results)``; the reason is ``""`` when it is."""
+    if args.out is not None and args.out.resolve() != RESULTS:
+        return args.out, ""
+    if args.quick:
+        return LOCAL, "--quick: writing to benchmarks/results-local/, not to the committed benchmarks/results/"
+    load = _busy_load()
+    if load is None:
+        return RESULTS, ""
+    return LOCAL, (f"NOT PUBLISHED: the 1-minute load average was still {load} (above {QUIET_LOAD}) after "
+                   f"{QUIET_WAIT_S // 60} min of waiting, so these timings went to benchmarks/results-local/, "
+                   "not to the committed benchmarks/results/. Rerun on a quiet machine.")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out, diverted = output_folder(args)
+    if diverted:
+        _shout(diverted)
     import torch
 
     torch.set_num_threads(args.threads)
     from . import report
 
-    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    command = command_line(argv)
+    command = " ".join(["python -m benchmarks", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     info = report.machine_info()
-    _write(out / "machine.md", report.machine_markdown(info, command))
+    _write(out / "machine.md", report.machine_markdown(info, command, diverted))
     title = f"{report.machine_line(info)}\n{command}"
-
     failed = []
     for name in args.only:
         try:
-            text, plotted = _run_benchmark(name, args, out, info, command, title)
-            if not plotted:
-                failed.append(f"{name}.png")
+            text = _run(name, args, out, info, command, title, failed)
         except Exception:  # keep going with the other benchmark; the error lands in its .md
             failed.append(name)
             error = traceback.format_exc()
@@ -94,37 +114,35 @@ def main(argv=None) -> int:
             text = f"# {name} benchmark failed\n\nCommand: `{command}`\n\n```\n{error}```\n"
             _write(out / f"{name}.md", text)
         print(text)
-    _write(out / "machine.md", report.machine_markdown(report.finish_machine_info(info), command))
+    _write(out / "machine.md", report.machine_markdown(report.finish_machine_info(info), command, diverted))
+    if diverted:
+        _shout(diverted)
     return 1 if failed else 0
 
 
-def _run_benchmark(name: str, args, out: Path, info: dict, command: str, title: str) -> tuple:
-    """Run benchmark ``name`` ("step" or "scan"), write its table and plot; ``(table, plotted)``."""
-    from . import report
+def _run(name: str, args, out: Path, info: dict, command: str, title: str, failed: list) -> str:
+    """Run benchmark ``name``, write its table and plot; returns the table."""
+    from . import report, scan, step
 
     if name == "step":
-        from . import step
-
-        settings = step.StepSettings.make(args.quick, args.rounds, args.torch_compile)
-        results = step.run(settings, log=_log)
-        text = report.step_markdown(results, info, command)
-        plot, heading = report.plot_step, "Per-step latency · "
+        results = step.run(step.Settings.make(args.quick, args.rounds, args.torch_compile), log=_log)
+        text, plot, heading = report.step_markdown(results, info, command), report.plot_step, "Per-step latency"
     else:
-        from . import scan
-
-        settings = scan.ScanSettings.make(args.quick, args.rounds)
-        settings.memory = not args.no_memory
-        results = scan.run(settings, log=_log)
-        text = report.scan_markdown(results, info, command)
-        plot, heading = report.plot_scan, "Sequence mode · "
+        results = scan.run(scan.Settings.make(args.quick, args.rounds), log=_log)
+        text, plot, heading = report.scan_markdown(results, info, command), report.plot_scan, "Sequence mode"
     _write(out / f"{name}.md", text)
     try:
-        plot(results, out / f"{name}.png", heading + title)
+        plot(results, out / f"{name}.png", f"{heading} · {title}")
+        _log(f"wrote {out / f'{name}.png'}")
     except Exception as error:  # e.g. matplotlib missing: the table stands, the run reports failure
+        failed.append(f"{name}.png")
         _log(f"could not plot {name}.png ({type(error).__name__}: {error}); pip install matplotlib")
-        return text, False
-    _log(f"wrote {out / f'{name}.png'}")
-    return text, True
+    return text
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+    _log(f"wrote {path}")
 
 
 if __name__ == "__main__":

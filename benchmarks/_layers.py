@@ -1,89 +1,61 @@
-"""What to benchmark on: torch devices, array backends, and layer pairs (ours + reference).
+"""What to benchmark on: torch devices, array backends, and our layers beside the published ones.
 
-The discovery helpers give a reason string instead of raising when something
-is not usable here, so the benchmarks can write the reason into their tables.
+Discovery gives a reason string instead of raising when something is not
+usable here, so the tables can say why it is missing.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 
 import tracetorch as tt
 
-__all__ = [
-    "LAYERS", "TIME_INVARIANT", "torch_devices", "array_backends", "torch_sync",
-    "build_pair", "fresh_copy", "reference_or_reason",
-]
+from . import _published
 
 LAYERS = ("S4", "S5", "S6", "Mamba")
-TIME_INVARIANT = ("S4", "S5")  # the layers with TTcompile()
+PUBLISHED = "0.19.2 step"  # stepping the published traceTorch: the baseline of every ratio
 
 
 def torch_devices() -> dict:
     """``{"cpu": None, "cuda": None or why it is skipped}``."""
-    devices = {"cpu": None}
-    if not torch.cuda.is_available():
-        devices["cuda"] = "torch CUDA not available (torch.cuda.is_available() is False)"
-    else:
-        devices["cuda"] = None
-    return devices
+    return {"cpu": None, "cuda": None if torch.cuda.is_available() else "torch.cuda.is_available() is False"}
 
 
 def array_backends(names=("numpy", "mlx", "cupy")) -> dict:
     """``{name: backend module or why it is skipped}`` for our array backends."""
     import backends
 
-    found = {}
-    reasons = backends.available()
+    found, reasons = {}, backends.available()
     for name in names:
-        if reasons.get(name) is not None:
-            found[name] = reasons[name]
-            continue
         try:
-            found[name] = backends.load(name)
+            found[name] = reasons.get(name) or backends.load(name)
         except Exception as error:  # e.g. a native library failing on first use
             found[name] = f"{name} failed to load ({type(error).__name__}: {error})"
     return found
 
 
 def torch_sync(device: str):
-    """A function waiting for queued work on ``device`` (nothing to wait for on CPU)."""
-    if device == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def reference_or_reason():
-    """``(tracetorch_ref module, None)`` or ``(None, why the reference is unavailable)``."""
-    from . import _reference
-
+def published_or_reason():
+    """``(published package, None)`` or ``(None, why it is unavailable)``; installs it on first use."""
     try:
-        return _reference.load(install=True), None
+        return _published.load(install=True), None
     except Exception as error:
-        return None, f"reference tracetorch=={_reference.VERSION} unavailable ({type(error).__name__}: {error})"
+        return None, f"tracetorch=={_published.VERSION} unavailable ({type(error).__name__}: {error})"
 
 
-def build_pair(name: str, features: int, device: str, reference, seed: int = 0):
-    """``(ours, upstream)``: our ``tt.ssm.<name>(features)`` and the reference's, same weights.
+def make_layer(name: str, features: int, device: str, published: bool = False) -> torch.nn.Module:
+    """Our ``tt.ssm.<name>(features)``, or the published one carrying our weights; the same weights every call.
 
-    The upstream layer (``None`` without a reference module) gets our
-    ``state_dict`` so both compute on the same numbers (its own init draws
-    ``log_dt`` from ``randn``, which could make its state decay differently).
+    The published layer gets our ``state_dict`` (its own init draws ``log_dt``
+    from ``randn``, which could make its states decay differently).
     """
-    torch.manual_seed(seed)
-    ours = getattr(tt.ssm, name)(features).to(device)
-    upstream = None
-    if reference is not None:
-        upstream = getattr(reference.ssm, name)(features)
-        upstream.load_state_dict(copy.deepcopy(ours.state_dict()), strict=True)
-        upstream = upstream.to(device)
-    return ours, upstream
-
-
-def fresh_copy(layer: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``layer`` with no hidden states (its own parameters)."""
-    clone = copy.deepcopy(layer)
-    clone.zero_states()
-    return clone
+    torch.manual_seed(0)
+    ours = getattr(tt.ssm, name)(features)
+    if not published:
+        return ours.to(device)
+    theirs = getattr(_published.load(install=False).ssm, name)(features)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return theirs.to(device)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check: parity tests and a reduced benchmark run on a machine with an NVIDIA GPU.
 #
-# Installs nothing: run it where torch (CUDA build), cupy, pytest and
-# matplotlib are already installed, from any folder:
+# Installs nothing: run it where torch (CUDA build), cupy, pytest and the
+# bench extra (matplotlib, mambapy, transformers) are already installed, from
+# any folder:
 #
 #     OUT=/path/to/results bash benchmarks/gpu_check.sh
 #

@@ -1,331 +1,347 @@
-"""Sequence mode: upstream stepping vs our stepping vs our ``scan``, with peak memory.
+"""Sequence mode: whole sequences every way we have, against stepping the published 0.19.2.
 
-For T in {64, 256, 1024, 4096} (``--quick``: {64, 256}), batch 8, 256
-features, each layer and torch device, two interleaved groups:
+Shapes, 256 features: T = 64, 256, 1024, 4096 at batch 8, and one long single
+stream, T = 16,384 at batch 1. Each torch device, layer, shape and mode (fwd:
+under ``no_grad``; fwd+bwd: the sum of all outputs, ``backward()``) is one
+group of interleaved contenders, each running a whole sequence from zero states:
 
-- forward (``torch.no_grad``): ``zero_states`` then T upstream steps, T of
-  our steps, or one ``scan`` of the ``[T, 8, 256]`` sequence;
-- forward+backward: the same, then ``sum`` of all outputs and ``backward()``.
+- ``floor``: the exp and matmul work alone that the layer must do over the
+  sequence (:func:`_floor`), a bound no implementation gets below;
+- ``0.19.2 step``: the published traceTorch stepped T times, the baseline:
+  speed-up = its time / the contender's (> 1: faster);
+- ``ours step``; ``ours scan``, or ``ours scan eager`` and ``ours scan
+  compiled`` once ``scan`` takes ``compiled=`` (:func:`scan_variants`);
+- for Mamba, its peers at the same sizes (expand 1, d_state 16, conv 4):
+  mamba.py's parallel scan (``mambapy``, ``pscan=True``) and the torch path of
+  ``transformers``' ``MambaMixer`` (its sequential loop, no CUDA kernels).
 
-Ratios: upstream stepping / our scan (the speed-up of sequence mode) and
-upstream stepping / our stepping; > 1 means ours is faster.
+Before any timing, each contender runs once in a fresh process
+(``benchmarks._peak``) for its peak memory and first-call time, on an empty
+compile cache. A compiled contender then runs once more, in another fresh
+process on the cache the first filled: the first call a later process pays,
+and a peak that does not count compiling. A run that was killed, timed out or
+peaked near the free memory is not timed: it could take this process down.
 
-Peak memory comes first: every run once, each in a fresh process
-(``benchmarks._peak``). A run that was killed, timed out or peaked near the
-free memory is then not timed, since it could take this process down.
-
-Beside torch: our NumPy, MLX (and CuPy) layers, ``scan`` vs their own
-stepping, forward only.
-
-Rounds: a group whose first round is long gets fewer rounds, to fit a time
-budget per group (never fewer than 2, or 1 when one round takes over twice
-the budget); the table says how many ran.
+Beside torch: our NumPy, MLX (and CuPy) layers, ``scan`` against their own
+stepping, forward.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+import sys
+import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ._layers import LAYERS, array_backends, build_pair, reference_or_reason, torch_devices, torch_sync
-from ._timing import Contender, Plan, error_text, measure, ratio
+import tracetorch as tt
 
-__all__ = ["ScanSettings", "ScanRow", "ArrayRow", "ScanResults", "run", "sequence_runner", "METHODS", "MODES"]
+from . import _peak
+from ._layers import LAYERS, PUBLISHED, array_backends, make_layer, published_or_reason, torch_devices, torch_sync
+from ._measure import Contender, Plan, Row, error_text, fill, measure, proc_mib, ratio
 
-TS = (64, 256, 1024, 4096)
-QUICK_TS = (64, 256)
-BATCH, FEATURES = 8, 256
-WARMUP_T = 32  # warm-up runs a short sequence (same code paths: S4/S5 take the FFT from 32 steps)
-METHODS = ("upstream step", "ours step", "ours scan")
+FEATURES = 256
+SHAPES = ((64, 8), (256, 8), (1024, 8), (4096, 8), (16384, 1))  # (T, batch)
 MODES = ("fwd", "fwd+bwd")
-# Speed-up targets of upstream stepping / our scan at T = 1024 (the brief gives no mode for S4/S5).
-TARGET_T = 1024
-TARGETS = {
-    ("S4", "fwd"): 20.0, ("S4", "fwd+bwd"): 20.0, ("S5", "fwd"): 20.0, ("S5", "fwd+bwd"): 20.0,
-    ("S6", "fwd"): 2.0, ("Mamba", "fwd"): 2.0, ("S6", "fwd+bwd"): 1.5, ("Mamba", "fwd+bwd"): 1.5,
-}
+WARMUP_T = 32  # warm-up sequences are this short: the same code paths (S4/S5 take the FFT from 32 steps)
+PEERS = ("mamba.py pscan", "transformers MambaMixer")
+SAFE_FRACTION = 0.6  # runs peaking above this share of the free memory are not timed
+# Speed-ups over stepping 0.19.2 that our scan aims at, at T = 1024, batch 8; and over mamba.py's pscan.
+TARGET_SHAPE = (1024, 8)
+TARGETS = {"fwd": {"S4": 8, "S5": 4, "S6": 4, "Mamba": 4}, "fwd+bwd": {"S4": 4, "S5": 3, "S6": 3, "Mamba": 3}}
+PSCAN_TARGETS = {"fwd": 10, "fwd+bwd": 3}
 
 
 @dataclass
-class ScanSettings:
-    """What the scan benchmark measures and for how long."""
-
-    ts: tuple = TS
+class Settings:
+    shapes: tuple = SHAPES
     rounds: int = 7
-    budget_s: Optional[float] = 25.0  # per group; None: always ``rounds`` rounds
-    array_ts: tuple = (64, 256, 1024)  # stepping an array backend at T=4096 would take minutes
-    memory: bool = True
-    memory_ts: tuple = TS
-    memory_timeout_s: float = 300.0  # a run slower than this is killed, and not timed either
-    memory_safe_fraction: float = 0.6  # runs peaking above this share of free memory are not timed
+    budget_s: Optional[float] = 25.0  # timed seconds per contender and group before it stops
+    array_shapes: tuple = ((64, 8), (256, 8), (1024, 8))  # stepping an array backend further takes minutes
+    memory_shapes: tuple = SHAPES
+    memory_modes: tuple = MODES
+    memory_layers: tuple = LAYERS
+    memory_timeout_s: float = 900.0
 
     @classmethod
     def make(cls, quick: bool, rounds: Optional[int] = None):
-        """The full settings, or the ``--quick`` ones (T in {64, 256}, 2 rounds; memory and array backends at 64)."""
+        settings = cls()
         if quick:
-            settings = cls(ts=QUICK_TS, rounds=2, budget_s=None, array_ts=(64,), memory_ts=(64,),
-                           memory_timeout_s=120.0)
-        else:
-            settings = cls()
-        if rounds is not None:
-            settings.rounds = rounds
+            settings = cls(shapes=((32, 4), (64, 1)), rounds=2, budget_s=None, array_shapes=((32, 4),),
+                           memory_shapes=((32, 4),), memory_modes=("fwd",), memory_layers=("Mamba",),
+                           memory_timeout_s=300.0)
+        settings.rounds = rounds or settings.rounds
         return settings
 
-    def plan(self) -> Plan:
-        return Plan(rounds=self.rounds, target_s=0.0, min_calls=1, max_calls=1, warmup_calls=1,
-                    budget_s=self.budget_s, min_rounds=2)
-
 
 @dataclass
-class ScanRow:
-    """One torch configuration: median seconds per sequence of each method, ratios, peak memory."""
-
-    device: str
-    layer: str
-    T: int
-    mode: str
-    seconds: dict = field(default_factory=dict)  # method -> median s (None if failed)
-    errors: dict = field(default_factory=dict)  # method -> error text
-    speedup_scan: Optional[float] = None  # upstream step / ours scan
-    speedup_step: Optional[float] = None  # upstream step / ours step
-    rounds: int = 0
-    peak_mib: dict = field(default_factory=dict)  # method -> MiB above baseline, or an error string
-    notes: list = field(default_factory=list)
-
-    @property
-    def target(self) -> Optional[float]:
-        return TARGETS.get((self.layer, self.mode)) if self.T == TARGET_T else None
-
-
-@dataclass
-class ArrayRow:
-    """An array backend's scan vs its own stepping (forward), one layer and T."""
-
-    backend: str
-    layer: str
-    T: int
-    step_s: Optional[float] = None
-    scan_s: Optional[float] = None
-    speedup: Optional[float] = None
-    rounds: int = 0
-    notes: str = ""
-
-
-@dataclass
-class ScanResults:
-    settings: ScanSettings
+class Results:
+    settings: Settings
     rows: list = field(default_factory=list)
-    arrays: list = field(default_factory=list)
     skipped: list = field(default_factory=list)  # (what, why)
 
 
-# ----------------------------------------------------------------------------- workloads
+# ----------------------------------------------------------------------------- contenders
 
 
-def sequence_runner(method: str, mode: str, ours, upstream, xs) -> Callable[[], None]:
-    """One whole sequence ``xs`` ``[T, batch, features]`` by ``method``, in ``mode``, from zero states."""
-    layer = upstream if method == "upstream step" else ours
-
-    def forward():
-        layer.zero_states()
-        if method == "ours scan":
-            return layer.scan(xs, time_dim=0)
-        return torch.stack([layer(xs[t]) for t in range(xs.shape[0])])
-
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                forward()
-    else:
-        def run():
-            layer.zero_grad(set_to_none=True)
-            forward().sum().backward()
-    return run
+def scan_variants(scan, prefix: str) -> dict:
+    """``{contender: keyword arguments of scan}``: eager and compiled apart when ``scan`` takes ``compiled=``."""
+    if "compiled" in inspect.signature(scan).parameters:
+        return {f"{prefix} scan eager": {"compiled": False}, f"{prefix} scan compiled": {"compiled": True}}
+    return {f"{prefix} scan": {}}
 
 
-def _time_row(row: "ScanRow", reference, settings) -> None:
-    """Time the row's methods (those the memory runs did not rule out) in interleaved rounds."""
-    ours, upstream = build_pair(row.layer, FEATURES, row.device, reference)
-    torch.manual_seed(1)
-    xs = torch.randn(row.T, BATCH, FEATURES, device=row.device)
-    short = xs[: min(row.T, WARMUP_T)]
-    sync = torch_sync(row.device)
-    contenders = []
-    for method in METHODS:
-        if method == "upstream step" and upstream is None:
-            row.errors[method] = "reference unavailable"
-            continue
-        if method in row.errors:  # ruled out by its memory run
-            continue
-        contenders.append(Contender(
-            method, sequence_runner(method, row.mode, ours, upstream, xs), sync,
-            warmup=sequence_runner(method, row.mode, ours, upstream, short),
-        ))
-    timings = measure(contenders, settings.plan())
-    for method, timing in timings.items():
-        row.seconds[method] = timing.median_s
-        if timing.error:
-            row.errors[method] = timing.error
-    row.rounds = max((t.rounds for t in timings.values()), default=0)
-    upstream_timing = timings.get("upstream step")
-    if upstream_timing is not None:
-        if "ours scan" in timings:
-            row.speedup_scan = ratio(upstream_timing, timings["ours scan"])
-        if "ours step" in timings:
-            row.speedup_step = ratio(upstream_timing, timings["ours step"])
-    if row.rounds < settings.rounds and settings.budget_s is not None:
-        row.notes.append(f"{row.rounds} of {settings.rounds} rounds (time budget {settings.budget_s:.0f} s per group)")
+def contenders(layer: str) -> list:
+    names = ["floor", PUBLISHED, "ours step", *scan_variants(getattr(tt.ssm, layer).scan, "ours")]
+    return names + list(PEERS) if layer == "Mamba" else names
 
 
-def _array_group(backend, module, name, T, settings) -> ArrayRow:
-    import numpy as np
-
-    torch.manual_seed(0)
-    from tracetorch import ssm
-
-    layer = module.from_torch(getattr(ssm, name)(FEATURES))
-    xs = module.asarray(np.random.default_rng(1).standard_normal((T, BATCH, FEATURES), dtype=np.float32))
-    short = xs[: min(T, WARMUP_T)]
-    sync = module.backend.synchronize
-
-    def stepper(seq):
-        def run():
-            layer.zero_states()
-            for t in range(seq.shape[0]):
-                layer(seq[t])
-        return run
-
-    def scanner(seq):
-        def run():
-            layer.zero_states()
-            layer.scan(seq, time_dim=0)
-        return run
-
-    timings = measure([
-        Contender("step", stepper(xs), sync, warmup=stepper(short)),
-        Contender("scan", scanner(xs), sync, warmup=scanner(short)),
-    ], settings.plan())
-    row = ArrayRow(backend, name, T)
-    step, scan = timings["step"], timings["scan"]
-    row.step_s, row.scan_s = step.median_s, scan.median_s
-    row.speedup = ratio(step, scan)
-    row.rounds = max(step.rounds, scan.rounds)
-    errors = [f"{k} error: {t.error}" for k, t in timings.items() if t.error]
-    if row.rounds < settings.rounds:
-        errors.append(f"{row.rounds} of {settings.rounds} rounds (time budget)")
-    row.notes = "; ".join(errors)
-    return row
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def _memory_jobs(rows, settings) -> list:
-    """One peak-memory job per row (T in ``settings.memory_ts``) and method."""
-    return [
-        {"row": index, "device": row.device, "layer": row.layer, "T": row.T, "mode": row.mode,
-         "method": method, "batch": BATCH, "features": FEATURES, "threads": torch.get_num_threads()}
-        for index, row in enumerate(rows) if row.T in settings.memory_ts
-        for method in METHODS
-    ]
-
-
-def _free_mib() -> Optional[float]:
-    """``MemAvailable`` from ``/proc/meminfo`` in MiB, or None."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
+def _not_run(contender: str, T: int, mode: str) -> Optional[str]:
+    if contender == "transformers MambaMixer" and mode == "fwd+bwd" and T > 1024:
+        return "not run above T = 1024: each step's slice zero-fills a full-size gradient (work ∝ T²)"
     return None
 
 
-def _measure_memory(rows, settings, reference_ok: bool, log) -> None:
-    """Peak memory of every run, each in a fresh process, before any timing.
+# Decay values per block of the floor's exp: 2 MiB of float32, what a core's cache holds.
+EXP_BLOCK = 2**19
 
-    Runs that were killed, timed out, or peaked above ``memory_safe_fraction``
-    of the free memory are then not timed: a run that big in this process
-    could get the whole benchmark killed.
+
+def _floor(layer: str, grad: bool, device: str):
+    """The exp and matmul work ``layer`` cannot avoid over a sequence ``[T, B, N]``: ``(forward, weights)``.
+
+    S4/S5: the states' input and readout, ``[T·B, N] x [N, d]`` and
+    ``[T·B, d] x [d, N]`` (S5's products; S4 does as many multiply-adds,
+    feature by feature). S6: the projections (``x_proj``, ``dt_proj``) and one
+    exp per decay value, ``T·B·N·d`` of them, in cache-sized blocks. Mamba:
+    S6's, plus ``in_proj`` and ``out_proj``. Sums stand for the outputs, so
+    that fwd+bwd runs the same work backwards.
     """
-    from . import _peak
+    sizes = make_layer(layer, FEATURES, "cpu")
+    N, d, rank = FEATURES, sizes.d_state, getattr(sizes, "dt_rank", None)
 
-    jobs = [job for job in _memory_jobs(rows, settings) if reference_ok or job["method"] != "upstream step"]
-    log(f"scan: peak memory, {len(jobs)} runs, each in a fresh process")
+    def weight(rows, cols):
+        return (torch.randn(rows, cols, device=device) / rows**0.5).requires_grad_(grad)
 
-    def progress(index, job, result):
-        outcome = result.get("error") or f"{result['peak_mib']:.0f} MiB in {result['run_s']:.1f} s"
-        log(f"scan: peak memory {index + 1}/{len(jobs)}: {job['device']} {job['layer']} T={job['T']} "
-            f"{job['mode']} {job['method']}: {outcome}")
+    if layer in ("S4", "S5"):
+        B, C = weight(N, d), weight(d, N)
+        return (lambda xs: (xs.reshape(-1, N) @ B @ C).sum()), [B, C]
+    w_x, w_dt, A, w_in, w_out = weight(N, rank + 2 * d), weight(rank, N), weight(N, d), weight(N, 2 * N), weight(N, N)
+    rows = max(1, EXP_BLOCK // (N * d))
 
-    free = _free_mib()
-    for job, result in zip(jobs, _peak.run_jobs(jobs, settings.memory_timeout_s, progress)):
-        row, method = rows[job["row"]], job["method"]
-        if "error" in result:
-            row.peak_mib[method] = f"error: {result['error']}"
-            if "killed" in result["error"] or "timed out" in result["error"]:
-                row.errors[method] = f"not timed: its memory run was {result['error']}"
+    def forward(xs):
+        u = xs.reshape(-1, N)
+        if layer == "Mamba":
+            u = (u @ w_in)[:, :N]  # in_proj; its gate half meets the output before out_proj
+        proj = u @ w_x  # x_proj: dt's low rank, B, C
+        dt = proj[:, :rank] @ w_dt  # dt_proj
+        total = proj[:, rank:].sum()
+        for start in range(0, dt.shape[0], rows):
+            total = total + torch.exp(dt[start : start + rows, :, None] * A).sum()
+        return total + (u @ w_out).sum() if layer == "Mamba" else total
+
+    return forward, [w_x, w_dt, A] + ([w_in, w_out] if layer == "Mamba" else [])
+
+
+def _peer(contender: str, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if contender == "mamba.py pscan":
+        from mambapy.mamba import MambaBlock, MambaConfig
+
+        config = MambaConfig(d_model=FEATURES, n_layers=1, d_state=16, expand_factor=1, d_conv=4, pscan=True)
+        return MambaBlock(config).to(device)
+    for kernels in ("mamba_ssm", "causal_conv1d"):  # installed, they would replace the torch path measured here
+        sys.modules.setdefault(kernels, None)
+    import transformers
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    transformers.logging.set_verbosity_error()  # else it says, kernel by kernel, that it falls back to torch
+    config = transformers.MambaConfig(hidden_size=FEATURES, state_size=16, expand=1, conv_kernel=4)
+    return MambaMixer(config, layer_idx=0).to(device)
+
+
+def _in_mode(mode: str, forward, params: list):
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                forward()
+    else:
+        def call():
+            for p in params:
+                p.grad = None
+            forward().sum().backward()
+    return call
+
+
+def build(job: dict):
+    """``(call, warm)``: ``job``'s contender on one whole sequence in its mode, and on a short one to warm up.
+
+    ``job`` names ``device``, ``layer``, ``T``, ``batch``, ``mode`` and ``contender``.
+    """
+    device, layer, who = job["device"], job["layer"], job["contender"]
+    torch.manual_seed(1)
+    xs = torch.randn(job["T"], job["batch"], FEATURES, device=device)
+    if who == "floor":
+        forward, params = _floor(layer, job["mode"] != "fwd", device)
+    else:
+        module = _peer(who, device) if who in PEERS else make_layer(layer, FEATURES, device, who == PUBLISHED)
+        params = list(module.parameters())
+        scan_kwargs = scan_variants(type(module).scan, "ours").get(who) if who.startswith("ours scan") else None
+
+        def forward(seq):
+            if who in PEERS:
+                return module(seq.transpose(0, 1))  # batch first
+            module.zero_states()
+            if scan_kwargs is not None:
+                return module.scan(seq, time_dim=0, **scan_kwargs)
+            return torch.stack([module(x) for x in seq])
+
+    call = _in_mode(job["mode"], lambda: forward(xs), params)
+    if who.endswith("compiled"):  # a shorter sequence would compile another graph
+        return call, call
+    return call, _in_mode(job["mode"], lambda: forward(xs[:WARMUP_T]), params)
+
+
+# ----------------------------------------------------------------------------- torch groups
+
+
+def _memory(groups: dict, excluded: dict, settings: Settings, log) -> None:
+    """Peak memory and first-call time of every contender, each in a fresh process (see the module doc)."""
+    def wanted(key, who):
+        _, layer, shape, mode = key
+        return (layer in settings.memory_layers and shape in settings.memory_shapes
+                and mode in settings.memory_modes and (key, who) not in excluded)
+
+    keys = [(key, who) for key, rows in groups.items() for who in rows if wanted(key, who)]
+    free = proc_mib("MemAvailable")
+    with tempfile.TemporaryDirectory() as caches:
+        for index, (key, who) in enumerate(keys):
+            device, layer, (T, batch), mode = key
+            job = dict(device=device, layer=layer, T=T, batch=batch, mode=mode, contender=who,
+                       threads=torch.get_num_threads())
+            cache = os.path.join(caches, str(index))
+            result = _peak.run(job, settings.memory_timeout_s, cache)
+            if "error" not in result and who.endswith("compiled"):
+                result = {**_peak.run(job, settings.memory_timeout_s, cache), "cold_first_s": result["first_s"]}
+            row = groups[key][who]
+            log(f"scan: memory {index + 1}/{len(keys)}: {device} {layer} T={T}×{batch} {mode} {who}: "
+                + (result.get("error") or f"{result['peak_mib']:.0f} MiB, {result['first_s']:.1f} s"))
+            if "error" in result:
+                row.notes.append(f"memory run: {result['error']}")
+                if "killed" in result["error"] or "timed out" in result["error"]:
+                    excluded[(key, who)] = "not timed: its memory run was " + result["error"]
+                continue
+            row.peak_mib = result["peak_mib"]
+            row.first_s = result.get("cold_first_s", result["first_s"])
+            row.cached_first_s = result["first_s"] if "cold_first_s" in result else None
+            host = result.get("host_peak_mib", result["peak_mib"])
+            if free is not None and host > SAFE_FRACTION * free:
+                excluded[(key, who)] = (f"not timed: one run peaks at {host / 1024:.1f} GiB, "
+                                        f"over {SAFE_FRACTION:.0%} of the {free / 1024:.1f} GiB free")
+
+
+def _time_group(key, rows: dict, excluded: dict, settings: Settings) -> None:
+    device, layer, (T, batch), mode = key
+    racing = []
+    for who, row in rows.items():
+        if (key, who) in excluded:
+            row.notes.append(excluded[(key, who)])
             continue
-        row.peak_mib[method] = result["peak_mib"]
-        host_peak = result.get("host_peak_mib", result["peak_mib"])
-        if free is not None and host_peak > settings.memory_safe_fraction * free:
-            row.errors[method] = (f"not timed: one run peaks at {host_peak / 1024:.1f} GiB, "
-                                  f"over {settings.memory_safe_fraction:.0%} of the {free / 1024:.1f} GiB free")
+        try:
+            call, warm = build(dict(device=device, layer=layer, T=T, batch=batch, mode=mode, contender=who))
+        except Exception as error:  # e.g. a peer not installed: the others go on
+            row.notes.append(f"error: {error_text(error)}")
+            continue
+        racing.append(Contender(who, call, torch_sync(device), warmup=warm))
+    timings = measure(racing, Plan(rounds=settings.rounds, target_s=0, warmup_calls=1, budget_s=settings.budget_s))
+    fill(rows, timings, speedup=True)
+    if (T, batch) != TARGET_SHAPE:
+        return
+    for who, timing in timings.items():
+        if not who.startswith("ours scan") or rows[who].ratio is None:
+            continue
+        target = TARGETS[mode][layer]
+        rows[who].notes.append(f"target ≥ {target}×: {'met' if rows[who].ratio >= target else 'MISSED'}")
+        pscan = timings.get("mamba.py pscan")
+        over = pscan and ratio(pscan, timing)
+        if over:
+            target = PSCAN_TARGETS[mode]
+            rows[who].notes.append(f"{over:.1f}× over mamba.py pscan (target ≥ {target}×: "
+                                   f"{'met' if over >= target else 'MISSED'})")
+
+
+# ----------------------------------------------------------------------------- array backends
+
+
+def _array_rows(backend: str, module, layer: str, T: int, batch: int, settings: Settings) -> list:
+    import numpy as np
+
+    ours = module.from_torch(make_layer(layer, FEATURES, "cpu"))
+    xs = module.asarray(np.random.default_rng(1).standard_normal((T, batch, FEATURES), dtype=np.float32))
+
+    def whole(seq, kwargs):
+        def call():
+            ours.zero_states()
+            if kwargs is None:
+                for t in range(seq.shape[0]):
+                    ours(seq[t])
+            else:
+                ours.scan(seq, time_dim=0, **kwargs)
+        return call
+
+    variants = {f"{backend} step": None, **scan_variants(ours.scan, backend)}
+    racing = [Contender(who, whole(xs, kwargs), module.backend.synchronize,
+                        warmup=whole(xs if who.endswith("compiled") else xs[:WARMUP_T], kwargs))
+              for who, kwargs in variants.items()]
+    rows = {who: Row(f"{backend} · fwd", layer, (T, batch), who, baseline=f"{backend} step") for who in variants}
+    fill(rows, measure(racing, Plan(rounds=settings.rounds, target_s=0, warmup_calls=1, budget_s=settings.budget_s)),
+         speedup=True)
+    return list(rows.values())
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def run(settings: ScanSettings, log=print) -> ScanResults:
-    """Time every layer's sequence modes on every available backend; returns the rows for the report."""
-    results = ScanResults(settings)
-    reference, reference_reason = reference_or_reason()
-    if reference_reason:
-        results.skipped.append(("upstream 0.19.2", reference_reason))
-    devices = torch_devices()
-    for device, reason in devices.items():
+def run(settings: Settings, log=print) -> Results:
+    """Every layer's sequence modes on every available backend: the rows for the report."""
+    results = Results(settings)
+    _, reason = published_or_reason()
+    if reason:
+        results.skipped.append((PUBLISHED, reason))
+    groups, excluded = {}, {}  # (device, layer, (T, batch), mode) -> {contender: Row}; (key, contender) -> why
+    for device, reason in torch_devices().items():
         if reason:
             results.skipped.append((f"torch {device}", reason))
-    results.rows = [
-        ScanRow(device, name, T, mode)
-        for device in [d for d, reason in devices.items() if reason is None]
-        for T in settings.ts for name in LAYERS for mode in MODES
-    ]
-    if settings.memory and results.rows:
-        try:
-            _measure_memory(results.rows, settings, reference is not None, log)
-        except Exception as error:
-            results.skipped.append(("peak memory", f"failed: {error_text(error)}"))
-    for row in results.rows:
-        log(f"scan: torch {row.device} {row.layer} T={row.T} {row.mode}")
-        try:
-            _time_row(row, reference, settings)
-        except Exception as error:  # e.g. building the layers failed: record it, go on
-            row.notes.append(f"error: {error_text(error)}")
+            continue
+        for shape in settings.shapes:
+            for layer in LAYERS:
+                for mode in MODES:
+                    key = (device, layer, shape, mode)
+                    groups[key] = {who: Row(f"torch {device} · {mode}", layer, shape, who, baseline=PUBLISHED)
+                                   for who in contenders(layer)}
+                    excluded.update({(key, who): why for who in groups[key] if (why := _not_run(who, shape[0], mode))})
+    _memory(groups, excluded, settings, log)
+    for key, rows in groups.items():
+        log(f"scan: torch {key[0]} {key[1]} T={key[2][0]}×{key[2][1]} {key[3]}")
+        _time_group(key, rows, excluded, settings)
+        results.rows += rows.values()
     for backend, module in array_backends().items():
         if isinstance(module, str):
             results.skipped.append((backend, module))
             continue
-        for T in [t for t in settings.ts if t in settings.array_ts]:
-            for name in LAYERS:
-                log(f"scan: {backend} {name} T={T}")
+        for T, batch in settings.array_shapes:
+            for layer in LAYERS:
+                log(f"scan: {backend} {layer} T={T}×{batch}")
                 try:
-                    results.arrays.append(_array_group(backend, module, name, T, settings))
+                    results.rows += _array_rows(backend, module, layer, T, batch, settings)
                 except Exception as error:
-                    results.arrays.append(ArrayRow(backend, name, T, notes=f"error: {error_text(error)}"))
-    skipped_ts = [t for t in settings.ts if t not in settings.array_ts]
-    if skipped_ts:
-        results.skipped.append((
-            "array backends at T=" + ", ".join(map(str, skipped_ts)),
-            "not timed, to keep the run short" + ("" if 4096 not in skipped_ts else
-                                                  " (stepping MLX Mamba 4096 times takes ~15 s per round)"),
-        ))
-    skipped_ts = [t for t in settings.ts if t not in settings.memory_ts]
-    if settings.memory and skipped_ts:
-        results.skipped.append(("peak memory at T=" + ", ".join(map(str, skipped_ts)), "not measured, to keep the run short"))
-    if not settings.memory:
-        results.skipped.append(("peak memory", "not measured (--no-memory)"))
+                    results.rows.append(Row(f"{backend} · fwd", layer, (T, batch), f"{backend} scan",
+                                            notes=[f"error: {error_text(error)}"]))
+    if (settings.memory_shapes, settings.memory_modes, settings.memory_layers) != (settings.shapes, MODES, LAYERS):
+        results.skipped.append(("peak memory and first call", "measured only for "
+                                + ", ".join(settings.memory_layers) + " at T×batch "
+                                + ", ".join(f"{T}×{b}" for T, b in settings.memory_shapes)
+                                + ", " + " and ".join(settings.memory_modes) + ", to keep the run short"))
     return results

@@ -1,0 +1,183 @@
+"""Interleaved timing, the rows a report prints, and the memory figures.
+
+:func:`measure` warms each contender up, then runs rounds in which every
+contender runs its timed loop once, in an order that rotates from round to
+round, so a load spike on a shared machine hits all sides alike. Ratios are
+taken round by round, then the median. A contender that raises is dropped
+with its error text; the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass
+class Contender:
+    """One way of doing a unit of work (``units`` steps per ``call``).
+
+    ``sync`` waits for queued device work; ``context`` wraps each timed loop
+    (e.g. ``torch.no_grad``); ``warmup`` is a cheaper call on the same code
+    paths, used instead of ``call`` to warm up.
+    """
+
+    name: str
+    call: Callable[[], object]
+    sync: Callable[[], None] = lambda: None
+    context: Callable = contextlib.nullcontext
+    units: int = 1
+    warmup: Optional[Callable[[], object]] = None
+
+
+@dataclass
+class Plan:
+    """``rounds`` rounds of timed loops lasting about ``target_s`` each (0: one call).
+
+    A contender stops early, after at least one round, once its timed loops
+    add up to ``budget_s``.
+    """
+
+    rounds: int = 7
+    target_s: float = 0.1
+    warmup_calls: int = 3
+    budget_s: Optional[float] = None
+
+
+@dataclass
+class Timing:
+    name: str
+    per_unit_s: list = field(default_factory=list)  # one entry per round, in round order
+    warmup_s: Optional[float] = None
+    error: Optional[str] = None
+
+    @property
+    def median_s(self) -> Optional[float]:
+        return statistics.median(self.per_unit_s) if self.per_unit_s else None
+
+
+def error_text(error: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"``, at most ``limit`` characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _timed_loop(contender: Contender, calls: int) -> float:
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection landing in one contender's loop would be charged to it alone
+    try:
+        with contender.context():
+            contender.sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                contender.call()
+            contender.sync()
+            return time.perf_counter() - start
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def measure(contenders: list, plan: Plan) -> dict:
+    """``{name: Timing}`` for every contender, in interleaved rounds (see the module doc)."""
+    timings = {c.name: Timing(c.name) for c in contenders}
+    live = []  # (contender, calls per loop, seconds spent in timed loops)
+    for contender in contenders:
+        timing = timings[contender.name]
+        start = time.perf_counter()
+        try:
+            with contender.context():
+                for _ in range(plan.warmup_calls):
+                    (contender.warmup or contender.call)()
+            contender.sync()
+            calls = 1
+            if plan.target_s > 0:
+                calls = min(100_000, math.ceil(plan.target_s / max(_timed_loop(contender, 1), 1e-9)))
+        except Exception as error:  # a failing contender is recorded, not fatal
+            timing.error = error_text(error)
+            continue
+        timing.warmup_s = time.perf_counter() - start
+        live.append([contender, calls, 0.0])
+    for index in range(plan.rounds):
+        live = [entry for entry in live if index == 0 or plan.budget_s is None or entry[2] < plan.budget_s]
+        if not live:
+            break
+        shift = index % len(live)
+        for entry in live[shift:] + live[:shift]:
+            contender, calls, _ = entry
+            timing = timings[contender.name]
+            if timing.error is not None:
+                continue
+            try:
+                seconds = _timed_loop(contender, calls)
+            except Exception as error:
+                timing.error = error_text(error)
+                continue
+            entry[2] += seconds
+            timing.per_unit_s.append(seconds / (calls * contender.units))
+    return timings
+
+
+def ratio(numerator: Timing, denominator: Timing) -> Optional[float]:
+    """Median over the rounds both ran of ``numerator / denominator``, or None."""
+    pairs = [(a, b) for a, b in zip(numerator.per_unit_s, denominator.per_unit_s) if b > 0]
+    return statistics.median(a / b for a, b in pairs) if pairs else None
+
+
+@dataclass
+class Row:
+    """One contender in one configuration, as the report prints it."""
+
+    section: str  # the table it goes in, e.g. "torch cpu · fwd"
+    layer: str
+    shape: tuple  # (T, batch) for sequences, (batch, features) for steps
+    contender: str
+    seconds: Optional[float] = None  # median per unit
+    ratio: Optional[float] = None
+    baseline: str = ""
+    rounds: int = 0
+    notes: list = field(default_factory=list)
+    peak_mib: Optional[float] = None
+    first_s: Optional[float] = None  # the first call in a fresh process
+    cached_first_s: Optional[float] = None  # the same, with the compile cache the first one filled
+
+
+def fill(rows: dict, timings: dict, speedup: bool) -> None:
+    """Put each timing into ``rows[name]``, with its ratio to the timing its row names as ``baseline``.
+
+    The ratio is ``baseline / this`` with ``speedup`` (> 1: faster), else ``this / baseline``.
+    """
+    for name, timing in timings.items():
+        row, base = rows[name], timings.get(rows[name].baseline)
+        row.seconds, row.rounds = timing.median_s, len(timing.per_unit_s)
+        if timing.error:
+            row.notes.append(f"error: {timing.error}")
+        if base is not None and base is not timing:
+            row.ratio = ratio(base, timing) if speedup else ratio(timing, base)
+
+
+def maxrss_mib() -> float:
+    """This process's peak resident memory so far (``ru_maxrss``: KiB on Linux, bytes on macOS) in MiB."""
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value / 2**20 if sys.platform == "darwin" else value / 1024
+
+
+def proc_mib(key: str) -> Optional[float]:
+    """A memory figure from ``/proc`` in MiB: ``VmRSS`` (this process), ``MemAvailable``, ``MemTotal``; or None."""
+    path = "/proc/self/status" if key.startswith("Vm") else "/proc/meminfo"
+    try:
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
