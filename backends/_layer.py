@@ -239,7 +239,7 @@ class Layer:
             self.spec.state, xp,
         )
         params = self._compute_params()
-        y, new_state = self.spec.step_prepared(x_w, state, params, self.spec.prepare(params, xp), xp)
+        y, new_state = self.spec.step(x_w, state, params, xp=xp)
         y, states = leave_step(axis, x.ndim, y, new_state, self._slots, xp)
         y = y if y.dtype == x.dtype else xp.astype(y, x.dtype)
         if self.eager:
@@ -261,7 +261,7 @@ class Layer:
             self._error_name(), self._to_compute(xs), self._states, self._slots, self.dim, self.num_neurons,
             self.spec.state, time_dim, xp,
         )
-        method = self.backend.lti_scan if self.spec.dynamics is not None else self.backend.selective_scan
+        method = self.backend.lti_scan if self.spec.time_invariant else self.backend.selective_scan
         ys, new_state = self.spec.scan(xs_w, state, self._compute_params(), xp=xp, method=method)
         ys, states = leave_scan(axes, ys, new_state, self._slots, xp)
         ys = ys if ys.dtype == xs.dtype else xp.astype(ys, xs.dtype)

@@ -30,8 +30,8 @@ from .discretize import decay_rates, zoh
 from .init import Draws
 from .lti import (
     S4, S5,
-    S4Config, S4Dynamics, S4Params, S4State, s4_discretize, s4_init, s4_step_discrete,
-    S5Config, S5Dynamics, S5Params, S5State, s5_discretize, s5_init, s5_step_discrete,
+    S4Config, S4Dynamics, S4Params, S4State, s4_discretize, s4_init,
+    S5Config, S5Dynamics, S5Params, S5State, s5_discretize, s5_init,
 )
 from .selective import (
     S6, Mamba,
@@ -49,9 +49,9 @@ __all__ = [
     "LAYERS", "LayerSpec", "StateSlot", "Draws",
     "namespace", "phi1", "softplus", "silu", "zoh", "decay_rates", "register_namespace",
     "S4", "S4Config", "S4Params", "S4State", "S4Dynamics",
-    "s4_init", "s4_discretize", "s4_step_discrete", "s4_step", "s4_scan",
+    "s4_init", "s4_discretize", "s4_step", "s4_scan",
     "S5", "S5Config", "S5Params", "S5State", "S5Dynamics",
-    "s5_init", "s5_discretize", "s5_step_discrete", "s5_step", "s5_scan",
+    "s5_init", "s5_discretize", "s5_step", "s5_scan",
     "S6", "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
     "Mamba", "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
     "selective_decay", "selective_step", "selective_scan", "causal_conv_step", "causal_conv_scan",

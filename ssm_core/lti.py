@@ -24,8 +24,8 @@ FFT_MIN_STEPS = 32
 
 __all__ = [
     "LTI_SCAN_METHODS",
-    "S4Config", "S4Params", "S4State", "S4Dynamics", "s4_init", "s4_discretize", "s4_step_discrete", "s4_step", "s4_scan",
-    "S5Config", "S5Params", "S5State", "S5Dynamics", "s5_init", "s5_discretize", "s5_step_discrete", "s5_step", "s5_scan",
+    "S4Config", "S4Params", "S4State", "S4Dynamics", "s4_init", "s4_discretize", "s4_step", "s4_scan",
+    "S5Config", "S5Params", "S5State", "S5Dynamics", "s5_init", "s5_discretize", "s5_step", "s5_scan",
     "S4", "S5",
 ]
 
@@ -111,10 +111,13 @@ def s4_step_discrete(x, state: S4State, dynamics: S4Dynamics, xp=None):
     return y, S4State(h)
 
 
-def s4_step(x, state: S4State, params: S4Params, xp=None):
-    """One S4 step: ``h = A_bar h + B_bar x``, ``y = sum(C h) + D x``; returns ``(y, new_state)``."""
+def s4_step(x, state: S4State, params: S4Params, xp=None, prepared: S4Dynamics | None = None):
+    """One S4 step: ``h = A_bar h + B_bar x``, ``y = sum(C h) + D x``; returns ``(y, new_state)``.
+
+    ``prepared``: ``s4_discretize(params)`` when the caller keeps it across steps.
+    """
     xp = namespace(x, xp=xp)
-    return s4_step_discrete(x, state, s4_discretize(params, xp), xp)
+    return s4_step_discrete(x, state, s4_discretize(params, xp) if prepared is None else prepared, xp)
 
 
 def _use_fft(method: str, xs, xp) -> bool:
@@ -132,12 +135,12 @@ def _widen(xp, *arrays):
     return tuple(xp.astype(a, xp.float64, copy=False) for a in arrays)
 
 
-def _lti_scan(xs, state, params, xp, method, discretize, step_discrete, fft_scan):
+def _lti_scan(xs, state, params, xp, method, prepared, discretize, step_discrete, fft_scan):
     """The scan of a time-invariant layer: steps, or the convolution form (see ``_use_fft``)."""
     xp = namespace(xs, xp=xp)
     if xs.shape[0] == 0:
         return xs, state
-    dynamics = discretize(params, xp)
+    dynamics = discretize(params, xp) if prepared is None else prepared
     if not _use_fft(method, xs, xp):
         return _step_loop(step_discrete, xs, state, dynamics, xp)
     return fft_scan(xs, state, dynamics, xp)
@@ -151,7 +154,7 @@ def _step_loop(step_discrete, xs, state, dynamics, xp):
     return xp.stack(ys, axis=0), state
 
 
-def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto"):
+def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto", prepared: S4Dynamics | None = None):
     """S4 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`s4_step`. The system is
@@ -161,9 +164,9 @@ def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto")
     initial state's decay, and the final state as one contraction over time;
     ``"loop"`` steps; ``"auto"`` takes the FFT from
     ``FFT_MIN_STEPS`` steps on, for finite inputs (the transform would carry a
-    NaN or Inf to earlier steps too).
+    NaN or Inf to earlier steps too). ``prepared`` as in :func:`s4_step`.
     """
-    return _lti_scan(xs, state, params, xp, method, s4_discretize, s4_step_discrete, _s4_fft_scan)
+    return _lti_scan(xs, state, params, xp, method, prepared, s4_discretize, s4_step_discrete, _s4_fft_scan)
 
 
 # Decay powers are made this many steps at a time: [chunk, N, d] at once, never [T, N, d].
@@ -217,10 +220,6 @@ def _s4_fft_scan(xs, state: S4State, dynamics: S4Dynamics, xp):
     return ys, S4State(h)
 
 
-def _s4_step_prepared(x, state, params, dynamics, xp):
-    return s4_step_discrete(x, state, dynamics, xp)
-
-
 S4 = LayerSpec(
     name="S4",
     config=S4Config,
@@ -231,7 +230,7 @@ S4 = LayerSpec(
     step=s4_step,
     scan=s4_scan,
     prepare=s4_discretize,
-    step_prepared=_s4_step_prepared,
+    time_invariant=True,
     dynamics=S4Dynamics,
 )
 
@@ -316,22 +315,25 @@ def s5_step_discrete(x, state: S5State, dynamics: S5Dynamics, xp=None):
     return y, S5State(g)
 
 
-def s5_step(x, state: S5State, params: S5Params, xp=None):
-    """One S5 step: ``g = A_bar g + B_bar^T x``, ``y = C^T g + D x``; returns ``(y, new_state)``."""
+def s5_step(x, state: S5State, params: S5Params, xp=None, prepared: S5Dynamics | None = None):
+    """One S5 step: ``g = A_bar g + B_bar^T x``, ``y = C^T g + D x``; returns ``(y, new_state)``.
+
+    ``prepared``: ``s5_discretize(params)`` when the caller keeps it across steps.
+    """
     xp = namespace(x, xp=xp)
-    return s5_step_discrete(x, state, s5_discretize(params, xp), xp)
+    return s5_step_discrete(x, state, s5_discretize(params, xp) if prepared is None else prepared, xp)
 
 
-def s5_scan(xs, state: S5State, params: S5Params, xp=None, method: str = "auto"):
+def s5_scan(xs, state: S5State, params: S5Params, xp=None, method: str = "auto", prepared: S5Dynamics | None = None):
     """S5 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`s5_step`. ``method="fft"``
     projects all inputs at once (``u = xs @ B_bar``), gets every state as the
     causal convolution of ``u`` with the decays ``A_bar**j`` plus the initial
     state's decay, and reads out with one matrix product (in float64, rounded
-    once to the input's dtype); ``"loop"`` steps.
+    once to the input's dtype); ``"loop"`` steps. ``prepared`` as in :func:`s5_step`.
     """
-    return _lti_scan(xs, state, params, xp, method, s5_discretize, s5_step_discrete, _s5_fft_scan)
+    return _lti_scan(xs, state, params, xp, method, prepared, s5_discretize, s5_step_discrete, _s5_fft_scan)
 
 
 def _s5_fft_scan(xs, state: S5State, dynamics: S5Dynamics, xp):
@@ -348,10 +350,6 @@ def _s5_fft_scan(xs, state: S5State, dynamics: S5Dynamics, xp):
     return xp.astype(ys, dtype), S5State(xp.astype(g[-1, ...], dtype))
 
 
-def _s5_step_prepared(x, state, params, dynamics, xp):
-    return s5_step_discrete(x, state, dynamics, xp)
-
-
 S5 = LayerSpec(
     name="S5",
     config=S5Config,
@@ -362,6 +360,6 @@ S5 = LayerSpec(
     step=s5_step,
     scan=s5_scan,
     prepare=s5_discretize,
-    step_prepared=_s5_step_prepared,
+    time_invariant=True,
     dynamics=S5Dynamics,
 )

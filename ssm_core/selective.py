@@ -187,27 +187,30 @@ def s6_init(config: S6Config, draws: Draws) -> S6Params:
     )
 
 
-def s6_step(x, state: S6State, params: S6Params, xp=None, decay=None):
+def s6_step(x, state: S6State, params: S6Params, xp=None, prepared=None):
     """One S6 step on ``x`` ``[..., N]``; returns ``(y, new_state)``.
 
-    ``decay``: ``selective_decay(params.A_log)`` when the caller keeps it across steps.
+    ``prepared``: ``selective_decay(params.A_log)`` when the caller keeps it across steps.
     """
     xp = namespace(x, xp=xp)
     p = params
-    decay = selective_decay(p.A_log, xp) if decay is None else decay
+    decay = selective_decay(p.A_log, xp) if prepared is None else prepared
     y, h = selective_step(x, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp)
     return y, S6State(h)
 
 
-def s6_scan(xs, state: S6State, params: S6Params, xp=None, method: str = "loop", block: int = SCAN_BLOCK, decay=None):
+def s6_scan(
+    xs, state: S6State, params: S6Params, xp=None, method: str = "loop", block: int = SCAN_BLOCK, prepared=None
+):
     """S6 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`s6_step`; ``method`` is
-    ``"loop"`` (fastest on CPUs) or ``"parallel"`` (log-depth, for GPUs).
+    ``"loop"`` (fastest on CPUs) or ``"parallel"`` (log-depth, for GPUs);
+    ``prepared`` as in :func:`s6_step`.
     """
     xp = namespace(xs, xp=xp)
     p = params
-    decay = selective_decay(p.A_log, xp) if decay is None else decay
+    decay = selective_decay(p.A_log, xp) if prepared is None else prepared
     ys, h = selective_scan(
         xs, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp,
         block=block, method=method,
@@ -225,7 +228,7 @@ S6 = LayerSpec(
     step=s6_step,
     scan=s6_scan,
     prepare=lambda params, xp: selective_decay(params.A_log, xp),
-    step_prepared=lambda x, state, params, decay, xp: s6_step(x, state, params, xp, decay),
+    time_invariant=False,
 )
 
 
@@ -318,13 +321,13 @@ def mamba_init(config: MambaConfig, draws: Draws) -> MambaParams:
     )
 
 
-def mamba_step(x, state: MambaState, params: MambaParams, xp=None, decay=None):
+def mamba_step(x, state: MambaState, params: MambaParams, xp=None, prepared=None):
     """One Mamba block step on ``x`` ``[..., N]``; returns ``(y, new_state)``.
 
     ``in_proj`` splits into a main and a gate branch; the main branch goes
     through the causal conv (when present), SiLU and the selective core, is
     gated by ``silu(gate)``, projected by ``out_proj`` and added to ``x``.
-    ``decay``: ``selective_decay(params.A_log)`` when the caller keeps it across steps.
+    ``prepared``: ``selective_decay(params.A_log)`` when the caller keeps it across steps.
     """
     xp = namespace(x, xp=xp)
     p = params
@@ -335,20 +338,20 @@ def mamba_step(x, state: MambaState, params: MambaParams, xp=None, decay=None):
     if buffer is not None:
         u, buffer = causal_conv_step(u, buffer, p.conv_weights, p.conv_bias, xp)  # [..., N], [..., N, K]
     u = silu(u, xp)  # [..., N]
-    decay = selective_decay(p.A_log, xp) if decay is None else decay
+    decay = selective_decay(p.A_log, xp) if prepared is None else prepared
     y, h = selective_step(u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp)
     y = linear(y * silu(gate, xp), p.out_proj_weight, None, xp) + x  # [..., N]
     return y, MambaState(h, buffer)
 
 
 def mamba_scan(
-    xs, state: MambaState, params: MambaParams, xp=None, method: str = "loop", block: int = SCAN_BLOCK, decay=None
+    xs, state: MambaState, params: MambaParams, xp=None, method: str = "loop", block: int = SCAN_BLOCK, prepared=None
 ):
     """The Mamba block over a whole sequence ``xs`` ``[T, ..., N]``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`mamba_step`: the projections run
     over all of ``xs`` at once, the causal conv takes the held buffer as left
-    context, and the selective core scans as :func:`s6_scan`.
+    context, and the selective core scans as :func:`s6_scan`. ``prepared`` as in :func:`mamba_step`.
     """
     xp = namespace(xs, xp=xp)
     p = params
@@ -359,7 +362,7 @@ def mamba_scan(
     if buffer is not None:
         u, buffer = causal_conv_scan(u, buffer, p.conv_weights, p.conv_bias, xp)  # [T, ..., N], [..., N, K]
     u = silu(u, xp)  # [T, ..., N]
-    decay = selective_decay(p.A_log, xp) if decay is None else decay
+    decay = selective_decay(p.A_log, xp) if prepared is None else prepared
     ys, h = selective_scan(
         u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp,
         block=block, method=method,
@@ -381,5 +384,5 @@ Mamba = LayerSpec(
     step=mamba_step,
     scan=mamba_scan,
     prepare=lambda params, xp: selective_decay(params.A_log, xp),
-    step_prepared=lambda x, state, params, decay, xp: mamba_step(x, state, params, xp, decay),
+    time_invariant=False,
 )

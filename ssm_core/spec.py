@@ -33,16 +33,19 @@ class LayerSpec:
     """A layer's config type, parameter and state containers, and pure functions.
 
     ``param_keys`` are the traceTorch ``state_dict()`` keys, aligned with the
-    fields of ``params``. ``step(x, state, params, xp=None)`` returns
-    ``(y, new_state)``; ``scan(xs, state, params, xp=None, method=...)`` does
-    the same for a sequence ``[T, ..., N]`` and returns ``(ys, final_state)``;
-    ``init(config, draws)`` returns fresh parameters.
+    fields of ``params``. ``step(x, state, params, xp=None, prepared=None)``
+    returns ``(y, new_state)``; ``scan(xs, state, params, xp=None, method=...,
+    prepared=None)`` does the same for a sequence ``[T, ..., N]`` and returns
+    ``(ys, final_state)``; ``init(config, draws)`` returns fresh parameters.
 
     ``prepare(params, xp)`` computes what a step needs of the parameters
-    alone (S4/S5: the discretized dynamics; S6/Mamba: ``A`` and ``1/A``), and
-    ``step_prepared(x, state, params, prepared, xp)`` steps with it: a binding
-    keeps ``prepared`` while the parameters do not change.
-    ``dynamics`` (the prepared type) is set for time-invariant layers.
+    alone (S4/S5: the discretized dynamics; S6/Mamba: ``A`` and ``1/A``);
+    ``step`` and ``scan`` take it as ``prepared=`` when a binding keeps it
+    while the parameters do not change, and compute it otherwise.
+
+    ``time_invariant``: the dynamics depend on the parameters only (S4, S5),
+    so ``prepare`` gives the whole discretized system, of type ``dynamics``,
+    and ``scan`` has a convolution form (its ``method`` names differ).
     """
 
     name: str
@@ -54,7 +57,7 @@ class LayerSpec:
     step: Callable
     scan: Callable
     prepare: Callable
-    step_prepared: Callable
+    time_invariant: bool
     dynamics: type | None = None
 
     def params_from_mapping(self, mapping) -> NamedTuple:

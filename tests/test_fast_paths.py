@@ -47,3 +47,23 @@ def test_torch_compile_traces_every_layer_whole(layer_type):
         eager_ys = [layer(x) for _ in range(3)]
     for a, b in zip(compiled_ys, eager_ys):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["S4", "S5", "S6", "Mamba"])
+def test_prepared_parameters_change_no_numbers(name):
+    import numpy as np
+
+    import ssm_core
+
+    spec = ssm_core.LAYERS[name]
+    config = spec.config(6)
+    rng = np.random.default_rng(0)
+    params = spec.params_from_mapping({k: 0.3 * rng.standard_normal(s) for k, s in config.param_shapes().items()})
+    state = spec.zero_state(config, (2,), np, np.float64)
+    xs = rng.standard_normal((5, 2, 6))
+    prepared = spec.prepare(params, np)
+    for run, inputs in ((spec.step, xs[0]), (spec.scan, xs)):
+        (y, new_state), (y_kept, kept_state) = run(inputs, state, params), run(inputs, state, params, prepared=prepared)
+        np.testing.assert_array_equal(y, y_kept)
+        for a, b in zip(new_state, kept_state):
+            np.testing.assert_array_equal(a, b)

@@ -219,7 +219,7 @@ class Layer(BaseLayer):
         return self.spec.prepare(params, xp_torch)
 
     def _core_step(self, x, state, params):
-        return self.spec.step_prepared(x, state, params, self._prepared(params), xp_torch)
+        return self.spec.step(x, state, params, xp=xp_torch, prepared=self._prepared(params))
 
     def scan(self, xs: torch.Tensor, time_dim: int = 0) -> torch.Tensor:
         r"""Run a whole sequence in one call: the same outputs and final states as stepping.
