@@ -16,7 +16,7 @@ from .checks import check_axis, check_int
 from .discretize import zoh
 from .scan import _log_decay, causal_conv_fft, contiguous, decay_powers
 from .init import Draws, log_uniform_log_dt, s4d_real_A_log
-from .spec import LayerSpec, StateSlot
+from .spec import LayerSpec, StateSlot, params_to_mapping, params_type
 
 LTI_SCAN_METHODS = ("auto", "fft", "loop")
 # Below this length the FFT's fixed cost is larger than T plain steps (measured on CPU).
@@ -49,21 +49,17 @@ class S4Config:
     def param_shapes(self) -> dict:
         """``{state_dict key: shape}`` of the layer's parameters."""
         N, d = self.num_neurons, self.d_state
-        return {"A_log": (N, d), "B": (N, d), "C": (N, d), "log_dt": (N,), "D": (N,)}
+        return params_to_mapping(S4Params(A_log=(N, d), B=(N, d), C=(N, d), log_dt=(N,), D=(N,)))
 
     def state_slots(self) -> tuple:
         """The layer's hidden states (:class:`~ssm_core.spec.StateSlot` records)."""
         return (StateSlot("state", self.num_neurons, self.d_state),)
 
 
-class S4Params(NamedTuple):
-    """S4 parameters: ``A = -exp(A_log)`` ``[N, d]``, ``B``, ``C`` ``[N, d]``, ``log_dt``, ``D`` ``[N]``."""
-
-    A_log: Any
-    B: Any
-    C: Any
-    log_dt: Any
-    D: Any
+S4Params = params_type(
+    "S4Params", __name__, ("A_log", "B", "C", "log_dt", "D"),
+    """S4 parameters: ``A = -exp(A_log)`` ``[N, d]``, ``B``, ``C`` ``[N, d]``, ``log_dt``, ``D`` ``[N]``.""",
+)
 
 
 class S4State(NamedTuple):
@@ -221,17 +217,8 @@ def _s4_fft_scan(xs, state: S4State, dynamics: S4Dynamics, xp):
 
 
 S4 = LayerSpec(
-    name="S4",
-    config=S4Config,
-    params=S4Params,
-    state=S4State,
-    param_keys=("A_log", "B", "C", "log_dt", "D"),
-    init=s4_init,
-    step=s4_step,
-    scan=s4_scan,
-    prepare=s4_discretize,
-    time_invariant=True,
-    dynamics=S4Dynamics,
+    "S4", S4Config, S4Params, S4State, init=s4_init, step=s4_step, scan=s4_scan,
+    prepare=s4_discretize, time_invariant=True, dynamics=S4Dynamics,
 )
 
 
@@ -254,21 +241,17 @@ class S5Config:
     def param_shapes(self) -> dict:
         """``{state_dict key: shape}`` of the layer's parameters."""
         N, d = self.num_neurons, self.d_state
-        return {"A_log": (d,), "B": (N, d), "C": (d, N), "D": (N,), "log_dt": (1,)}
+        return params_to_mapping(S5Params(A_log=(d,), B=(N, d), C=(d, N), D=(N,), log_dt=(1,)))
 
     def state_slots(self) -> tuple:
         """The layer's hidden states (:class:`~ssm_core.spec.StateSlot` records)."""
         return (StateSlot("global_state", self.d_state, None),)
 
 
-class S5Params(NamedTuple):
-    """S5 parameters: ``A_log`` ``[d]``, ``B`` ``[N, d]``, ``C`` ``[d, N]``, ``D`` ``[N]``, ``log_dt`` ``[1]``."""
-
-    A_log: Any
-    B: Any
-    C: Any
-    D: Any
-    log_dt: Any
+S5Params = params_type(
+    "S5Params", __name__, ("A_log", "B", "C", "D", "log_dt"),
+    """S5 parameters: ``A_log`` ``[d]``, ``B`` ``[N, d]``, ``C`` ``[d, N]``, ``D`` ``[N]``, ``log_dt`` ``[1]``.""",
+)
 
 
 class S5State(NamedTuple):
@@ -351,15 +334,6 @@ def _s5_fft_scan(xs, state: S5State, dynamics: S5Dynamics, xp):
 
 
 S5 = LayerSpec(
-    name="S5",
-    config=S5Config,
-    params=S5Params,
-    state=S5State,
-    param_keys=("A_log", "B", "C", "D", "log_dt"),
-    init=s5_init,
-    step=s5_step,
-    scan=s5_scan,
-    prepare=s5_discretize,
-    time_invariant=True,
-    dynamics=S5Dynamics,
+    "S5", S5Config, S5Params, S5State, init=s5_init, step=s5_step, scan=s5_scan,
+    prepare=s5_discretize, time_invariant=True, dynamics=S5Dynamics,
 )

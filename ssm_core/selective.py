@@ -16,7 +16,7 @@ from .checks import check_axis, check_int
 from .discretize import decay_rates, zoh
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
 from .scan import linear_recurrence, time_blocks
-from .spec import LayerSpec, StateSlot
+from .spec import LayerSpec, StateSlot, params_to_mapping, params_type
 
 __all__ = [
     "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
@@ -138,27 +138,20 @@ class S6Config:
     def param_shapes(self) -> dict:
         """``{state_dict key: shape}`` of the layer's parameters."""
         N, d, R = self.num_neurons, self.d_state, self.dt_rank
-        return {
-            "A_log": (N, d),
-            "D": (N,),
-            "x_proj.weight": (R + 2 * d, N),
-            "dt_proj.weight": (N, R),
-            "dt_proj.bias": (N,),
-        }
+        return params_to_mapping(
+            S6Params(A_log=(N, d), D=(N,), x_proj_weight=(R + 2 * d, N), dt_proj_weight=(N, R), dt_proj_bias=(N,))
+        )
 
     def state_slots(self) -> tuple:
         """The layer's hidden states (:class:`~ssm_core.spec.StateSlot` records)."""
         return (StateSlot("state", self.num_neurons, self.d_state),)
 
 
-class S6Params(NamedTuple):
-    """S6 parameters, fields in the order of ``S6.param_keys``."""
-
-    A_log: Any
-    D: Any
-    x_proj_weight: Any
-    dt_proj_weight: Any
-    dt_proj_bias: Any
+S6Params = params_type(
+    "S6Params", __name__, ("A_log", "D", "x_proj.weight", "dt_proj.weight", "dt_proj.bias"),
+    """S6 parameters: ``A_log`` ``[N, d]``, ``D`` ``[N]``, ``x_proj_weight`` ``[R + 2d, N]``,
+    ``dt_proj_weight`` ``[N, R]``, ``dt_proj_bias`` ``[N]``.""",
+)
 
 
 class S6State(NamedTuple):
@@ -218,17 +211,13 @@ def s6_scan(
     return ys, S6State(h)
 
 
+def _prepare_decay(params, xp):
+    return selective_decay(params.A_log, xp)
+
+
 S6 = LayerSpec(
-    name="S6",
-    config=S6Config,
-    params=S6Params,
-    state=S6State,
-    param_keys=("A_log", "D", "x_proj.weight", "dt_proj.weight", "dt_proj.bias"),
-    init=s6_init,
-    step=s6_step,
-    scan=s6_scan,
-    prepare=lambda params, xp: selective_decay(params.A_log, xp),
-    time_invariant=False,
+    "S6", S6Config, S6Params, S6State, init=s6_init, step=s6_step, scan=s6_scan,
+    prepare=_prepare_decay, time_invariant=False,
 )
 
 
@@ -262,17 +251,18 @@ class MambaConfig:
     def param_shapes(self) -> dict:
         """``{state_dict key: shape}`` of the layer's parameters."""
         N, d, R, K = self.num_neurons, self.d_state, self.dt_rank, self.conv_kernel
-        shapes = {"conv_weights": (N, K), "conv_bias": (N,)} if self.has_conv else {}
-        shapes.update({
-            "A_log": (N, d),
-            "D": (N,),
-            "in_proj.weight": (2 * N, N),
-            "out_proj.weight": (N, N),
-            "ssm_proj.weight": (R + 2 * d, N),
-            "dt_proj.weight": (N, R),
-            "dt_proj.bias": (N,),
-        })
-        return shapes
+        conv = ((N, K), (N,)) if self.has_conv else (None, None)
+        return params_to_mapping(MambaParams(
+            A_log=(N, d),
+            D=(N,),
+            in_proj_weight=(2 * N, N),
+            out_proj_weight=(N, N),
+            ssm_proj_weight=(R + 2 * d, N),
+            dt_proj_weight=(N, R),
+            dt_proj_bias=(N,),
+            conv_weights=conv[0],
+            conv_bias=conv[1],
+        ))
 
     def state_slots(self) -> tuple:
         """The layer's hidden states (:class:`~ssm_core.spec.StateSlot` records)."""
@@ -282,18 +272,18 @@ class MambaConfig:
         return (ssm, StateSlot("conv_buffer", self.num_neurons, self.conv_kernel))
 
 
-class MambaParams(NamedTuple):
-    """Mamba parameters, fields in the order of ``Mamba.param_keys``; the conv pair is None without a conv."""
-
-    A_log: Any
-    D: Any
-    in_proj_weight: Any
-    out_proj_weight: Any
-    ssm_proj_weight: Any
-    dt_proj_weight: Any
-    dt_proj_bias: Any
-    conv_weights: Any = None
-    conv_bias: Any = None
+MambaParams = params_type(
+    "MambaParams", __name__,
+    (
+        "A_log", "D", "in_proj.weight", "out_proj.weight", "ssm_proj.weight",
+        "dt_proj.weight", "dt_proj.bias", "conv_weights", "conv_bias",
+    ),
+    """Mamba parameters: ``A_log`` ``[N, d]``, ``D`` ``[N]``, ``in_proj_weight`` ``[2N, N]``,
+    ``out_proj_weight`` ``[N, N]``, ``ssm_proj_weight`` ``[R + 2d, N]``, ``dt_proj_weight``
+    ``[N, R]``, ``dt_proj_bias`` ``[N]``, ``conv_weights`` ``[N, K]``, ``conv_bias`` ``[N]``
+    (the conv pair None without a conv).""",
+    optional=2,
+)
 
 
 class MambaState(NamedTuple):
@@ -372,17 +362,6 @@ def mamba_scan(
 
 
 Mamba = LayerSpec(
-    name="Mamba",
-    config=MambaConfig,
-    params=MambaParams,
-    state=MambaState,
-    param_keys=(
-        "A_log", "D", "in_proj.weight", "out_proj.weight", "ssm_proj.weight",
-        "dt_proj.weight", "dt_proj.bias", "conv_weights", "conv_bias",
-    ),
-    init=mamba_init,
-    step=mamba_step,
-    scan=mamba_scan,
-    prepare=lambda params, xp: selective_decay(params.A_log, xp),
-    time_invariant=False,
+    "Mamba", MambaConfig, MambaParams, MambaState, init=mamba_init, step=mamba_step, scan=mamba_scan,
+    prepare=_prepare_decay, time_invariant=False,
 )

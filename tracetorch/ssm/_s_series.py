@@ -66,10 +66,6 @@ class S4(TimeInvariantLayer):
     def _config(self):
         return ssm_core.S4Config(self.num_neurons, self.d_state, self.dim)
 
-    def _core_params(self):
-        p = self._parameters
-        return ssm_core.S4Params(p["A_log"], p["B"], p["C"], p["log_dt"], p["D"])
-
 
 class S5(TimeInvariantLayer):
     r"""An S5-style state-space layer: all features share one latent state.
@@ -122,10 +118,6 @@ class S5(TimeInvariantLayer):
 
     def _config(self):
         return ssm_core.S5Config(self.num_neurons, self.d_state, self.dim)
-
-    def _core_params(self):
-        p = self._parameters
-        return ssm_core.S5Params(p["A_log"], p["B"], p["C"], p["D"], p["log_dt"])
 
     def _ensure_state(self, state_name, reference_tensor):
         r"""Create ``global_state`` as zeros: the input's shape with ``d_state`` at ``dim``."""
@@ -191,10 +183,6 @@ class S6(SSMLayer):
 
     def _config(self):
         return ssm_core.S6Config(self.num_neurons, self.d_state, self.dt_proj.in_features, self.dim)
-
-    def _core_params(self):
-        p, x_proj, dt_proj = self._parameters, self._modules["x_proj"]._parameters, self._modules["dt_proj"]._parameters
-        return ssm_core.S6Params(p["A_log"], p["D"], x_proj["weight"], dt_proj["weight"], dt_proj["bias"])
 
 
 class Mamba(SSMLayer):
@@ -267,14 +255,6 @@ class Mamba(SSMLayer):
 
     def _config(self):
         return ssm_core.MambaConfig(self.num_neurons, self.d_state, self.dim, self.dt_proj.in_features, self.conv_kernel)
-
-    def _core_params(self):
-        p, m = self._parameters, self._modules
-        return ssm_core.MambaParams(
-            p["A_log"], p["D"], m["in_proj"]._parameters["weight"], m["out_proj"]._parameters["weight"],
-            m["ssm_proj"]._parameters["weight"], m["dt_proj"]._parameters["weight"], m["dt_proj"]._parameters["bias"],
-            p.get("conv_weights"), p.get("conv_bias"),
-        )
 
     def _ensure_state(self, state_name, reference_tensor):
         r"""Create a state as zeros; ``conv_buffer`` gets ``conv_kernel`` as its trailing axis."""

@@ -71,8 +71,8 @@ class Layer(BaseLayer):
 
     Notes
     -----
-    A concrete layer names its ``ssm_core`` record in ``spec`` and returns its
-    parameters as ``spec.params`` in ``_core_params()``; ``forward`` then
+    A concrete layer names its ``ssm_core`` record in ``spec`` and registers
+    the parameters ``spec.param_keys`` names; ``forward`` then
     checks the input, creates missing states, runs the pure step of
     ``ssm_core`` in its features-last layout, and stores the new states only
     once the step has succeeded, so an error leaves the states as they were.
@@ -116,8 +116,20 @@ class Layer(BaseLayer):
         """The constructor arguments as an ``ssm_core`` config (``ssm_core.S6Config`` ...)."""
         return self._config()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.spec is not None:  # (submodule name or "", parameter name) of each state_dict() key
+            cls._param_paths = tuple(key.rpartition(".")[::2] for key in cls.spec.param_keys)
+
     def _core_params(self):
-        raise NotImplementedError
+        """The parameters as ``spec.params`` (None where absent).
+
+        Looked up on every call: a parameter, or the module holding it, may have been replaced.
+        """
+        modules, own = self._modules, self._parameters
+        return self.spec.params(
+            *[(modules[owner]._parameters if owner else own).get(name) for owner, name in self._param_paths]
+        )
 
     @property
     def _slots(self) -> tuple:
