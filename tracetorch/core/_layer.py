@@ -1,4 +1,10 @@
-"""``tt.Layer``: the base of every traceTorch layer (states, dims, compilation)."""
+"""``tt.Layer``: the base of every traceTorch layer (states, dims, compilation).
+
+Its underscore helpers are traceTorch 0.19.2's subclassing API, which users
+call from layers of their own (``_register_parameter``, ``_initialize_state``,
+``_ensure_state(s)``, ``_zero_state``, ``_detach_state``, ``_to_working_dim``,
+``_from_working_dim``): same names, arguments and behaviour.
+"""
 
 from __future__ import annotations
 
@@ -150,17 +156,25 @@ class Layer(nn.Module):
         self._state_names.add(state_name)
         setattr(self, state_name, None)
 
+    def _zero_state(self, state_name: str) -> None:
+        r"""Reset hidden state ``state_name`` to ``None``."""
+        setattr(self, state_name, None)
+
     def zero_states(self) -> None:
         r"""Reset every hidden state to ``None``; the next call recreates them as zeros."""
         for name in self._state_names:
-            setattr(self, name, None)
+            self._zero_state(name)
+
+    def _detach_state(self, state_name: str) -> None:
+        r"""Cut hidden state ``state_name`` from the autograd graph, if it exists."""
+        state = getattr(self, state_name)
+        if state is not None:
+            setattr(self, state_name, state.detach())
 
     def detach_states(self) -> None:
         r"""Cut every hidden state from the autograd graph (no data is copied)."""
         for name in self._state_names:
-            state = getattr(self, name)
-            if state is not None:
-                setattr(self, name, state.detach())
+            self._detach_state(name)
 
     def _ensure_state(self, state_name: str, reference_tensor: torch.Tensor) -> None:
         r"""Create ``state_name`` as zeros shaped like ``reference_tensor`` with ``num_neurons`` at ``dim``."""
@@ -239,7 +253,9 @@ class Layer(nn.Module):
         if not self.__dict__.get("_compiled"):
             return
         for name, meta in self._compile_metadata.items():
-            value = self._buffers.pop(name)
+            value = self._buffers.pop(name, None)
+            if value is None:  # removed since compiling: nothing to restore
+                continue
             raw = self._inverse_functions[name](value).detach().clone()
             if meta["is_parameter"]:
                 self.register_parameter(f"raw_{name}", nn.Parameter(raw, requires_grad=meta["learnable"]))

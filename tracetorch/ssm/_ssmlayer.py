@@ -1,8 +1,15 @@
-"""``tt.ssm.Layer``: the base of the state-space layers, bound to ``ssm_core``."""
+"""``tt.ssm.Layer``: the base of the state-space layers, bound to ``ssm_core``.
+
+Besides the binding, it keeps traceTorch 0.19.2's helpers for state-space
+layers of the user's own: ``_ensure_state`` with a trailing ``d_state`` axis,
+``_state_to_working_dim`` / ``_state_from_working_dim`` and the
+``_register_*scale`` parameter helpers.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+import math
+from typing import ClassVar, Literal, Optional
 
 import array_api_compat.torch as xp_torch
 import torch
@@ -45,6 +52,13 @@ def _draws(dtype: torch.dtype) -> ssm_core.Draws:
 # Half-precision layers compute and keep their states in float32: the state is
 # a running sum over many steps, which float16/bfloat16 would round away.
 _COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def _log_halvings(value: torch.Tensor) -> torch.Tensor:
+    """``log(-log2(value))`` for ``0 < value < 1``: traceTorch 0.19.2's ``mamba_scale``."""
+    if not bool(torch.all((value > 0) & (value < 1))):
+        raise ValueError(f"a scale must lie strictly between 0 and 1, got {value}")
+    return torch.log(-torch.log(value) / math.log(2.0))
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -94,17 +108,43 @@ class Layer(BaseLayer):
             shape.append(self.d_state)
             setattr(self, state_name, reference_tensor.new_zeros(shape))
 
-    def _state_axis(self) -> int:
-        # A state has one more (trailing) axis than the input: a negative dim shifts by one.
-        return self.dim if self.dim >= 0 else self.dim - 1
-
     def _state_to_working_dim(self, tensor: torch.Tensor) -> torch.Tensor:
         r"""Move a state's feature axis to the second-to-last position."""
-        return tensor.movedim(self._state_axis(), -2)
+        # A state has one more (trailing) axis than the input: a negative dim shifts by one.
+        return tensor.movedim(self.dim if self.dim >= 0 else self.dim - 1, -2)
 
     def _state_from_working_dim(self, tensor: torch.Tensor) -> torch.Tensor:
         r"""Move a state's second-to-last axis back to the feature position."""
-        return tensor.movedim(-2, self._state_axis())
+        return tensor.movedim(-2, self.dim if self.dim >= 0 else self.dim - 1)
+
+    def _register_scale(self, name: str, value, rank: Literal[0, 1], learnable: bool) -> None:
+        r"""Register ``name`` as traceTorch 0.19.2 did: ``raw = log(-log2(value))`` for ``0 < value < 1``,
+        read as ``exp(raw)`` (that is, ``-log2(value)``), recovered with ``log`` by ``TTdecompile()``."""
+        self._register_parameter(
+            name, value, rank, learnable, init_fn=_log_halvings, inverse_fn=torch.log, activation_fn=torch.exp
+        )
+
+    def _register_log_scale(self, name: str, value, rank: Literal[0, 1], learnable: bool) -> None:
+        r"""Register a positive ``name`` stored as ``log(value)`` and read as ``exp(raw)``."""
+        self._register_parameter(
+            name, value, rank, learnable, init_fn=torch.log, inverse_fn=torch.log, activation_fn=torch.exp
+        )
+
+    def _register_state_scale(self, name: str, value, rank: Literal[0, 1], learnable: bool) -> None:
+        r"""``_register_scale`` with a rank-1 size of ``d_state`` instead of ``num_neurons``."""
+        self._sized_by_d_state(self._register_scale, name, value, rank, learnable)
+
+    def _register_log_state_scale(self, name: str, value, rank: Literal[0, 1], learnable: bool) -> None:
+        r"""``_register_log_scale`` with a rank-1 size of ``d_state`` instead of ``num_neurons``."""
+        self._sized_by_d_state(self._register_log_scale, name, value, rank, learnable)
+
+    def _sized_by_d_state(self, register, *args) -> None:
+        # _register_parameter sizes rank-1 values by num_neurons: lend it d_state for one call.
+        num_neurons, self.num_neurons = self.num_neurons, self.d_state
+        try:
+            register(*args)
+        finally:
+            self.num_neurons = num_neurons
 
     # ------------------------------------------------------------- binding to ssm_core
 
@@ -301,6 +341,8 @@ class Layer(BaseLayer):
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
         super()._check_loaded_state(state_name, value, key)
+        if self.spec is None:  # a layer of the user's own on this base: its states are its business
+            return
         param_dtype = self._parameters["A_log"].dtype
         state_dtype = _COMPUTE_DTYPE.get(param_dtype, param_dtype)
         if value.dtype != state_dtype:
@@ -314,6 +356,8 @@ class Layer(BaseLayer):
 
     def _check_loaded_states(self, loaded: dict) -> None:
         super()._check_loaded_states(loaded)
+        if self.spec is None:
+            return
         # The states kept (a partial load) must agree with the loaded ones too.
         slots, shapes = [], {}
         for slot in self._slots:
