@@ -12,8 +12,8 @@ class Backend:
     and defines ``dtype``, ``asarray``, ``to_numpy`` and ``draws``.
     """
 
-    lti_scan = "auto"  # S4/S5 sequences: FFT from a few dozen steps on
-    selective_scan = "loop"  # S6/Mamba sequences: the blocked loop, fastest on CPUs
+    lti_scan_method = "auto"  # S4/S5 sequences: FFT from a few dozen steps on
+    selective_scan_method = "loop"  # S6/Mamba sequences: the blocked loop, fastest on CPUs
 
     def finish(self, arrays) -> None:
         """Make a step's results usable (eager libraries: nothing to do)."""

@@ -12,10 +12,10 @@ The backend object provides:
 classes), ``default_dtype``, ``dtype(spec)`` (a library dtype from None, a
 name or a dtype), ``asarray(value)`` (from a torch tensor, a NumPy array or
 any DLPack-capable array, keeping its dtype), ``to_numpy(array)``,
-``lti_scan`` and ``selective_scan`` (the ``method`` its S4/S5 and S6/Mamba
-sequence scans use),
-``draws(dtype, seed)`` (an :class:`ssm_core.Draws`), ``finish(arrays)`` (make
-a step's results usable: MLX evaluates them) and ``synchronize()``.
+``lti_scan_method`` and ``selective_scan_method`` (the ``method`` its S4/S5
+and S6/Mamba sequence scans use), ``draws(dtype, seed)`` (an
+:class:`ssm_core.Draws`), ``finish(arrays)`` (make a step's results usable:
+MLX evaluates them) and ``synchronize()``.
 """
 
 from __future__ import annotations
@@ -234,12 +234,12 @@ class Layer:
         """One timestep: ``x`` ``[*, num_neurons, *]`` -> ``y`` of the same shape; states advance."""
         self._check_input(x)
         xp = self.backend.xp
-        axis, x_w, state = enter_step(
+        axis, x_last, state = enter_step(
             self._error_name(), self._to_compute(x), self._states, self._slots, self.dim, self.num_neurons,
             self.spec.state, xp,
         )
         params = self._compute_params()
-        y, new_state = self.spec.step(x_w, state, params, xp=xp)
+        y, new_state = self.spec.step(x_last, state, params, xp=xp)
         y, states = leave_step(axis, x.ndim, y, new_state, self._slots, xp)
         y = y if y.dtype == x.dtype else xp.astype(y, x.dtype)
         if self.eager:
@@ -257,12 +257,12 @@ class Layer:
         """
         self._check_input(xs)
         xp = self.backend.xp
-        axes, xs_w, state = enter_scan(
+        axes, xs_last, state = enter_scan(
             self._error_name(), self._to_compute(xs), self._states, self._slots, self.dim, self.num_neurons,
             self.spec.state, time_dim, xp,
         )
-        method = self.backend.lti_scan if self.spec.time_invariant else self.backend.selective_scan
-        ys, new_state = self.spec.scan(xs_w, state, self._compute_params(), xp=xp, method=method)
+        method = self.backend.lti_scan_method if self.spec.time_invariant else self.backend.selective_scan_method
+        ys, new_state = self.spec.scan(xs_last, state, self._compute_params(), xp=xp, method=method)
         ys, states = leave_scan(axes, ys, new_state, self._slots, xp)
         ys = ys if ys.dtype == xs.dtype else xp.astype(ys, xs.dtype)
         if self.eager:

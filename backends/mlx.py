@@ -113,7 +113,7 @@ class MlxBackend(Backend):
 
     # MLX transforms in complex64 only: the FFT form would lose float64 (and the
     # float64 widening that keeps float32 exact), so S4/S5 scans step.
-    lti_scan = "loop"
+    lti_scan_method = "loop"
 
     def dtype(self, spec):
         if spec is None:

@@ -18,11 +18,22 @@ Functional API, uniform over the four layers::
 These check their arguments first (shapes and dtypes, no array work; see
 :mod:`ssm_core.functional`) and raise an error naming the function.
 
+Each also takes ``prepared=``: what it needs of the parameters alone
+(``S6.prepare(params, xp)``; for S4/S5 the discretized system), for a caller
+that keeps it while the weights do not change.
+
 ``ssm_core.S4`` ... ``ssm_core.Mamba`` are :class:`LayerSpec` records tying each
 layer's config, parameter and state containers and functions together, e.g.
 ``ssm_core.S6.params_from_mapping(torch_layer.state_dict())`` and
 ``ssm_core.S6.zero_state(config, batch_shape, xp)``. Their ``step`` and ``scan``
 are the unchecked functions, for bindings that check their inputs themselves.
+
+Modules: ``lti`` (S4, S5), ``selective`` (S6, Mamba), ``functional`` (their
+steps and scans behind the argument checks), ``discretize`` (the zero-order
+hold), ``scan`` (sequence primitives), ``init`` (initialisation formulas),
+``spec`` (the per-layer records), ``layout`` (between the user's feature axis
+and the features-last layout used here), ``checks`` (argument errors),
+``_array`` (namespaces and the operations with a native fast path).
 """
 
 from ._array import namespace, phi1, register_namespace, silu, softplus

@@ -3,9 +3,10 @@
 Every public function of ``ssm_core`` resolves its namespace once, with
 :func:`namespace`, and then uses only ``xp.*``, operators and the functions
 here. ``softplus``, ``silu`` and ``phi1`` are not in the standard; ``linear``,
-``muladd`` and ``zoh_terms`` are, but torch has faster fused kernels for them.
-Each function is the standard form, with an explicit ``if _is_torch(xp):``
-branch where torch's own kernel is faster and gives the same numbers.
+``muladd`` and ``zoh_terms`` are short compositions of standard functions that
+torch has faster kernels for. Each function is the standard form, with an
+explicit ``if _is_torch(xp):`` branch where torch's own kernel is faster and
+gives the same numbers.
 """
 
 from __future__ import annotations

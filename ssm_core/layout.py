@@ -1,4 +1,4 @@
-"""Between the user's layout (features at ``dim``) and the canonical one (features last).
+"""Between the user's layout (features at ``dim``) and the features-last one of ``ssm_core``.
 
 Pure functions that every stateful binding (torch modules, NumPy/CuPy/MLX
 layers) calls around a step: they check the input against the layer and its
@@ -8,7 +8,7 @@ once its step has succeeded, so an error leaves its states as they were.
 
 traceTorch layout of a state (see :class:`~ssm_core.spec.StateSlot`): the
 input's shape with ``slot.size`` at the feature axis and ``slot.trailing``
-appended. Canonical: the feature axis moved to the end (before the trailing axis).
+appended. Features-last: the feature axis moved to the end (before the trailing axis).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def _feature_axis(slot) -> int:
     return -1 if slot.trailing is None else -2
 
 
-def _canonical_states(layer, step_shape, axis, batch, x, held, slots, state_type, xp):
-    """The held states checked against one step's input shape and moved to the canonical layout."""
+def _features_last_states(layer, step_shape, axis, batch, x, held, slots, state_type, xp):
+    """The held states checked against one step's input shape and moved to the features-last layout."""
     states = {}
     for slot in slots:
         current = held[slot.name]
@@ -57,20 +57,21 @@ def _tracetorch_layout(axis, step_ndim, new_state, slots, xp):
 
 
 def enter_step(layer: str, x, held: dict, slots: tuple, dim: int, num_neurons: int, state_type, xp):
-    """Check ``x`` and the held states; return ``(axis, x_canonical, state_canonical)``.
+    """Check ``x`` and the held states; return ``(axis, x_last, state_last)``, both features-last.
 
     ``held`` maps state names to arrays in the traceTorch layout, or None for
     a state not created yet (it is created as zeros of ``x``'s dtype and device).
     """
     floating = xp.isdtype(x.dtype, "real floating")
     axis = check_step_input(layer, tuple(x.shape), floating, x.dtype, dim, num_neurons)
-    x_w = x if axis == x.ndim - 1 else xp.moveaxis(x, axis, -1)  # [..., N]
-    state = _canonical_states(layer, tuple(x.shape), axis, tuple(x_w.shape[:-1]), x, held, slots, state_type, xp)
-    return axis, x_w, state
+    x_last = x if axis == x.ndim - 1 else xp.moveaxis(x, axis, -1)  # [..., N]
+    batch = tuple(x_last.shape[:-1])
+    state = _features_last_states(layer, tuple(x.shape), axis, batch, x, held, slots, state_type, xp)
+    return axis, x_last, state
 
 
 def leave_step(axis: int, ndim: int, y, new_state, slots: tuple, xp):
-    """``(y, {state name: array})`` moved back from the canonical to the traceTorch layout."""
+    """``(y, {state name: array})`` moved back from the features-last to the traceTorch layout."""
     states = _tracetorch_layout(axis, ndim, new_state, slots, xp)
     return (y if axis == ndim - 1 else xp.moveaxis(y, -1, axis)), states
 
@@ -85,11 +86,11 @@ class ScanAxes(NamedTuple):
 
 
 def enter_scan(layer: str, xs, held: dict, slots: tuple, dim: int, num_neurons: int, state_type, time_dim, xp):
-    """Check a sequence ``xs`` and the held states; return ``(axes, xs_canonical, state_canonical)``.
+    """Check a sequence ``xs`` and the held states; return ``(axes, xs_last, state_last)``, both features-last.
 
     ``xs`` with its ``time_dim`` axis removed is one step's input, and the
     layer's ``dim`` indexes that step input (so a layer keeps its ``dim`` when
-    a model runs in sequence mode). ``xs_canonical`` is ``[T, ..., N]``.
+    a model runs in sequence mode). ``xs_last`` is ``[T, ..., N]``.
     """
     floating = xp.isdtype(xs.dtype, "real floating")
     if not floating:
@@ -105,13 +106,13 @@ def enter_scan(layer: str, xs, held: dict, slots: tuple, dim: int, num_neurons: 
     feature = step_feature if step_feature < time else step_feature + 1
     axes = ScanAxes(time, feature, step_feature, len(step_shape))
     if (time, feature) == (0, xs.ndim - 1):
-        xs_w = xs
+        xs_last = xs
     else:
-        xs_w = xp.moveaxis(xs, (time, feature), (0, -1))  # [T, ..., N]
-    state = _canonical_states(
-        layer, step_shape, step_feature, tuple(xs_w.shape[1:-1]), xs, held, slots, state_type, xp
+        xs_last = xp.moveaxis(xs, (time, feature), (0, -1))  # [T, ..., N]
+    state = _features_last_states(
+        layer, step_shape, step_feature, tuple(xs_last.shape[1:-1]), xs, held, slots, state_type, xp
     )
-    return axes, xs_w, state
+    return axes, xs_last, state
 
 
 def leave_scan(axes: ScanAxes, ys, new_state, slots: tuple, xp):

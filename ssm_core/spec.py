@@ -44,7 +44,7 @@ class StateSlot(NamedTuple):
 
     In the traceTorch layout the state has the input's shape with the feature
     axis set to ``size`` and, when ``trailing`` is not None, one more last axis
-    of that size. In the canonical layout of ``ssm_core`` the ``size`` axis is
+    of that size. In the features-last layout of ``ssm_core`` the ``size`` axis is
     last, or second to last when there is a trailing axis.
     """
 

@@ -16,7 +16,7 @@ import tracetorch as tt  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from reference import FIXTURE_DIR  # noqa: E402,F401
+from numpy_oracle import FIXTURE_DIR  # noqa: E402,F401
 
 
 def rel_err(a, b) -> float:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import backends
-import reference
+import numpy_oracle
 import ssm_core
 import tracetorch as tt
 
@@ -209,12 +209,12 @@ def test_torch_weights_give_torch_outputs(case_id, layer, kwargs, backend, dtype
         ty = np.stack([tl(torch.from_numpy(x)).numpy() for x in xs])
     by = np.stack([host(mod, obj(mod.asarray(x))) for x in xs])
     assert by.dtype == np.dtype(dtype)
-    assert reference.rel_err(by, ty) <= TOL[dtype]
-    for name in reference.state_names(layer, kwargs):
+    assert numpy_oracle.rel_err(by, ty) <= TOL[dtype]
+    for name in numpy_oracle.state_names(layer, kwargs):
         t_state = getattr(tl, name).numpy()
         b_state = host(mod, getattr(obj, name))
         assert b_state.shape == t_state.shape, name
-        assert reference.rel_err(b_state, t_state) <= TOL[dtype], name
+        assert numpy_oracle.rel_err(b_state, t_state) <= TOL[dtype], name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -228,7 +228,7 @@ def test_from_torch_converts_config_and_weights(backend):
     with torch.no_grad():
         ty = np.stack([tl(torch.from_numpy(x)).numpy() for x in xs])
     by = np.stack([host(mod, obj(mod.asarray(x))) for x in xs])
-    assert reference.rel_err(by, ty) <= TOL["float32"]
+    assert numpy_oracle.rel_err(by, ty) <= TOL["float32"]
 
 
 # ----------------------------------------------------------------------------- load_state_dict strictness
@@ -371,7 +371,7 @@ def test_save_states_returns_copies(case_id, layer, kwargs, backend):
     xs = inputs((2, N), steps=5, dtype="float32")
     _step_all(mod, obj, xs[:3])
     saved = obj.save_states()
-    assert set(saved) == set(reference.state_names(layer, kwargs))
+    assert set(saved) == set(numpy_oracle.state_names(layer, kwargs))
     snap = {k: host(mod, v) for k, v in saved.items()}
     _step_all(mod, obj, xs[3:])  # later steps
     assert_same_arrays({k: host(mod, v) for k, v in saved.items()}, snap)
@@ -459,7 +459,7 @@ def test_batch_shape_change_needs_zero_states(case_id, layer, kwargs, backend):
         obj(other)
     assert_same_arrays(states_host(mod, obj), before)
     obj.zero_states()
-    assert all(getattr(obj, name) is None for name in reference.state_names(layer, kwargs))
+    assert all(getattr(obj, name) is None for name in numpy_oracle.state_names(layer, kwargs))
     y = obj(other)
     assert tuple(y.shape) == (3, N)
     # After zero_states the layer starts from zeros: same as a fresh layer.
@@ -561,17 +561,17 @@ def test_functional_api_same_numbers_on_every_library(case_id, layer, kwargs):
         importlib.import_module("backends.mlx")  # registers the completed MLX namespace
     weights = random_weights(layer, kwargs, seed=11)
     xs = inputs((2, 3, N), steps=6, dtype="float64", seed=12)
-    ref_y, ref_states = reference.run(layer, kwargs, weights, xs)
+    ref_y, ref_states = numpy_oracle.run(layer, kwargs, weights, xs)
     results = {lib: _functional_run(lib, layer, kwargs, weights, xs) for lib in _functional_libraries()}
     for lib, (ys, states) in results.items():
         assert ys.dtype == np.float64, lib
-        assert reference.rel_err(ys, ref_y) <= 1e-10, lib
+        assert numpy_oracle.rel_err(ys, ref_y) <= 1e-10, lib
         np_ys, np_states = results["numpy"]
-        assert reference.rel_err(ys, np_ys) <= 1e-10, lib
+        assert numpy_oracle.rel_err(ys, np_ys) <= 1e-10, lib
         for name, ref in ref_states.items():
             # canonical layout (features last / second to last) is the traceTorch one for dim=-1
-            assert reference.rel_err(states[name], ref) <= 1e-10, (lib, name)
-            assert reference.rel_err(states[name], np_states[name]) <= 1e-10, (lib, name)
+            assert numpy_oracle.rel_err(states[name], ref) <= 1e-10, (lib, name)
+            assert numpy_oracle.rel_err(states[name], np_states[name]) <= 1e-10, (lib, name)
 
 
 @pytest.mark.parametrize("import_backend", [False, True], ids=["alone", "with-backends.mlx"])
@@ -582,7 +582,7 @@ def test_functional_api_on_mlx_float64(import_backend):
     code = f"""
 import sys
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
-import numpy as np, mlx.core as mx, ssm_core, reference
+import numpy as np, mlx.core as mx, ssm_core, numpy_oracle
 if {import_backend!r}:
     import backends.mlx
 kwargs = dict(num_neurons=4, d_state=3, dt_rank=2)
@@ -591,7 +591,7 @@ config = ssm_core.S6Config(**kwargs)
 w = {{k: 0.5 * rng.standard_normal(s) for k, s in config.param_shapes().items()}}
 w["dt_proj.bias"] = w["dt_proj.bias"] - 2.0
 xs = rng.standard_normal((6, 2, 4))
-ref, _ = reference.run("S6", kwargs, w, xs)
+ref, _ = numpy_oracle.run("S6", kwargs, w, xs)
 params = ssm_core.S6.params_from_mapping({{k: mx.array(v, dtype=mx.float64) for k, v in w.items()}})
 state = ssm_core.S6.zero_state(config, (2,), mx, mx.float64)
 ys = []
@@ -602,7 +602,7 @@ try:
 except TypeError as error:
     print("TypeError:", error)
 else:
-    print(reference.rel_err(np.stack(ys), ref))
+    print(numpy_oracle.rel_err(np.stack(ys), ref))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -644,22 +644,22 @@ def test_mlx_eager_outputs_are_evaluated_and_lazy_matches(case_id, layer, kwargs
         y = eager(mod.asarray(x))
         assert isinstance(y, mx.array) and y.dtype == mod.backend.dtype(dtype)
         assert _mlx_evaluated(y)
-        for name in reference.state_names(layer, kwargs):
+        for name in numpy_oracle.state_names(layer, kwargs):
             assert _mlx_evaluated(getattr(eager, name)), name
         eager_ys.append(y)
         lazy_ys.append(lazy(mod.asarray(x)))
     assert not _mlx_evaluated(lazy_ys[-1]), "eager=False evaluated the step itself"
-    lazy_states = [getattr(lazy, name) for name in reference.state_names(layer, kwargs)]
+    lazy_states = [getattr(lazy, name) for name in numpy_oracle.state_names(layer, kwargs)]
     mx.eval(*lazy_ys, *lazy_states)
     assert all(_mlx_evaluated(a) for a in (*lazy_ys, *lazy_states))
     tol = TOL[dtype] / 10
-    assert reference.rel_err(np.stack([np.asarray(y) for y in lazy_ys]),
+    assert numpy_oracle.rel_err(np.stack([np.asarray(y) for y in lazy_ys]),
                              np.stack([np.asarray(y) for y in eager_ys])) <= tol
-    for name, value in zip(reference.state_names(layer, kwargs), lazy_states):
-        assert reference.rel_err(np.asarray(value), np.asarray(getattr(eager, name))) <= tol, name
+    for name, value in zip(numpy_oracle.state_names(layer, kwargs), lazy_states):
+        assert numpy_oracle.rel_err(np.asarray(value), np.asarray(getattr(eager, name))) <= tol, name
     # And both agree with the float64 reference.
-    ref_y, _ = reference.run(layer, kwargs, weights, xs.astype(np.float64))
-    assert reference.rel_err(np.stack([np.asarray(y) for y in eager_ys]), ref_y) <= TOL[dtype]
+    ref_y, _ = numpy_oracle.run(layer, kwargs, weights, xs.astype(np.float64))
+    assert numpy_oracle.rel_err(np.stack([np.asarray(y) for y in eager_ys]), ref_y) <= TOL[dtype]
 
 
 def test_numpy_layer_ignores_eager():

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import backends
 import ssm_core
 import tracetorch as tt
-from reference import rel_err
+from numpy_oracle import rel_err
 from ssm_core.checks import expected_state_shape
 
 BINDINGS = ["torch", "numpy", "array_api_strict", "mlx"]

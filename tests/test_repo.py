@@ -39,7 +39,7 @@ def test_ssm_core_sources_have_no_module_level_array_imports():
 
 def test_tests_read_nothing_outside_the_repository():
     # A bare clone, with nothing beside it, must pass: the published recordings live in tests/fixtures/.
-    from reference import FIXTURE_DIR
+    from numpy_oracle import FIXTURE_DIR
 
     assert FIXTURE_DIR.resolve().is_relative_to(ROOT), FIXTURE_DIR
     assert len(list(FIXTURE_DIR.glob("*.npz"))) >= 8, FIXTURE_DIR

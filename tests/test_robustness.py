@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import backends
-import reference
+import numpy_oracle
 import ssm_core
 import tracetorch as tt
 
@@ -469,9 +469,9 @@ def test_dim_indexes_the_step_input_not_the_sequence(bname, name):
         stepped = np.stack([b.host(b.step(stepper, b.arr(x))) for x in steps])
         scanned = b.host(b.scan(scanner, b.arr(xs), time_dim=time_dim))
         assert scanned.shape == xs.shape
-        assert reference.rel_err(np.moveaxis(scanned, time_dim, 0), stepped) <= 1e-12, (dim, time_dim)
+        assert numpy_oracle.rel_err(np.moveaxis(scanned, time_dim, 0), stepped) <= 1e-12, (dim, time_dim)
         for key, value in b.raw_states(scanner).items():
-            assert reference.rel_err(b.host(value), b.host(b.raw_states(stepper)[key])) <= 1e-12, key
+            assert numpy_oracle.rel_err(b.host(value), b.host(b.raw_states(stepper)[key])) <= 1e-12, key
 
 
 # ----------------------------------------------------------------------------- 2. state safety
@@ -848,7 +848,7 @@ def test_zoh_with_A_underflowed_to_zero_is_an_integrator(lib, dtype):
     A = -np.exp(np.full(dt.shape, -1000.0)).astype(dtype)
     assert (A == 0).all()
     with np.errstate(invalid="ignore"):
-        assert np.isnan(reference.zoh(dt.astype(np.float64), A.astype(np.float64))[1]).all()  # naive: 0/0
+        assert np.isnan(numpy_oracle.zoh(dt.astype(np.float64), A.astype(np.float64))[1]).all()  # naive: 0/0
     A_bar, gain = ssm_core.zoh(to_lib(dt), to_lib(A))
     A_bar, gain = to_np(A_bar).astype(np.float64), to_np(gain).astype(np.float64)
     np.testing.assert_array_equal(A_bar, 1.0)
@@ -891,7 +891,7 @@ def _compare_to_reference(b, layer, name, kwargs, dtype, xs64, ref_weights=None,
     """Problems of ``layer``'s outputs and states (stepped and scanned) against the float64 reference."""
     xs = _rounded(dtype, xs64)
     weights = _rounded_weights(b, layer) if ref_weights is None else ref_weights
-    ref, ref_states = reference.run(name, kwargs, weights, xs)
+    ref, ref_states = numpy_oracle.run(name, kwargs, weights, xs)
     problems = []
     stepped = np.stack([b.host(b.step(layer, _arr_of(b, dtype, x))) for x in xs])
     runs = {"step": (stepped, {k: v for k, v in b.raw_states(layer).items()})}
@@ -901,7 +901,7 @@ def _compare_to_reference(b, layer, name, kwargs, dtype, xs64, ref_weights=None,
     for how, (ys, states) in runs.items():
         if not np.isfinite(ys).all():
             problems.append(f"{how}: non-finite outputs")
-        err = reference.rel_err(ys, ref)
+        err = numpy_oracle.rel_err(ys, ref)
         if not err <= TOL[dtype]:
             problems.append(f"{how}: outputs off the float64 reference by {err:.2e}")
         for key, value in states.items():
@@ -910,7 +910,7 @@ def _compare_to_reference(b, layer, name, kwargs, dtype, xs64, ref_weights=None,
             host = b.host(value)
             if not np.isfinite(host).all():
                 problems.append(f"{how}: non-finite state {key}")
-            err = reference.rel_err(host, ref_states[key])
+            err = numpy_oracle.rel_err(host, ref_states[key])
             if not err <= TOL[dtype]:
                 problems.append(f"{how}: state {key} off the float64 reference by {err:.2e}")
     return problems
@@ -963,13 +963,13 @@ def test_reference_is_sound_at_the_extremes():
         for case, values in EXTREMES.items():
             weights = weights_for(name, kwargs, seed=7)
             weights.update({k: np.full_like(weights[k], v) for k, v in values.items() if k in weights})
-            ys, states = reference.run(name, kwargs, weights, xs)
+            ys, states = numpy_oracle.run(name, kwargs, weights, xs)
             assert np.isfinite(ys).all(), (name, case)
             assert all(np.isfinite(s).all() for s in states.values()), (name, case)
     # S6's tiny dt is softplus(-1e4) == 0: the state stays zero and y = D x.
     weights = weights_for("S6", LAYER_KWARGS["S6"], seed=7)
     weights["dt_proj.bias"][:] = -1e4
-    ys, states = reference.run("S6", LAYER_KWARGS["S6"], weights, xs)
+    ys, states = numpy_oracle.run("S6", LAYER_KWARGS["S6"], weights, xs)
     assert not states["state"].any()
     np.testing.assert_allclose(ys, xs * weights["D"], rtol=1e-15)
 

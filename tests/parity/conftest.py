@@ -19,7 +19,7 @@ import pytest
 
 _TESTS = Path(__file__).resolve().parents[1]
 _ROOT = _TESTS.parent
-for _path in (_ROOT, _TESTS):  # the repo (ssm_core, backends, tracetorch) and tests/reference.py
+for _path in (_ROOT, _TESTS):  # the repo (ssm_core, backends, tracetorch) and tests/numpy_oracle.py
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -81,7 +81,7 @@ def format_summary(results: ParityResults) -> list:
     if not rows:
         return []
     lines = [
-        "worst normwise relative error max|a-b|/max|b| vs tests/reference.py (float64), over all",
+        "worst normwise relative error max|a-b|/max|b| vs tests/numpy_oracle.py (float64), over all",
         f"layers x feature axes, outputs of all steps and final states; tolerance "
         f"float32 {TOLERANCE['float32']:g}, float64 {TOLERANCE['float64']:g}",
         "",

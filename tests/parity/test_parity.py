@@ -1,4 +1,4 @@
-"""The parity matrix: every layer x backend x dtype x feature axis against tests/reference.py.
+"""The parity matrix: every layer x backend x dtype x feature axis against tests/numpy_oracle.py.
 
 One random float64 traceTorch ``state_dict`` per layer configuration (drawn
 with NumPy, the init recipes plus noise) is loaded into every binding
@@ -19,12 +19,12 @@ import json
 import numpy as np
 import pytest
 
-import reference
+import numpy_oracle
 import ssm_core
 
 from .conftest import TOLERANCE
 
-FIXTURE_DIR = reference.FIXTURE_DIR
+FIXTURE_DIR = numpy_oracle.FIXTURE_DIR
 
 T = 32
 BATCH = (2, 3)
@@ -110,7 +110,7 @@ def case_data(case_id: str, axis_id: str):
     canonical = np.random.default_rng(200 + seed).standard_normal((T, *BATCH, kwargs["num_neurons"]))
     inputs = np.ascontiguousarray(np.moveaxis(canonical, -1, 1 + position))  # same numbers for every axis
     kw = {**kwargs, "dim": dim}
-    ref_out, ref_states = reference.run(layer, kw, params, inputs)
+    ref_out, ref_states = numpy_oracle.run(layer, kw, params, inputs)
     return layer, kw, params, inputs, ref_out, ref_states
 
 
@@ -161,7 +161,7 @@ def run_torch(device: str, dtype: str, layer: str, kwargs: dict, params: dict, i
             assert y.dtype == tdtype and y.device.type == torch.device(device).type and y.shape == x.shape
             outs.append(y.cpu().numpy())
     states = {}
-    for name in reference.state_names(layer, kwargs):
+    for name in numpy_oracle.state_names(layer, kwargs):
         s = getattr(module, name)
         assert s.dtype == tdtype, (name, s.dtype)
         states[name] = s.cpu().numpy()
@@ -179,7 +179,7 @@ def run_backend(backend: str, dtype: str, layer: str, kwargs: dict, params: dict
         assert y.dtype == obj.dtype and tuple(y.shape) == x.shape, (y.dtype, y.shape)
         outs.append(np.asarray(mod.backend.to_numpy(y)))
     states = {}
-    for name in reference.state_names(layer, kwargs):
+    for name in numpy_oracle.state_names(layer, kwargs):
         s = getattr(obj, name)
         assert isinstance(s, mod.backend.array_types), (name, type(s))
         assert s.dtype == obj.dtype, (name, s.dtype)
@@ -212,11 +212,11 @@ def test_parity(case_id, backend, dtype, axis_id, parity_record):
     layer, kwargs, params, inputs, ref_out, ref_states = case_data(case_id, axis_id)
     out, states = run_any(backend, dtype, layer, kwargs, params, inputs)
 
-    errors = {"outputs": reference.rel_err(out, ref_out)}
+    errors = {"outputs": numpy_oracle.rel_err(out, ref_out)}
     assert set(states) == set(ref_states)
     for name, ref in ref_states.items():
         assert states[name].shape == ref.shape, (name, states[name].shape, ref.shape)
-        errors[name] = reference.rel_err(states[name], ref)
+        errors[name] = numpy_oracle.rel_err(states[name], ref)
     worst = max(errors.values())
     parity_record.error(backend, dtype, f"{case_id}-{axis_id}", worst)
     assert worst <= TOLERANCE[dtype], f"{backend} {dtype} {case_id} dim={kwargs['dim']}: errors {errors}"
@@ -236,12 +236,12 @@ def test_reference_matches_tracetorch_fixtures(path):
     layer = str(data["layer"])
     kwargs = json.loads(str(data["kwargs"]))
     params = {k[len("param."):]: v for k, v in data.items() if k.startswith("param.")}
-    outputs, states = reference.run(layer, kwargs, params, data["inputs"])
-    assert reference.rel_err(outputs, data["outputs"]) <= 1e-10
+    outputs, states = numpy_oracle.run(layer, kwargs, params, data["inputs"])
+    assert numpy_oracle.rel_err(outputs, data["outputs"]) <= 1e-10
     finals = {k[len("final."):] for k in data if k.startswith("final.")}
-    assert finals == set(states) == set(reference.state_names(layer, kwargs))
+    assert finals == set(states) == set(numpy_oracle.state_names(layer, kwargs))
     for name in finals:
-        assert reference.rel_err(states[name], data[f"final.{name}"]) <= 1e-10, name
+        assert numpy_oracle.rel_err(states[name], data[f"final.{name}"]) <= 1e-10, name
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
@@ -268,4 +268,4 @@ def test_reference_random_weights_exercise_the_dynamics():
             assert np.max(np.abs(s)) > 1e-2, (case_id, name)
         if layer != "Mamba":
             skip = inputs * params["D"]
-            assert reference.rel_err(ref_out, skip) > 1e-2, case_id
+            assert numpy_oracle.rel_err(ref_out, skip) > 1e-2, case_id

@@ -216,7 +216,7 @@ class Layer(nn.Module):
     # ------------------------------------------------------------- dims
 
     def _to_working_dim(self, tensor: torch.Tensor) -> torch.Tensor:
-        r"""Move axis ``dim`` of ``tensor`` to the last position."""
+        r"""Move axis ``dim`` of ``tensor`` to the last position (the features-last layout)."""
         return tensor.movedim(self.dim, -1)
 
     def _from_working_dim(self, tensor: torch.Tensor) -> torch.Tensor:

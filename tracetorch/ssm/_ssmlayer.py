@@ -232,14 +232,14 @@ class Layer(BaseLayer):
         x_c, params = self._compute_inputs(x)
         slots, name = self._slots, type(self).__name__
         if time_dim is None:
-            axis, x_f, state = enter_step(name, x_c, held, slots, self.dim, self.num_neurons, self.spec.state, xp_torch)
-            y, new_state = self._core_step(x_f, state, params)
+            axis, x_last, state = enter_step(name, x_c, held, slots, self.dim, self.num_neurons, self.spec.state, xp_torch)
+            y, new_state = self._core_step(x_last, state, params)
             y, states = leave_step(axis, x.ndim, y, new_state, slots, xp_torch)
         else:
-            axes, x_f, state = enter_scan(
+            axes, x_last, state = enter_scan(
                 name, x_c, held, slots, self.dim, self.num_neurons, self.spec.state, time_dim, xp_torch
             )
-            y, new_state = self._core_scan(x_f, state, params)
+            y, new_state = self._core_scan(x_last, state, params)
             y, states = leave_scan(axes, y, new_state, slots, xp_torch)
         return (y if y.dtype == out_dtype else y.to(out_dtype)), states
 

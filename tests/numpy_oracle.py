@@ -1,4 +1,4 @@
-"""An independent plain-NumPy float64 reference of the four traceTorch SSM layers.
+"""An independent plain-NumPy float64 oracle of the four traceTorch SSM layers.
 
 Written straight from traceTorch 0.19.2's ``tracetorch/ssm/_s_series.py``
 (``S4``, ``S5``, ``S6``, ``Mamba``), without importing ``ssm_core``, torch or
