@@ -201,10 +201,19 @@ def run(layer: str, kwargs: dict, params: dict, inputs):
     return outputs, states
 
 
+def _float64(a) -> np.ndarray:
+    if hasattr(a, "detach"):  # a torch tensor (any dtype, device, autograd), without importing torch
+        a = a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
 def rel_err(a, b) -> float:
-    """Normwise relative error ``max|a - b| / max|b|`` in float64 (``b`` is the reference)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
+    """Normwise relative error ``max|a - b| / max|b|`` in float64 (``b`` is the reference).
+
+    Takes NumPy arrays, anything ``np.asarray`` converts, and torch tensors.
+    """
+    a = _float64(a)
+    b = _float64(b)
     if a.shape != b.shape:
         raise AssertionError(f"shape mismatch: {a.shape} vs {b.shape}")
     if b.size == 0:

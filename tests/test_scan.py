@@ -324,22 +324,3 @@ def test_decay_powers_handle_zero_and_one():
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("name", ["S4", "Mamba"])
-def test_scan_errors_name_the_layer_and_leave_states(name):
-    layer = getattr(tt.ssm, name)(N)
-    layer(torch.randn(2, N))
-    held = {n: getattr(layer, n).clone() for n in layer._state_names}
-    bad = [
-        (torch.randn(5, 2, N), {"time_dim": 3}, ValueError, "time_dim"),
-        (torch.randn(5, 2, N + 1), {}, ValueError, f"{N} features"),
-        (torch.randn(5, 3, N), {}, ValueError, "zero_states"),
-        (torch.randint(0, 3, (5, 2, N)), {}, TypeError, "floating"),
-        (torch.randn(5, 2, N, dtype=torch.float64), {}, TypeError, "dtype"),
-        (torch.randn(N), {}, ValueError, "sequence"),
-    ]
-    for xs, kw, error, words in bad:
-        with pytest.raises(error, match=words) as info:
-            layer.scan(xs, **kw)
-        assert name in str(info.value)
-        for n, value in held.items():
-            assert torch.equal(getattr(layer, n), value)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import math
-import pickle
 
 import pytest
 import torch
@@ -385,71 +383,6 @@ def test_states_follow_input_dtype(case, dtype):
 
 
 # --------------------------------------------------------------------------- copies
-
-
-def _live_layer(cls_name, kwargs):
-    layer = make_layer(cls_name, kwargs)
-    xs = torch.randn(2 * T, 2, N, dtype=torch.float64)
-    x0 = xs[0].clone().requires_grad_(True)
-    layer(x0)
-    layer(xs[1])
-    for name in state_names(cls_name, kwargs):
-        assert getattr(layer, name).requires_grad, name  # live: attached to a graph
-    return layer, xs
-
-
-def _continue_equal(original, clone, xs, cls_name, kwargs):
-    with torch.no_grad():
-        y_a = run_steps(original, xs[2:])
-        y_b = run_steps(clone, xs[2:])
-    assert torch.equal(y_a, y_b)
-    for name in state_names(cls_name, kwargs):
-        assert torch.equal(getattr(original, name), getattr(clone, name)), name
-
-
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
-def test_deepcopy_with_live_states(case):
-    _, cls_name, kwargs = case
-    layer, xs = _live_layer(cls_name, kwargs)
-    before = {n: getattr(layer, n) for n in state_names(cls_name, kwargs)}
-    clone = copy.deepcopy(layer)
-    for name, state in before.items():
-        assert getattr(layer, name) is state, "deepcopy changed the original's state"
-        assert state.requires_grad
-        copied = getattr(clone, name)
-        assert torch.equal(copied, state)
-        assert copied.data_ptr() != state.data_ptr()
-        assert not copied.requires_grad
-    for (n1, p1), (n2, p2) in zip(layer.named_parameters(), clone.named_parameters()):
-        assert n1 == n2 and torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
-    _continue_equal(layer, clone, xs, cls_name, kwargs)
-
-
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
-def test_pickle_with_live_states(case):
-    _, cls_name, kwargs = case
-    layer, xs = _live_layer(cls_name, kwargs)
-    clone = pickle.loads(pickle.dumps(layer))
-    assert type(clone) is type(layer)
-    for name in state_names(cls_name, kwargs):
-        assert getattr(layer, name).requires_grad
-        assert torch.equal(getattr(clone, name), getattr(layer, name))
-    _continue_equal(layer, clone, xs, cls_name, kwargs)
-    # the clone trains
-    clone.zero_states()
-    run_steps(clone, xs[:2]).sum().backward()
-    assert clone.A_log.grad is not None
-
-
-@pytest.mark.parametrize("case", LTI_CASES, ids=LTI_IDS)
-def test_deepcopy_compiled_layer(case):
-    _, cls_name, kwargs = case
-    layer, xs = _live_layer(cls_name, kwargs)
-    layer.TTcompile()
-    clone = copy.deepcopy(layer)
-    _continue_equal(layer, clone, xs, cls_name, kwargs)
-    clone.TTdecompile()
-    assert list(clone.state_dict()) == list(layer.state_dict())
 
 
 # --------------------------------------------------------------------------- init
