@@ -1,4 +1,4 @@
-"""What the test files share: the bindings, the layer configurations, one recipe for weights.
+"""What the test files share: the bindings, the layer configurations, the weights.
 
 - :class:`Binding` drives one binding of the four layers from NumPy arrays:
   the torch layers (:class:`TorchBinding`) or one ``backends.<name>`` module
@@ -9,10 +9,11 @@
   ``@pytest.mark.parametrize("binding", [...], indirect=True)``.
 - ``LAYER_CASES``: small configurations of the four layers; ``ALL``,
   ``ONE_OF_EACH``, ``FIVE`` and ``LTI`` are subsets of them as ``pytest.param``s.
-- :func:`random_weights`: the weights every test loads (float64, keyed like
-  ``state_dict()``): the init recipes plus noise, so no default value hides a bug.
-- torch helpers: :func:`make_layer`, :func:`randomize_`, :func:`run_steps`, :func:`snapshot`,
-  :func:`assert_states_equal`.
+- :func:`random_weights`: the weights a test loads into any binding (float64,
+  keyed like ``state_dict()``): the init recipes plus noise, so no default
+  value hides a bug.
+- torch helpers: :func:`make_layer` (a layer's own init, perturbed by
+  :func:`perturb_`), :func:`run_steps`, :func:`snapshot`, :func:`assert_states_equal`.
 - ``rel_err``, ``state_names`` and ``FIXTURE_DIR`` come from ``numpy_oracle``.
 """
 
@@ -367,20 +368,27 @@ def skip_mlx_float64_on_gpu(b: Binding, dtype: str) -> None:
 # ----------------------------------------------------------------------------- torch helpers
 
 
+def perturb_(layer: torch.nn.Module, scale: float = 0.1, seed: int = 1234) -> torch.nn.Module:
+    """Shift every parameter by ``scale * randn`` (so default values like B=1, D=1 hide nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
+    return layer
+
+
 def make_layer(cls_name: str, kwargs: dict, *, dim=None, dtype=torch.float64, seed: int = 0, perturb=True):
-    """A torch layer in ``dtype`` with :func:`random_weights` of ``seed`` (``perturb=False``: its own init)."""
+    """A torch layer built under ``torch.manual_seed(seed)`` (its own init), cast to ``dtype``, parameters perturbed.
+
+    The torch-only tests use these; weights given to several bindings come from :func:`random_weights`.
+    """
     kw = dict(kwargs)
     if dim is not None:
         kw["dim"] = dim
     torch.manual_seed(seed)
     layer = getattr(tt.ssm, cls_name)(**kw).to(dtype)
-    return randomize_(layer, seed) if perturb else layer
-
-
-def randomize_(layer, seed: int = 0):
-    """Load :func:`random_weights` of ``seed`` into the torch layer ``layer`` (in its dtype); return it."""
-    weights = random_weights(type(layer).__name__, vars(layer.config), seed)
-    layer.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    if perturb:
+        perturb_(layer, seed=seed + 1000)
     return layer
 
 

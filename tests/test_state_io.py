@@ -24,7 +24,7 @@ from torch import nn
 
 import tracetorch as tt
 from conftest import (
-    ALL, D_STATE, FIVE, LTI, N, _OneLayer, assert_states_equal, held_states, make_layer, randomize_, rel_err,
+    ALL, D_STATE, FIVE, LTI, N, _OneLayer, assert_states_equal, held_states, make_layer, perturb_, rel_err,
     run_steps, snapshot, state_names,
 )
 
@@ -273,6 +273,7 @@ class Net(tt.Model):
 
     def __init__(self, seed=0):
         super().__init__()
+        torch.manual_seed(seed)
         self.net = nn.Sequential(
             tt.ssm.S5(N, d_state=D_STATE),
             tt.ssm.S4(N, d_state=D_STATE),
@@ -282,7 +283,8 @@ class Net(tt.Model):
         self.extra = [tt.ssm.S5(N, d_state=D_STATE, dim=0)]  # plain list: not a registered submodule
         self.named = {"a": tt.ssm.S4(N, d_state=D_STATE), "b": tt.ssm.Mamba(N, d_state=D_STATE, conv_kernel=2)}
         for i, layer in enumerate(self.all_layers()):
-            randomize_(layer.to(DT), seed=100 * seed + i)
+            layer.to(DT)
+            perturb_(layer, seed=100 * seed + i)
 
     def all_layers(self):
         return [*self.net, *self.blocks, *self.extra, *self.named.values()]
