@@ -175,6 +175,8 @@ class Binding:
 
     name: str
     mod = None  # the backends module; None for torch
+    library = None  # the array library's own module (torch, numpy, mlx.core, ...)
+    array_types: tuple  # the library's array classes
 
     def cls(self, layer: str):
         return getattr(self.mod, layer)
@@ -286,6 +288,7 @@ class TorchBinding(Binding):
         self.device = device
         self.name = "torch" if device == "cpu" else f"torch-{device}"
         self.array_types = (torch.Tensor,)
+        self.library = torch
 
     def cls(self, layer: str):
         return getattr(tt.ssm, layer)
@@ -335,6 +338,7 @@ class ArrayBinding(Binding):
         self.name = name
         self.mod = importlib.import_module(f"backends.{name}")
         self.array_types = self.mod.backend.array_types
+        self.library = importlib.import_module("mlx.core" if name == "mlx" else name)
 
 
 def get_binding(name: str) -> Binding:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tracetorch as tt
-from conftest import LAYER_CASES, LAYER_IDS, make_layer, rel_err
+from conftest import ALL, TORCH_CUDA_REASON, make_layer, rel_err
 
 T, BATCH = 6, 3
 DEVICES = [
@@ -20,11 +20,11 @@ DEVICES = [
     pytest.param("cpu", torch.float16, id="cpu-float16"),
     pytest.param(
         "cuda", torch.float16, id="cuda-float16",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with a CUDA build of torch"),
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=TORCH_CUDA_REASON),
     ),
     pytest.param(
         "cuda", torch.bfloat16, id="cuda-bfloat16",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with a CUDA build of torch"),
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=TORCH_CUDA_REASON),
     ),
 ]
 # Low-precision matrix products and outputs round to 2**-8 (bfloat16) or 2**-11 (float16) relative.
@@ -49,7 +49,7 @@ def _run(model, xs, sequence: bool):
 
 @pytest.mark.parametrize("sequence", [False, True], ids=["step", "scan"])
 @pytest.mark.parametrize("device, dtype", DEVICES)
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+@pytest.mark.parametrize("case", ALL)
 def test_autocast_forward_and_backward(case, device, dtype, sequence):
     _, cls_name, kwargs = case
     model = _model(cls_name, kwargs, device)
@@ -74,7 +74,7 @@ def test_autocast_forward_and_backward(case, device, dtype, sequence):
         assert rel_err(p.grad, grad) < TOL[dtype] * 4
 
 
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+@pytest.mark.parametrize("case", ALL)
 def test_outside_autocast_the_dtype_rule_holds(case):
     _, cls_name, kwargs = case
     layer = make_layer(cls_name, kwargs, dtype=torch.float32)
@@ -87,8 +87,8 @@ def test_outside_autocast_the_dtype_rule_holds(case):
         assert wide(torch.ones(BATCH, kwargs["num_neurons"], dtype=torch.float64)).dtype == torch.float64
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with a CUDA build of torch")
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=TORCH_CUDA_REASON)
+@pytest.mark.parametrize("case", ALL)
 def test_cuda_float16_training_step_with_grad_scaler(case):
     _, cls_name, kwargs = case
     model = _model(cls_name, kwargs, "cuda")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tracetorch as tt
-from conftest import LAYER_CASES, LAYER_IDS, make_layer
+from conftest import ALL, make_layer
 
 T, CHUNK, BATCH = 12, 5, 2
 
@@ -37,7 +37,7 @@ def _assert_same_run(module, run, xs, states):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+@pytest.mark.parametrize("case", ALL)
 def test_checkpointed_layer_scan_chunks(case):
     _, cls_name, kwargs = case
     layer = make_layer(cls_name, kwargs)

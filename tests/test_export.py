@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import LAYER_CASES, LAYER_IDS, assert_states_equal, make_layer, snapshot
+from conftest import ALL, assert_states_equal, cases, make_layer, snapshot
 
 STEPS, BATCH = 5, 3
 
@@ -19,7 +19,7 @@ def _inputs(kwargs, time=None):
     return torch.randn(*shape, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+@pytest.mark.parametrize("case", ALL)
 def test_exported_step_stepped_equals_the_layer_stepped(case):
     _, cls_name, kwargs = case
     layer = make_layer(cls_name, kwargs)
@@ -38,7 +38,7 @@ def test_exported_step_stepped_equals_the_layer_stepped(case):
         torch.testing.assert_close(value, getattr(layer, name), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+@pytest.mark.parametrize("case", ALL)
 def test_exported_sequence_form_continues_from_given_states(case):
     _, cls_name, kwargs = case
     layer = make_layer(cls_name, kwargs)
@@ -50,7 +50,7 @@ def test_exported_sequence_form_continues_from_given_states(case):
     torch.testing.assert_close(torch.cat([ys1, ys2]), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+@pytest.mark.parametrize("case", ALL)
 def test_stateless_form_leaves_the_layer_states_alone(case):
     _, cls_name, kwargs = case
     layer = make_layer(cls_name, kwargs)
@@ -65,7 +65,7 @@ def test_stateless_form_leaves_the_layer_states_alone(case):
         layer.stateless()(x)
 
 
-@pytest.mark.parametrize("case", LAYER_CASES[:1] + LAYER_CASES[2:3] + LAYER_CASES[4:5], ids=["S4", "S6", "Mamba"])
+@pytest.mark.parametrize("case", cases("S4", "S6", "Mamba"))
 def test_exporting_or_scripting_the_stateful_layer_points_to_the_stateless_form(case):
     _, cls_name, kwargs = case
     layer = make_layer(cls_name, kwargs)

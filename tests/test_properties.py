@@ -1,7 +1,7 @@
 """Property-based tests of the layer contract on every binding (hypothesis).
 
 Over layer (S4, S5, S6, Mamba with its ``dt_rank`` and ``conv_kernel``
-variants), binding (torch, NumPy, array-api-strict; MLX with fewer examples),
+variants), binding (torch and every backend; MLX with fewer examples),
 batch shape (0-3 axes of sizes 1-3), the feature axis ``dim`` (any valid axis,
 positive or negative), the sequence's ``time_dim``, its length (1-12) and dtype
 (float32, float64):
@@ -12,32 +12,22 @@ positive or negative), the sequence's ``time_dim``, its length (1-12) and dtype
 - stepping equals ``scan`` (outputs and final states);
 - a sequence scanned in two parts equals one scan of it.
 
-Layers are small (2-6 features, ``d_state`` 1-3) with weights drawn from a seed.
+Layers are small (2-6 features, ``d_state`` 1-3) with ``random_weights`` of a drawn seed.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import numpy as np
-import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import backends
 import ssm_core
-import tracetorch as tt
-from numpy_oracle import rel_err
+from conftest import TOL, random_weights, rel_err
 from ssm_core.checks import expected_state_shape
 
-BINDINGS = ["torch", "numpy", "array_api_strict", "mlx"]
-EXAMPLES = {"torch": 60, "numpy": 60, "array_api_strict": 40, "mlx": 15}
-TOL = {"float32": 1e-5, "float64": 1e-10}
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-_AVAILABLE: dict = {}
+EXAMPLES = {"torch": 60, "numpy": 60, "array_api_strict": 40, "mlx": 15, "cupy": 40}
 
 
 # ----------------------------------------------------------------------------- cases
@@ -92,104 +82,41 @@ def cases(draw) -> Case:
     )
 
 
-def weights_for(case: Case) -> dict:
-    """Float64 weights from the case's seed that exercise the dynamics (decays well inside (0, 1))."""
-    rng = np.random.default_rng(case.seed)
-    shapes = ssm_core.LAYERS[case.name].config(**case.kwargs).param_shapes()
-    out = {}
-    for key, shape in shapes.items():
-        if key == "A_log":
-            value = rng.uniform(-1.0, 1.5, shape)
-        elif key == "log_dt":
-            value = rng.uniform(np.log(1e-2), np.log(1.0), shape)
-        elif key == "dt_proj.bias":
-            value = rng.uniform(-3.0, 0.5, shape)
-        else:
-            value = 0.6 * rng.standard_normal(shape)
-        out[key] = value
-    return out
-
-
 def inputs(case: Case, steps=None, salt=0) -> np.ndarray:
     """``[steps, *step_shape]`` inputs in the case's dtype."""
     rng = np.random.default_rng([case.seed, salt])
     return rng.standard_normal((case.steps if steps is None else steps, *case.step_shape)).astype(case.dtype)
 
 
-# ----------------------------------------------------------------------------- bindings
+# ----------------------------------------------------------------------------- driving a binding
 
 
-class Binding:
-    """Make, feed and read a layer of one binding from NumPy arrays."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.mod = None if name == "torch" else importlib.import_module(f"backends.{name}")
-
-    def make(self, case: Case, dim=None, weights=None):
-        kwargs = {**case.kwargs, "dim": case.dim if dim is None else dim}
-        weights = weights_for(case) if weights is None else weights
-        if self.mod is None:
-            torch.manual_seed(0)
-            layer = getattr(tt.ssm, case.name)(**kwargs).to(TORCH_DTYPES[case.dtype])
-            layer.load_state_dict({k: torch.from_numpy(v).to(TORCH_DTYPES[case.dtype]) for k, v in weights.items()})
-            return layer
-        layer = getattr(self.mod, case.name)(**kwargs, dtype=case.dtype)
-        layer.load_state_dict(weights)
-        return layer
-
-    def arr(self, value: np.ndarray):
-        value = np.ascontiguousarray(value)
-        return torch.from_numpy(value.copy()) if self.mod is None else self.mod.asarray(value.copy())
-
-    def host(self, array) -> np.ndarray:
-        if self.mod is None:
-            return array.detach().numpy().copy()
-        return np.array(self.mod.backend.to_numpy(array), copy=True)
-
-    def step(self, layer, x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return self.host(layer(self.arr(x)))
-
-    def steps(self, layer, xs: np.ndarray) -> np.ndarray:
-        """Step over ``xs`` ``[T, ...]``; the outputs stacked on axis 0."""
-        return np.stack([self.step(layer, x) for x in xs]) if len(xs) else np.zeros(xs.shape, xs.dtype)
-
-    def scan(self, layer, xs: np.ndarray, time_dim: int):
-        with torch.no_grad():
-            return self.host(layer.scan(self.arr(xs), time_dim=time_dim))
-
-    def states(self, layer) -> dict:
-        names = layer._state_names if self.mod is None else layer._states
-        return {n: (None if getattr(layer, n) is None else self.host(getattr(layer, n))) for n in sorted(names)}
-
-    def dtype_name(self, array) -> str:
-        return str(array.dtype).rsplit(".", 1)[-1]
+def make(b, case: Case, dim=None):
+    """The case's layer on binding ``b``, features at ``dim`` (by default the case's)."""
+    kwargs = {**case.kwargs, "dim": case.dim if dim is None else dim}
+    return b.make(case.name, kwargs, case.dtype, random_weights(case.name, case.kwargs, case.seed))
 
 
-def binding(name: str) -> Binding:
-    if name != "torch":
-        if not _AVAILABLE:
-            _AVAILABLE.update(backends.available())
-        if _AVAILABLE[name] is not None:
-            pytest.skip(_AVAILABLE[name])
-    return Binding(name)
+def scan(b, layer, xs: np.ndarray, time_dim: int) -> np.ndarray:
+    return b.to_numpy(b.scan(layer, b.asarray(xs), time_dim=time_dim))
 
 
-def check(bname: str, prop) -> None:
-    """Run ``prop(binding, case)`` on hypothesis-drawn cases."""
-    b = binding(bname)
+def check(b, prop, data: bool = False) -> None:
+    """Run ``prop(b, case)`` (with ``data``: ``prop(b, case, data)``) on hypothesis-drawn cases."""
 
     @settings(
-        max_examples=EXAMPLES[bname],
+        max_examples=EXAMPLES[b.name],
         deadline=None,
         derandomize=True,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(case=cases())
-    def run(case):
-        prop(b, case)
+    @given(case=cases(), data=st.data() if data else st.none())
+    def run(case, data):
+        if data is None:
+            prop(b, case)
+        else:
+            prop(b, case, data)
 
     run()
 
@@ -220,32 +147,30 @@ def assert_states_close(got: dict, expected: dict, dtype: str) -> None:
 # ----------------------------------------------------------------------------- properties
 
 
-def _shape_contract(b: Binding, case: Case) -> None:
-    layer = b.make(case)
+def _shape_contract(b, case: Case) -> None:
+    layer = make(b, case)
     xs = inputs(case)
-    with torch.no_grad():
-        y = layer(b.arr(xs[0]))
+    y = b.step(layer, b.asarray(xs[0]))
     assert tuple(y.shape) == case.step_shape
     assert b.dtype_name(y) == case.dtype
     config = ssm_core.LAYERS[case.name].config(**case.kwargs)
     slots = {slot.name: slot for slot in config.state_slots()}
-    states = b.states(layer)
+    states = b.host_states(layer)
     assert set(states) == set(slots)
     for name, value in states.items():
         slot = slots[name]
         assert value.shape == expected_state_shape(case.step_shape, case.axis, slot.size, slot.trailing), name
         assert value.dtype == np.dtype(case.dtype), name
     seq = to_time_dim(xs, case)
-    ys = b.scan(layer, seq, case.time_dim)
+    ys = scan(b, layer, seq, case.time_dim)
     assert ys.shape == seq.shape == case.xs_shape
     assert ys.dtype == np.dtype(case.dtype)
-    for name, value in b.states(layer).items():  # the same layout after a sequence
+    for name, value in b.host_states(layer).items():  # the same layout after a sequence
         assert value.shape == states[name].shape, name
 
 
-@pytest.mark.parametrize("bname", BINDINGS)
-def test_output_shape_equals_input_shape(bname):
-    check(bname, _shape_contract)
+def test_output_shape_equals_input_shape(binding):
+    check(binding, _shape_contract)
 
 
 def _state_to_last(value: np.ndarray, axis: int, trailing: bool) -> np.ndarray:
@@ -253,94 +178,73 @@ def _state_to_last(value: np.ndarray, axis: int, trailing: bool) -> np.ndarray:
     return np.moveaxis(value, axis, -2 if trailing else -1)
 
 
-def _moving_dim(b: Binding, case: Case) -> None:
-    weights = weights_for(case)
-    at_dim = b.make(case, weights=weights)
-    last = b.make(case, dim=-1, weights=weights)
+def _moving_dim(b, case: Case) -> None:
+    at_dim, last = make(b, case), make(b, case, dim=-1)
     xs = inputs(case)
     ys_dim = b.steps(at_dim, xs)
     ys_last = b.steps(last, np.moveaxis(xs, 1 + case.axis, -1))
     assert_close(ys_dim, np.moveaxis(ys_last, -1, 1 + case.axis), case.dtype, "outputs")
     config = ssm_core.LAYERS[case.name].config(**case.kwargs)
     trailing = {slot.name: slot.trailing is not None for slot in config.state_slots()}
-    s_dim, s_last = b.states(at_dim), b.states(last)
+    s_dim, s_last = b.host_states(at_dim), b.host_states(last)
     for name in trailing:
         assert_close(_state_to_last(s_dim[name], case.axis, trailing[name]), s_last[name], case.dtype, f"state {name}")
 
 
-@pytest.mark.parametrize("bname", BINDINGS)
-def test_moving_dim_gives_the_same_numbers_transposed(bname):
-    check(bname, _moving_dim)
+def test_moving_dim_gives_the_same_numbers_transposed(binding):
+    check(binding, _moving_dim)
 
 
-def _zero_states(b: Binding, case: Case) -> None:
-    weights = weights_for(case)
-    used = b.make(case, weights=weights)
+def _zero_states(b, case: Case) -> None:
+    used = make(b, case)
     b.steps(used, inputs(case, steps=3, salt=1))  # some history
-    b.scan(used, to_time_dim(inputs(case, steps=2, salt=2), case), case.time_dim)
+    scan(b, used, to_time_dim(inputs(case, steps=2, salt=2), case), case.time_dim)
     used.zero_states()
     assert all(v is None for v in b.states(used).values())
-    fresh = b.make(case, weights=weights)
+    fresh = make(b, case)
     xs = inputs(case)
     np.testing.assert_array_equal(b.steps(used, xs), b.steps(fresh, xs))
     used.zero_states()
-    fresh = b.make(case, weights=weights)
+    fresh = make(b, case)
     seq = to_time_dim(xs, case)
-    np.testing.assert_array_equal(b.scan(used, seq, case.time_dim), b.scan(fresh, seq, case.time_dim))
-    for name, value in b.states(fresh).items():
-        np.testing.assert_array_equal(b.states(used)[name], value)
+    np.testing.assert_array_equal(scan(b, used, seq, case.time_dim), scan(b, fresh, seq, case.time_dim))
+    for name, value in b.host_states(fresh).items():
+        np.testing.assert_array_equal(b.host_states(used)[name], value)
 
 
-@pytest.mark.parametrize("bname", BINDINGS)
-def test_zero_states_resets_exactly(bname):
-    check(bname, _zero_states)
+def test_zero_states_resets_exactly(binding):
+    check(binding, _zero_states)
 
 
-def _step_equals_scan(b: Binding, case: Case) -> None:
-    weights = weights_for(case)
-    stepper, scanner = b.make(case, weights=weights), b.make(case, weights=weights)
+def _step_equals_scan(b, case: Case) -> None:
+    stepper, scanner = make(b, case), make(b, case)
     warmup = inputs(case, steps=2, salt=3)
     b.steps(stepper, warmup)  # both start from the same held, non-zero states
     b.steps(scanner, warmup)
     xs = inputs(case)
     stepped = b.steps(stepper, xs)
-    scanned = b.scan(scanner, to_time_dim(xs, case), case.time_dim)
+    scanned = scan(b, scanner, to_time_dim(xs, case), case.time_dim)
     assert scanned.shape == case.xs_shape
     assert_close(from_time_dim(scanned, case), stepped, case.dtype, "outputs")
-    assert_states_close(b.states(scanner), b.states(stepper), case.dtype)
+    assert_states_close(b.host_states(scanner), b.host_states(stepper), case.dtype)
 
 
-@pytest.mark.parametrize("bname", BINDINGS)
-def test_step_equals_scan(bname):
-    check(bname, _step_equals_scan)
+def test_step_equals_scan(binding):
+    check(binding, _step_equals_scan)
 
 
-def _split_scan(b: Binding, case: Case, split: int) -> None:
-    weights = weights_for(case)
-    whole, parts = b.make(case, weights=weights), b.make(case, weights=weights)
+def _split_scan(b, case: Case, split: int) -> None:
+    whole, parts = make(b, case), make(b, case)
     xs = inputs(case)
-    one = b.scan(whole, to_time_dim(xs, case), case.time_dim)
-    first = b.scan(parts, to_time_dim(xs[:split], case), case.time_dim)
-    second = b.scan(parts, to_time_dim(xs[split:], case), case.time_dim)
+    one = scan(b, whole, to_time_dim(xs, case), case.time_dim)
+    first = scan(b, parts, to_time_dim(xs[:split], case), case.time_dim)
+    second = scan(b, parts, to_time_dim(xs[split:], case), case.time_dim)
     time = case.time_dim % one.ndim
     assert first.shape[time] == split and second.shape[time] == case.steps - split
     assert_close(np.concatenate([first, second], axis=time), one, case.dtype, f"split at {split}")
-    assert_states_close(b.states(parts), b.states(whole), case.dtype)
+    assert_states_close(b.host_states(parts), b.host_states(whole), case.dtype)
 
 
-@pytest.mark.parametrize("bname", BINDINGS)
-def test_scan_split_at_any_point_equals_one_scan(bname):
-    b = binding(bname)
-
-    @settings(
-        max_examples=EXAMPLES[bname],
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-    @given(case=cases(), data=st.data())
-    def run(case, data):
-        _split_scan(b, case, data.draw(st.integers(0, case.steps), label="split"))
-
-    run()
+def test_scan_split_at_any_point_equals_one_scan(binding):
+    check(binding, lambda b, case, data: _split_scan(b, case, data.draw(st.integers(0, case.steps), label="split")),
+          data=True)

@@ -8,14 +8,11 @@ and then only until ``TTdecompile()``.
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 
-import backends
-from conftest import LAYER_CASES, LAYER_IDS, make_layer
+from conftest import ALL, BACKENDS, make_layer
 
 BATCH = 3
 
@@ -79,7 +76,7 @@ EDITS = {
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("edit", list(EDITS))
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+@pytest.mark.parametrize("case", ALL)
 def test_torch_layer_follows_weight_edits(case, edit, grad):
     _, cls_name, kwargs = case
     layer = make_layer(cls_name, kwargs)
@@ -93,7 +90,7 @@ def test_torch_layer_follows_weight_edits(case, edit, grad):
 
 
 @pytest.mark.parametrize("convert", ["double", "to_float32"])
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+@pytest.mark.parametrize("case", ALL)
 def test_torch_layer_follows_dtype_conversion(case, convert):
     _, cls_name, kwargs = case
     layer = make_layer(cls_name, kwargs, dtype=torch.float32 if convert == "double" else torch.float64)
@@ -108,7 +105,7 @@ def test_torch_layer_follows_dtype_conversion(case, convert):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
+@pytest.mark.parametrize("case", ALL)
 def test_ttcompile_freezes_weights_until_ttdecompile(case):
     _, cls_name, kwargs = case
     layer = make_layer(cls_name, kwargs)
@@ -130,13 +127,6 @@ def test_ttcompile_freezes_weights_until_ttdecompile(case):
 # ----------------------------------------------------------------------------- array backends
 
 
-def _backend(name):
-    reason = backends.available()[name]
-    if reason is not None:
-        pytest.skip(reason)
-    return importlib.import_module(f"backends.{name}")
-
-
 def _inplace_scale(array, factor, name):
     """Scale ``array`` in place, as a user editing ``state_dict()`` would."""
     if name == "mlx":
@@ -147,11 +137,11 @@ def _inplace_scale(array, factor, name):
         array *= factor
 
 
-@pytest.mark.parametrize("name", ["numpy", "mlx", "array_api_strict", "cupy"])
-@pytest.mark.parametrize("case", LAYER_CASES, ids=LAYER_IDS)
-def test_backend_layer_follows_inplace_state_dict_edits(case, name):
+@pytest.mark.parametrize("binding", BACKENDS, indirect=True)
+@pytest.mark.parametrize("case", ALL)
+def test_backend_layer_follows_inplace_state_dict_edits(case, binding):
     _, cls_name, kwargs = case
-    module = _backend(name)
+    module, name = binding.mod, binding.name
     torch_layer = make_layer(cls_name, kwargs)
     layer = module.from_torch(torch_layer)
     xs = np.random.default_rng(0).standard_normal((6, BATCH, kwargs["num_neurons"]))

@@ -19,7 +19,7 @@ import pytest
 
 _TESTS = Path(__file__).resolve().parents[1]
 _ROOT = _TESTS.parent
-for _path in (_ROOT, _TESTS):  # the repo (ssm_core, backends, tracetorch) and tests/numpy_oracle.py
+for _path in (_ROOT, _TESTS):  # the repo (ssm_core, backends, tracetorch) and tests/ (numpy_oracle, conftest)
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 

@@ -6,7 +6,7 @@ with NumPy, the init recipes plus noise) is loaded into every binding
 ``backends.array_api_strict``, ``backends.cupy``) in float32 and float64; each
 steps the same 32 inputs with the feature axis first, in the middle or last,
 and its outputs (all steps) and final states must match the independent NumPy
-float64 reference to a normwise relative error ``max|a - b| / max|b|`` of
+float64 oracle to a normwise relative error ``max|a - b| / max|b|`` of
 1e-10 (float64) or 1e-5 (float32). Unusable backends are skipped with what to
 install; the conftest prints a backend x dtype summary at the end of the session.
 """
@@ -14,17 +14,15 @@ install; the conftest prints a backend x dtype summary at the end of the session
 from __future__ import annotations
 
 import functools
-import importlib
 import json
+
 import numpy as np
 import pytest
 
 import numpy_oracle
-import ssm_core
+from conftest import FIXTURE_DIR, TORCH_CUDA_REASON, get_binding, random_weights, unusable
 
 from .conftest import TOLERANCE
-
-FIXTURE_DIR = numpy_oracle.FIXTURE_DIR
 
 T = 32
 BATCH = (2, 3)
@@ -43,70 +41,17 @@ AXES = {"first": (0, 0), "middle": (1, 1), "last": (2, -1)}
 BACKENDS = ["numpy", "torch", "mlx", "array_api_strict", "cupy", "torch-cuda"]
 DTYPES = ["float32", "float64"]
 
-TORCH_CUDA_REASON = "needs an NVIDIA GPU with a CUDA build of torch"
-
-
-# ----------------------------------------------------------------------------- weights and inputs
-
-
-def _inverse_softplus(y):
-    return y + np.log(-np.expm1(-y))
-
-
-def random_state_dict(layer: str, kwargs: dict, seed: int) -> dict:
-    """A float64 traceTorch ``state_dict`` for ``layer(**kwargs)``: the init recipes plus 0.1 noise.
-
-    ``dt`` is drawn log-uniform in ``[0.01, 0.3]`` (a bit larger than the
-    init's ``[1e-3, 1e-1]`` so that the states move within 32 steps).
-    """
-    rng = np.random.default_rng(seed)
-    config = ssm_core.LAYERS[layer].config(**kwargs)
-    shapes = config.param_shapes()
-    N = config.num_neurons
-    d = config.d_state
-
-    def noise(shape):
-        return 0.1 * rng.standard_normal(shape)
-
-    def log_dt(shape):
-        return rng.uniform(np.log(0.01), np.log(0.3), shape)
-
-    out = {}
-    for key, shape in shapes.items():
-        if key == "A_log":
-            value = np.log(np.arange(1, shape[-1] + 1, dtype=np.float64)) * np.ones(shape) + noise(shape)
-        elif key == "log_dt":
-            value = log_dt(shape)
-        elif key == "dt_proj.bias":
-            value = _inverse_softplus(np.exp(log_dt(shape)))
-        elif key == "D":
-            value = 1.0 + noise(shape)
-        elif layer == "S4" and key == "B":
-            value = 1.0 + noise(shape)
-        elif layer == "S4" and key == "C":
-            value = rng.standard_normal(shape)
-        elif layer == "S5" and key == "B":
-            value = rng.standard_normal(shape) / np.sqrt(N)
-        elif layer == "S5" and key == "C":
-            value = rng.standard_normal(shape) / np.sqrt(d)
-        elif key.endswith(".weight") or key in ("conv_weights", "conv_bias"):
-            fan_in = shapes["conv_weights"][-1] if key.startswith("conv_") else shape[-1]
-            bound = 1.0 / np.sqrt(fan_in)
-            value = rng.uniform(-bound, bound, shape) + noise(shape)
-        else:  # pragma: no cover - a new parameter needs a recipe here
-            raise AssertionError(f"no recipe for {layer}.{key}")
-        assert value.shape == shape and value.dtype == np.float64, key
-        out[key] = value
-    return out
-
 
 @functools.lru_cache(maxsize=None)
 def case_data(case_id: str, axis_id: str):
-    """``(layer, kwargs with dim, params, inputs [T, 3-d], ref outputs, ref states)``, computed once."""
+    """``(layer, kwargs with dim, params, inputs [T, 3-d], oracle outputs, oracle states)``, computed once.
+
+    The weights are ``random_weights``, the same for every axis and binding.
+    """
     layer, kwargs = CASES[case_id]
     position, dim = AXES[axis_id]
     seed = [c[0] for c in LAYER_CASES].index(case_id)
-    params = random_state_dict(layer, kwargs, seed=100 + seed)
+    params = random_weights(layer, kwargs, seed=100 + seed)
     canonical = np.random.default_rng(200 + seed).standard_normal((T, *BATCH, kwargs["num_neurons"]))
     inputs = np.ascontiguousarray(np.moveaxis(canonical, -1, 1 + position))  # same numbers for every axis
     kw = {**kwargs, "dim": dim}
@@ -114,87 +59,46 @@ def case_data(case_id: str, axis_id: str):
     return layer, kw, params, inputs, ref_out, ref_states
 
 
-# ----------------------------------------------------------------------------- backends
-
-
-@functools.lru_cache(maxsize=None)
-def _available() -> dict:
-    import backends
-
-    return backends.available()
+# ----------------------------------------------------------------------------- bindings
 
 
 def unusable_reason(backend: str, dtype: str):
     """Why ``backend`` cannot run ``dtype`` here, or None."""
     if backend in ("torch", "torch-cuda"):
-        try:
-            import torch
-        except ImportError as error:
-            return f"torch cannot be imported ({error}); pip install torch"
-        if backend == "torch-cuda" and not torch.cuda.is_available():
-            return TORCH_CUDA_REASON
-        return None
-    reason = _available()[backend]
-    if reason is not None:
-        return reason
-    if backend == "mlx" and dtype == "float64":
+        import torch
+
+        return TORCH_CUDA_REASON if backend == "torch-cuda" and not torch.cuda.is_available() else None
+    reason = unusable()[backend]
+    if reason is None and backend == "mlx" and dtype == "float64":
         import mlx.core as mx
 
         device = mx.default_device()
         if device.type != mx.cpu:
             return f"MLX has no float64 on the GPU (default device {device}); float64 runs on mx.cpu only"
-    return None
+    return reason
 
 
-def run_torch(device: str, dtype: str, layer: str, kwargs: dict, params: dict, inputs) -> tuple:
-    import torch
-
-    import tracetorch as tt
-
-    tdtype = getattr(torch, dtype)
-    module = getattr(tt.ssm, layer)(**kwargs).to(device=device, dtype=tdtype)
-    module.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()}, strict=True)
-    outs = []
-    with torch.no_grad():
-        for x in inputs:
-            y = module(torch.from_numpy(x.astype(dtype)).to(device))
-            assert y.dtype == tdtype and y.device.type == torch.device(device).type and y.shape == x.shape
-            outs.append(y.cpu().numpy())
-    states = {}
-    for name in numpy_oracle.state_names(layer, kwargs):
-        s = getattr(module, name)
-        assert s.dtype == tdtype, (name, s.dtype)
-        states[name] = s.cpu().numpy()
-    return np.stack(outs), states
-
-
-def run_backend(backend: str, dtype: str, layer: str, kwargs: dict, params: dict, inputs) -> tuple:
-    mod = importlib.import_module(f"backends.{backend}")
-    obj = getattr(mod, layer)(**kwargs, dtype=dtype)
-    obj.load_state_dict(params)
+def run_binding(backend: str, dtype: str, layer: str, kwargs: dict, params: dict, inputs) -> tuple:
+    """Step ``backend``'s layer over ``inputs``: outputs and final states, in NumPy, each checked for type and dtype."""
+    b = get_binding(backend)
+    obj = b.make(layer, kwargs, dtype, weights=params)
     outs = []
     for x in inputs:
-        y = obj(mod.asarray(x.astype(dtype)))
-        assert isinstance(y, mod.backend.array_types), type(y)
-        assert y.dtype == obj.dtype and tuple(y.shape) == x.shape, (y.dtype, y.shape)
-        outs.append(np.asarray(mod.backend.to_numpy(y)))
+        y = b.step(obj, b.asarray(x.astype(dtype)))
+        assert isinstance(y, b.array_types), type(y)
+        assert b.dtype_name(y) == dtype and tuple(y.shape) == x.shape, (y.dtype, y.shape)
+        if b.mod is None:
+            assert y.device.type == b.device, y.device
+        outs.append(b.to_numpy(y))
     states = {}
     for name in numpy_oracle.state_names(layer, kwargs):
         s = getattr(obj, name)
-        assert isinstance(s, mod.backend.array_types), (name, type(s))
-        assert s.dtype == obj.dtype, (name, s.dtype)
-        states[name] = np.asarray(mod.backend.to_numpy(s))
+        assert isinstance(s, b.array_types), (name, type(s))
+        assert b.dtype_name(s) == dtype, (name, s.dtype)
+        states[name] = b.to_numpy(s)
     out = np.stack(outs)
     assert out.dtype == np.dtype(dtype), out.dtype
     return out, states
-
-
-def run_any(backend, dtype, layer, kwargs, params, inputs):
-    if backend == "torch":
-        return run_torch("cpu", dtype, layer, kwargs, params, inputs)
-    if backend == "torch-cuda":
-        return run_torch("cuda", dtype, layer, kwargs, params, inputs)
-    return run_backend(backend, dtype, layer, kwargs, params, inputs)
 
 
 # ----------------------------------------------------------------------------- the matrix
@@ -210,7 +114,7 @@ def test_parity(case_id, backend, dtype, axis_id, parity_record):
         parity_record.skip(backend, dtype, reason)
         pytest.skip(reason)
     layer, kwargs, params, inputs, ref_out, ref_states = case_data(case_id, axis_id)
-    out, states = run_any(backend, dtype, layer, kwargs, params, inputs)
+    out, states = run_binding(backend, dtype, layer, kwargs, params, inputs)
 
     errors = {"outputs": numpy_oracle.rel_err(out, ref_out)}
     assert set(states) == set(ref_states)
@@ -222,14 +126,14 @@ def test_parity(case_id, backend, dtype, axis_id, parity_record):
     assert worst <= TOLERANCE[dtype], f"{backend} {dtype} {case_id} dim={kwargs['dim']}: errors {errors}"
 
 
-# ----------------------------------------------------------------------------- the reference itself
+# ----------------------------------------------------------------------------- the oracle itself
 
 
 FIXTURES = sorted(FIXTURE_DIR.glob("*.npz")) if FIXTURE_DIR.is_dir() else []
 
 
 @pytest.mark.parametrize("path", FIXTURES or [None], ids=[p.stem for p in FIXTURES] or ["no-fixtures"])
-def test_reference_matches_tracetorch_fixtures(path):
+def test_oracle_matches_tracetorch_fixtures(path):
     assert path is not None, f"no tracetorch fixtures in {FIXTURE_DIR}"
     with np.load(path) as data:
         data = {k: data[k] for k in data.files}
@@ -245,8 +149,8 @@ def test_reference_matches_tracetorch_fixtures(path):
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
-def test_reference_is_independent_of_feature_axis(case_id):
-    """Same numbers with the features first, middle or last: the reference moves axes correctly."""
+def test_oracle_is_independent_of_feature_axis(case_id):
+    """Same numbers with the features first, middle or last: the oracle moves axes correctly."""
     _, _, _, _, ref_last, states_last = case_data(case_id, "last")
     for axis_id in ("first", "middle"):
         position = AXES[axis_id][0]
@@ -259,7 +163,7 @@ def test_reference_is_independent_of_feature_axis(case_id):
             np.testing.assert_allclose(moved, states_last[name], rtol=1e-13, atol=1e-13)
 
 
-def test_reference_random_weights_exercise_the_dynamics():
+def test_oracle_random_weights_exercise_the_dynamics():
     """The drawn weights make the states move and the outputs differ from the plain skip ``D * x``."""
     for case_id in CASES:
         layer, kwargs, params, inputs, ref_out, ref_states = case_data(case_id, "last")
