@@ -12,7 +12,7 @@
 - :func:`random_weights`: the weights a test loads into any binding (float64,
   keyed like ``state_dict()``): the init recipes plus noise, so no default
   value hides a bug.
-- torch helpers: :func:`make_layer` (a layer's own init, perturbed by
+- for the torch-only tests: :func:`make_layer` (a layer's own init, perturbed by
   :func:`perturb_`), :func:`run_steps`, :func:`snapshot`, :func:`assert_states_equal`.
 - ``rel_err``, ``state_names`` and ``FIXTURE_DIR`` come from ``numpy_oracle``.
 """
@@ -138,7 +138,7 @@ def unusable() -> dict:
     return backends.available()
 
 
-class _OneLayer(tt.Model):
+class OneLayerModel(tt.Model):
     """A model around one torch layer: torch layers save and load states through ``tt.Model``."""
 
     def __init__(self, layer):
@@ -322,10 +322,10 @@ class TorchBinding(Binding):
         return sorted(layer._state_names)
 
     def save_states(self, layer) -> dict:
-        return {k.split(".", 1)[1]: v for k, v in _OneLayer(layer).save_states().items()}
+        return {k.split(".", 1)[1]: v for k, v in OneLayerModel(layer).save_states().items()}
 
     def load_states(self, layer, states: dict, strict: bool = True):
-        return _OneLayer(layer).load_states({f"layer.{k}": v for k, v in states.items()}, strict=strict)
+        return OneLayerModel(layer).load_states({f"layer.{k}": v for k, v in states.items()}, strict=strict)
 
     def fill(self, array, value) -> None:
         array.fill_(value)
@@ -369,7 +369,7 @@ def skip_mlx_float64_on_gpu(b: Binding, dtype: str) -> None:
             pytest.skip(f"MLX has no float64 on the GPU (default device {mx.default_device()}); it runs on mx.cpu")
 
 
-# ----------------------------------------------------------------------------- torch helpers
+# ----------------------------------------------------------------------------- the torch-only tests
 
 
 def perturb_(layer: torch.nn.Module, scale: float = 0.1, seed: int = 1234) -> torch.nn.Module:

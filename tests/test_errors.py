@@ -32,8 +32,12 @@ def held_layer(b, case, held, dim=-1, shape=(2, N), dtype="float32"):
     layer = b.make(name, {**kwargs, "dim": dim}, dtype=dtype)
     if held:
         rng = np.random.default_rng(1)
-        for _ in range(2):
-            b.step(layer, b.asarray(rng.standard_normal(shape).astype(dtype)))
+        for i in range(2):
+            x = b.asarray(rng.standard_normal(shape).astype(dtype))
+            if b.mod is None and i == 0:  # torch: states attached to a graph, as in training
+                layer(x.requires_grad_(True))
+            else:
+                b.step(layer, x)
         assert all(v is not None for v in b.states(layer).values())
     return layer
 

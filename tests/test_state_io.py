@@ -6,7 +6,7 @@
   states of any batch shape, and is all or nothing (a bad entry after valid
   ones loads none of them);
 - ``tt.Model`` reaches every layer of a module tree (``nn.Sequential``, lists,
-  dicts, tuples, helper objects, nested models) under traceTorch 0.19.2's keys
+  dicts, tuples, plain objects, nested models) under traceTorch 0.19.2's keys
   and its aliases; ``detach_states`` cuts the graph without copying;
 - ``copy.deepcopy`` and ``pickle`` of layers and models with live states.
 """
@@ -24,7 +24,7 @@ from torch import nn
 
 import tracetorch as tt
 from conftest import (
-    ALL, D_STATE, FIVE, LTI, N, _OneLayer, assert_states_equal, held_states, make_layer, perturb_, rel_err,
+    ALL, D_STATE, FIVE, LTI, N, OneLayerModel, assert_states_equal, held_states, make_layer, perturb_, rel_err,
     run_steps, snapshot, state_names,
 )
 
@@ -137,7 +137,7 @@ def test_load_states_is_all_or_nothing(binding, case, held):
     for label, (mapping, kw, kind) in defects.items():
         given = {k: b.asarray(v) for k, v in mapping.items()}  # the bad entry comes last, after every valid one
         problems += b.expect_error(layer, f"load_states {label}", lambda: b.load_states(layer, given, **kw),
-                                   (ValueError, TypeError) if b.mod is None else kind, names=(name, "_OneLayer"))
+                                   (ValueError, TypeError) if b.mod is None else kind, names=(name, "OneLayerModel"))
     assert not problems, "\n".join(problems)
     b.load_states(layer, {k: b.asarray(v) for k, v in good.items()})
     for k, v in b.states(layer).items():
@@ -153,7 +153,7 @@ def test_load_states_meta_entry_is_a_clear_error(binding):
     last = list(states)[-1]
     states[last] = states[last].to("meta")
     problems = b.expect_error(layer, "load_states meta", lambda: b.load_states(layer, states), (ValueError, TypeError),
-                              names=("Mamba", "_OneLayer"))
+                              names=("Mamba", "OneLayerModel"))
     assert not problems, "\n".join(problems)
 
 
@@ -676,11 +676,11 @@ def test_load_states_of_another_dtype_into_fresh_model(cls_name):
     A float64 output, or a bare torch RuntimeError from a matmul, is a bug.
     """
     torch.manual_seed(0)
-    source = _OneLayer(getattr(tt.ssm, cls_name)(N, d_state=D_STATE)).double()
+    source = OneLayerModel(getattr(tt.ssm, cls_name)(N, d_state=D_STATE)).double()
     source(torch.randn(2, N, dtype=DT))
     saved = source.save_states()
     torch.manual_seed(0)
-    target = _OneLayer(getattr(tt.ssm, cls_name)(N, d_state=D_STATE))  # float32
+    target = OneLayerModel(getattr(tt.ssm, cls_name)(N, d_state=D_STATE))  # float32
     try:
         target.load_states(saved)
     except (ValueError, TypeError) as error:
