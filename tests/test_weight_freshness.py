@@ -64,6 +64,11 @@ def _no_grad_inplace(layer, xs):
             p.mul_(0.5)
 
 
+def _one_parameter_inplace(layer, xs):  # only A_log, as an optimizer step on one parameter
+    with torch.no_grad():
+        layer.A_log.sub_(0.3)
+
+
 EDITS = {
     "optimizer": _sgd_step,
     "data_inplace": _data_inplace,
@@ -71,6 +76,7 @@ EDITS = {
     "vector_to_parameters": _vector_to_parameters,
     "load_state_dict": _load_state_dict,
     "no_grad_inplace": _no_grad_inplace,
+    "one_parameter_inplace": _one_parameter_inplace,
 }
 
 
