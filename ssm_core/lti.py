@@ -132,9 +132,11 @@ def _scan_method(method: str, xs, xp) -> str:
 
 
 def _all_finite(x, xp) -> bool:
-    # A sum is finite only if every term is, so one reduction answers almost
-    # always; only an overflowing sum of finite terms needs the elementwise test.
-    return bool(xp.isfinite(xp.sum(x))) or bool(xp.all(xp.isfinite(x)))
+    # The largest and smallest elements are NaN when any element is (the
+    # standard's max and min propagate NaN) and infinite when one is: two
+    # reductions, where isfinite on every element takes several times as long (torch).
+    extremes = xp.stack((xp.max(x), xp.min(x)))  # [2]
+    return bool(xp.all(xp.isfinite(extremes)))
 
 
 def _lti_scan(xs, state, params, xp, method, prepared, discretize, step_discrete, chunked_scan):
@@ -212,15 +214,10 @@ def _causal_toeplitz(kernel, xp):
 def _decay_powers(decay, count: int, axis: int, xp):
     """``decay**j`` for ``j = 0..count-1`` along a new axis ``axis``, for ``0 <= decay <= 1``.
 
-    Products only, no ``exp`` (MLX's CPU build takes over a hundred times as
-    long for an ``exp`` as for a product): ``decay**(k q + r)`` is
-    ``(decay**k)**q * decay**r`` for ``k`` about ``sqrt(count)``, each table
-    made by doubling, so no power takes more roundings than ``j`` steps do.
-
-    The tables are clipped at ``2**-42`` in float32 (``2**-341`` in float64;
-    a clip costs what a product does, a comparison several times that), far
-    below any sum's rounding: then neither a power nor its product with a
-    coefficient above the floor is subnormal, which x86 CPUs multiply up to
+    ``exp(j * log(decay))``: non-positive exponents only, nothing grows. The
+    powers are kept at least ``2**-42`` in float32 (``2**-341`` in float64),
+    far below any sum's rounding: then neither a power nor its product with a
+    coefficient above that floor is subnormal, which x86 CPUs multiply up to
     a hundred times slower.
     """
     info = xp.finfo(decay.dtype)
@@ -228,34 +225,10 @@ def _decay_powers(decay, count: int, axis: int, xp):
     # A power of two: the product of three numbers above it is a normal number, whatever the rounding.
     floor = 2.0 ** (tiny_exponent // 3) if info.bits >= 32 else float(info.smallest_normal)
     axis = axis % (decay.ndim + 1)
-    a = xp.expand_dims(xp.clip(decay, min=floor), axis=axis)  # decay's shape with 1 at axis
-    k = math.isqrt(max(count - 1, 0)) + 1
-    low = _doubled_powers(a, k, axis, floor, xp)  # k at axis: decay**r, r < k
-    if k >= count:
-        return _take_leading(low, count, axis)
-    base = xp.clip(_take_last(low, axis) * a, min=floor)  # 1 at axis: decay**k
-    high = _doubled_powers(base, -(-count // k), axis, floor, xp)  # ceil(count / k) at axis: decay**(k q)
-    powers = xp.expand_dims(high, axis=axis + 1) * xp.expand_dims(low, axis=axis)  # q and r at axis, axis + 1
-    shape = tuple(decay.shape[:axis]) + (powers.shape[axis] * k,) + tuple(decay.shape[axis:])
-    return _take_leading(xp.reshape(powers, shape), count, axis)  # count at axis
-
-
-def _doubled_powers(a, count: int, axis: int, floor: float, xp):
-    """``a**j``, ``j = 0..count-1``, along ``axis`` (where ``a`` has size 1), each clipped at ``floor``."""
-    powers = xp.concat((xp.ones_like(a), a), axis=axis)  # 2 at axis: j = 0, 1
-    top = a  # 1 at axis
-    while powers.shape[axis] < count:
-        top = xp.clip(top * top, min=floor)  # 1 at axis: a**n, n = powers.shape[axis]
-        powers = xp.concat((powers, xp.clip(powers * top, min=floor)), axis=axis)  # 2n at axis
-    return _take_leading(powers, count, axis)  # count at axis
-
-
-def _take_leading(x, count: int, axis: int):
-    return x[(slice(None),) * axis + (slice(0, count), Ellipsis)]
-
-
-def _take_last(x, axis: int):
-    return x[(slice(None),) * axis + (slice(x.shape[axis] - 1, None), Ellipsis)]
+    log_decay = xp.expand_dims(xp.log(xp.maximum(decay, floor)), axis=axis)  # decay's shape with 1 at axis
+    j = xp.arange(count, dtype=decay.dtype, **_device(decay))  # [count]
+    j = xp.reshape(j, (count,) + (1,) * (decay.ndim - axis))  # count, then 1 for each axis after it
+    return xp.exp(xp.maximum(j * log_decay, math.log(floor)))  # count at axis
 
 
 def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto", prepared: S4Dynamics | None = None):
