@@ -211,24 +211,38 @@ def _causal_toeplitz(kernel, xp):
     return entries * xp.astype(causal, kernel.dtype)  # [..., L, L]
 
 
+def _decay_floor(dtype, xp) -> float:
+    """Where decay powers are clipped: ``2**-42`` in float32, ``2**-341`` in float64.
+
+    Far below any sum's rounding, and a power of two above the cube root of
+    the smallest normal number: neither a power nor its product with a
+    coefficient above the floor is subnormal, which x86 CPUs multiply up to a
+    hundred times slower than normal numbers.
+    """
+    info = xp.finfo(dtype)
+    if info.bits < 32:  # too narrow a range for that margin
+        return float(info.smallest_normal)
+    return 2.0 ** (round(math.log2(float(info.smallest_normal))) // 3)
+
+
 def _decay_powers(decay, count: int, axis: int, xp):
     """``decay**j`` for ``j = 0..count-1`` along a new axis ``axis``, for ``0 <= decay <= 1``.
 
-    ``exp(j * log(decay))``: non-positive exponents only, nothing grows. The
-    powers are kept at least ``2**-42`` in float32 (``2**-341`` in float64),
-    far below any sum's rounding: then neither a power nor its product with a
-    coefficient above that floor is subnormal, which x86 CPUs multiply up to
-    a hundred times slower.
+    ``exp(j * log(decay))``: non-positive exponents only, nothing grows;
+    clipped at :func:`_decay_floor`.
     """
-    info = xp.finfo(decay.dtype)
-    tiny_exponent = round(math.log2(float(info.smallest_normal)))  # -126 in float32
-    # A power of two: the product of three numbers above it is a normal number, whatever the rounding.
-    floor = 2.0 ** (tiny_exponent // 3) if info.bits >= 32 else float(info.smallest_normal)
+    floor = _decay_floor(decay.dtype, xp)
     axis = axis % (decay.ndim + 1)
     log_decay = xp.expand_dims(xp.log(xp.maximum(decay, floor)), axis=axis)  # decay's shape with 1 at axis
     j = xp.arange(count, dtype=decay.dtype, **_device(decay))  # [count]
     j = xp.reshape(j, (count,) + (1,) * (decay.ndim - axis))  # count, then 1 for each axis after it
     return xp.exp(xp.maximum(j * log_decay, math.log(floor)))  # count at axis
+
+
+def _decay_power(decay, n: int, xp):
+    """``decay**n`` (``n >= 0``) as :func:`_decay_powers` makes it: decay's shape."""
+    floor = _decay_floor(decay.dtype, xp)
+    return xp.exp(xp.maximum(n * xp.log(xp.maximum(decay, floor)), math.log(floor)))  # decay's shape
 
 
 def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto", prepared: S4Dynamics | None = None):
@@ -262,30 +276,37 @@ def _s4_chunked_scan(xs, state: S4State, dynamics: S4Dynamics, xp):
     # The chunk's matrices ([N, L, d]) are made once per call: for a small
     # batch and few steps, shorter chunks keep them near the input's size.
     count, L = _chunks(T, min(S4_CHUNK, max(MIN_CHUNK, 4 * T * M // d)))
-    powers = _decay_powers(A_bar, L + 1, 1, xp)  # [N, L + 1, d]: A_bar**j
-    kernel = (powers[:, :L, :] @ (C * B_bar)[:, :, None])[..., 0]  # [N, L]
+    # One table, no overlapping slices of it: under autograd each slice's
+    # gradient is a zero-filled array of the whole table.
+    powers = _decay_powers(A_bar, L, 1, xp)  # [N, L, d]: A_bar**j
+    kernel = (powers @ (C * B_bar)[:, :, None])[..., 0]  # [N, L]
     kernel = xp.concat((kernel[:, :1] + D[:, None], kernel[:, 1:]), axis=1)  # [N, L]: D x joins lag 0
     within = _causal_toeplitz(kernel, xp)  # [N, L, L]
-    to_end = xp.flip(powers[:, :L, :], axis=1) * B_bar[:, None, :]  # [N, L, d]: A_bar**(L-1-j) B_bar
-    readout = xp.permute_dims(powers[:, 1:, :] * C[:, None, :], (0, 2, 1))  # [N, d, L]: C A_bar**(t+1)
+    to_end = xp.flip(powers, axis=1) * B_bar[:, None, :]  # [N, L, d]: A_bar**(L-1-j) B_bar
+    step_readout = xp.maximum(A_bar, _decay_floor(A_bar.dtype, xp)) * C  # [N, d]: C A_bar
+    readout = xp.permute_dims(powers * step_readout[:, None, :], (0, 2, 1))  # [N, d, L]: C A_bar**(t+1)
 
     x = _pad_time(xp.reshape(xs, (T, M, N)), count * L, xp)  # [count * L, M, N]
     x = _features_first(xp.reshape(x, (count, L, M, N)), xp)  # [N, count, M, L]
     h = xp.permute_dims(xp.reshape(state.state, (M, N, d)), (1, 0, 2))  # [N, M, d]
+    x_rows = xp.reshape(x, (N, count * M, L))  # [N, count * M, L]
+    # Every chunk's end, the last one's too: under autograd a slice of x
+    # would cost a zero-filled gradient of all of x.
+    ends = xp.unstack(xp.reshape(x_rows @ to_end, (N, count, M, d)), axis=1)  # count x [N, M, d]
+    chunk_decay = _decay_power(A_bar, L, xp)[:, None, :]  # [N, 1, d]: A_bar**L
     starts = [h]
-    if count > 1:
-        ends = xp.reshape(x[:, :-1, ...], (N, (count - 1) * M, L)) @ to_end  # [N, (count - 1) * M, d]
-        chunk_decay = powers[:, L:, :]  # [N, 1, d]: A_bar**L
-        for end in xp.unstack(xp.reshape(ends, (N, count - 1, M, d)), axis=1):  # [N, M, d]
-            h = chunk_decay * h + end  # [N, M, d]
-            starts.append(h)
+    for end in ends[:-1]:
+        h = chunk_decay * h + end  # [N, M, d]
+        starts.append(h)
     starts = xp.reshape(xp.stack(starts, axis=1), (N, count * M, d))  # [N, count * M, d]
-    ys = xp.reshape(x, (N, count * M, L)) @ within + starts @ readout  # [N, count * M, L]
+    ys = x_rows @ within + starts @ readout  # [N, count * M, L]
     ys = xp.permute_dims(xp.reshape(ys, (N, count, M, L)), (1, 3, 2, 0))  # [count, L, M, N]
     ys = xp.reshape(xp.reshape(ys, (count * L, M, N))[:T, ...], (T,) + batch + (N,))  # [T, ..., N]
-    # The last chunk holds r real steps: the state after them, not after the padding.
-    r = T - (count - 1) * L
-    h = powers[:, r : r + 1, :] * h + x[:, -1, :, :r] @ to_end[:, L - r :, :]  # [N, M, d]
+    r = T - (count - 1) * L  # real steps in the last chunk
+    last = ends[-1]  # [N, M, d]
+    if r < L:  # the state after the r real steps, not after the padding
+        last = x[:, -1, :, :r] @ to_end[:, L - r :, :]  # [N, M, d]
+    h = _decay_power(A_bar, r, xp)[:, None, :] * h + last  # [N, M, d]
     h = xp.reshape(xp.permute_dims(h, (1, 0, 2)), batch + (N, d))  # [..., N, d]
     return ys, S4State(h)
 
@@ -408,8 +429,9 @@ def _s5_chunked_scan(xs, state: S5State, dynamics: S5Dynamics, xp):
     # The chunk's matrix ([d, L, L]) is made once per call: for a small
     # batch and few steps, shorter chunks keep it near the states' size.
     count, L = _chunks(T, min(S5_CHUNK, max(MIN_CHUNK, math.isqrt(4 * T * M))))
-    powers = _decay_powers(A_bar, L + 1, 1, xp)  # [d, L + 1]: A_bar**j
-    within = _causal_toeplitz(powers[:, :L], xp)  # [d, L, L]
+    powers = _decay_powers(A_bar, L, 1, xp)  # [d, L]: A_bar**j
+    within = _causal_toeplitz(powers, xp)  # [d, L, L]
+    from_start = powers * xp.maximum(A_bar, _decay_floor(A_bar.dtype, xp))[:, None]  # [d, L]: A_bar**(t+1)
 
     x = xp.reshape(xs, (T * M, N))  # [T * M, N]: one product, not T small ones
     u = _pad_time(xp.reshape(x @ B_bar, (T, M, d)), count * L, xp)  # [count * L, M, d]
@@ -417,12 +439,12 @@ def _s5_chunked_scan(xs, state: S5State, dynamics: S5Dynamics, xp):
     g = xp.reshape(xp.reshape(u, (d, count * M, L)) @ within, (d, count, M, L))  # [d, count, M, L]
     h = xp.permute_dims(xp.reshape(state.global_state, (M, d)), (1, 0))  # [d, M]
     starts = [h]
-    chunk_decay = powers[:, L:]  # [d, 1]: A_bar**L
+    chunk_decay = _decay_power(A_bar, L, xp)[:, None]  # [d, 1]: A_bar**L
     for end in xp.unstack(g[:, :-1, :, L - 1], axis=1):  # [d, M]: the chunk's own part of its last state
         h = chunk_decay * h + end  # [d, M]
         starts.append(h)
     starts = xp.stack(starts, axis=1)  # [d, count, M]
-    g = g + starts[..., None] * powers[:, None, None, 1:]  # [d, count, M, L]
+    g = g + starts[..., None] * from_start[:, None, None, :]  # [d, count, M, L]
     g = xp.reshape(xp.permute_dims(g, (1, 3, 2, 0)), (count * L * M, d))[: T * M, ...]  # [T * M, d]
     ys = xp.reshape(muladd(D, x, g @ C, xp), (T,) + batch + (N,))  # [T, ..., N]
     return ys, S5State(xp.reshape(g[(T - 1) * M :, ...], batch + (d,)))

@@ -164,6 +164,10 @@ def test_decay_powers_are_kept_above_the_floor():
             above = exact >= floor
             assert np.max(np.abs(powers - exact)[above] / exact[above]) <= 1e-12
             assert np.all(np.abs(powers[~above] / floor - 1) <= 1e-12)  # the floor, never subnormal
+    for n in (0, 1, 7, 100):
+        power = np.asarray(lti._decay_power(xp.asarray(decay), n, xp))
+        exact = np.maximum(decay**n, floor)
+        assert np.max(np.abs(power - exact) / exact) <= 1e-12
 
 
 # ----------------------------------------------------------------------------- choosing the form
