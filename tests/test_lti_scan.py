@@ -254,3 +254,21 @@ def test_autograd_keeps_nothing_near_one_state_per_step(name):
     assert kept and max(kept) <= every_state // 4
     ys.sum().backward()
     assert xs.grad is not None and torch.isfinite(xs.grad).all()
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_exported_sequence_form_takes_the_chunks(name):
+    """torch.export captures the chunked scan (no branch on the data) and gives the eager numbers."""
+    import tracetorch as tt
+
+    torch.manual_seed(0)
+    layer = getattr(tt.ssm, name)(N, d_state=D_STATE).double()
+    xs = torch.randn(70, 2, N, dtype=torch.float64)
+    states = layer.initial_states(xs, time_dim=0)
+    program = torch.export.export(layer.stateless(time_dim=0), (xs, *states))
+    ys, *finals = program.module()(xs, *states)
+    layer.zero_states()
+    expected = layer.scan(xs)
+    assert rel_err(ys.detach().numpy(), expected.detach().numpy()) <= 1e-10
+    for final, name_ in zip(finals, layer.state_names):
+        assert rel_err(final.detach().numpy(), getattr(layer, name_).detach().numpy()) <= 1e-10
