@@ -182,13 +182,18 @@ def test_auto_steps_non_finite_sequences_and_rejects_unknown_methods(name):
     spec = ssm_core.LAYERS[name]
     params = spec.params_from_mapping({k: xp.asarray(v) for k, v in weights.items()})
     state = spec.zero_state(config, (2,), xp, xp.float64)
-    raw = rng.standard_normal((20, 2, N))
-    raw[12, 1, 3] = np.nan
+    raw = rng.standard_normal((70, 2, N))
+    raw[62, 1, 3] = np.nan
     ys, _ = _run(name, xp.asarray(raw), state, params, "auto")
     ys = _host(ys)
-    assert np.isfinite(ys[:12]).all() and np.isfinite(ys[:, 0]).all()  # earlier steps, other batch element
+    assert np.isfinite(ys[:62]).all() and np.isfinite(ys[:, 0]).all()  # earlier steps, other batch element
     with pytest.raises(ValueError, match="chunked"):
         _run(name, xp.asarray(raw), state, params, "fft")
+    chunked_from = getattr(lti, f"{name}_CHUNKED_FROM")
+    finite = xp.asarray(rng.standard_normal((chunked_from, 2, N)))
+    assert lti._scan_method("auto", finite, xp, chunked_from) == "chunked"
+    assert lti._scan_method("auto", finite[1:, ...], xp, chunked_from) == "loop"
+    assert lti._scan_method("auto", xp.asarray(raw), xp, chunked_from) == "loop"
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -1067,11 +1067,11 @@ def test_nan_and_inf_inputs_propagate(bname, name, dtype, bad):
 @pytest.mark.parametrize("name", LAYERS)
 @pytest.mark.parametrize("bname", BINDINGS)
 def test_non_finite_input_in_a_long_scan_does_not_reach_earlier_steps(bname, name, bad):
-    """A sequence of several S4/S5 scan chunks: still causal, as stepping is."""
+    """A sequence long enough for S4/S5's chunked scan: still causal, as stepping is."""
     b = binding(bname)
     layer = b.make(name, LAYER_KWARGS[name], dtype="float64")
-    xs = seq((3, N), dtype="float64", steps=40, seed=11)
-    t0 = 30
+    xs = seq((3, N), dtype="float64", steps=64, seed=11)
+    t0 = 50
     xs[t0, 1, 2] = NON_FINITE[bad]
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
