@@ -46,7 +46,7 @@ from ._measure import Contender, Plan, Row, error_text, fill, measure, proc_mib,
 FEATURES = 256
 SHAPES = ((64, 8), (256, 8), (1024, 8), (4096, 8), (16384, 1))  # (T, batch)
 MODES = ("fwd", "fwd+bwd")
-WARMUP_T = 32  # warm-up sequences are this short: the same code paths (S4/S5 take the FFT from 32 steps)
+WARMUP_T = 48  # warm-up sequences are this short: the same code paths (S4/S5 scans are chunked from 32 and 48 steps on)
 PEERS = ("mamba.py pscan", "transformers MambaMixer")
 SAFE_FRACTION = 0.6  # runs peaking above this share of the free memory are not timed
 # Speed-ups over stepping 0.19.2 that our scan aims at, at T = 1024, batch 8; and over mamba.py's pscan.

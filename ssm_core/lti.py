@@ -1,26 +1,35 @@
-"""S4 and S5: time-invariant diagonal state-space layers, one step at a time.
+"""S4 and S5: time-invariant diagonal state-space layers, a step or a sequence at a time.
 
 Layout: features last. ``x`` is ``[..., N]``; the S4 state is ``[..., N, d]``
 (one ``d_state`` vector per feature), the S5 state ``[..., d]`` (one vector
 shared by all features). The dynamics depend on parameters only, so they are
-computed by ``*_discretize`` and may be kept across steps.
+computed by ``*_discretize`` and may be kept across steps; for the same
+reason a whole sequence can be cut into chunks whose work is a few matrix
+products (``s4_scan``, ``s5_scan``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ._array import muladd, namespace
 from .checks import check_axis, check_int
 from .discretize import zoh
-from .scan import _log_decay, causal_conv_fft, contiguous, decay_powers
+from .scan import contiguous
 from .init import Draws, log_uniform_log_dt, s4d_real_A_log
 from .spec import LayerSpec, StateSlot, params_to_mapping, params_type
 
-LTI_SCAN_METHODS = ("auto", "fft", "loop")
-# Below this length the FFT's fixed cost is larger than T plain steps (measured on CPU).
-FFT_MIN_STEPS = 32
+LTI_SCAN_METHODS = ("auto", "chunked", "loop")
+# "auto" steps shorter sequences: below these lengths T plain steps take no
+# longer than the chunked form's fixed cost (measured on CPU, batch 8, 256 features).
+S4_CHUNKED_FROM = 32
+S5_CHUNKED_FROM = 48
+# Steps per chunk of the chunked scans, at most (see _chunks).
+S4_CHUNK = 64
+S5_CHUNK = 64
+MIN_CHUNK = 16
 
 __all__ = [
     "LTI_SCAN_METHODS",
@@ -116,30 +125,33 @@ def s4_step(x, state: S4State, params: S4Params, xp=None, prepared: S4Dynamics |
     return s4_step_discrete(x, state, s4_discretize(params, xp) if prepared is None else prepared, xp)
 
 
-def _use_fft(method: str, xs, xp) -> bool:
+def _scan_method(method: str, xs, xp, chunked_from: int) -> str:
     if method not in LTI_SCAN_METHODS:
         raise ValueError(f"scan: method must be one of {LTI_SCAN_METHODS}, got {method!r}")
     if method != "auto":
-        return method == "fft"
-    # A NaN or Inf would reach every output of its feature through the
-    # transform, earlier steps too: such sequences step, which keeps them causal.
-    return xs.shape[0] >= FFT_MIN_STEPS and bool(xp.all(xp.isfinite(xs)))
+        return method
+    # A NaN or Inf times a chunk matrix's zero above its diagonal is NaN, which
+    # would reach the chunk's earlier steps: such sequences step, which keeps them causal.
+    return "chunked" if xs.shape[0] >= chunked_from and _all_finite(xs, xp) else "loop"
 
 
-def _widen(xp, *arrays):
-    """``arrays`` in float64."""
-    return tuple(xp.astype(a, xp.float64, copy=False) for a in arrays)
+def _all_finite(x, xp) -> bool:
+    # The largest and smallest elements are NaN when any element is (the
+    # standard's max and min propagate NaN) and infinite when one is: two
+    # reductions, where isfinite on every element takes several times as long (torch).
+    extremes = xp.stack((xp.max(x), xp.min(x)))  # [2]
+    return bool(xp.all(xp.isfinite(extremes)))
 
 
-def _lti_scan(xs, state, params, xp, method, prepared, discretize, step_discrete, fft_scan):
-    """The scan of a time-invariant layer: steps, or the convolution form (see ``_use_fft``)."""
+def _lti_scan(xs, state, params, xp, method, prepared, discretize, step_discrete, chunked_scan, chunked_from):
+    """The scan of a time-invariant layer: steps, or the chunked form (see ``_scan_method``)."""
     xp = namespace(xs, xp=xp)
     if xs.shape[0] == 0:
         return xs, state
     dynamics = discretize(params, xp) if prepared is None else prepared
-    if not _use_fft(method, xs, xp):
+    if _scan_method(method, xs, xp, chunked_from) == "loop":
         return _step_loop(step_discrete, xs, state, dynamics, xp)
-    return fft_scan(xs, state, dynamics, xp)
+    return chunked_scan(xs, state, dynamics, xp)
 
 
 def _step_loop(step_discrete, xs, state, dynamics, xp):
@@ -150,68 +162,158 @@ def _step_loop(step_discrete, xs, state, dynamics, xp):
     return xp.stack(ys, axis=0), state
 
 
-def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto", prepared: S4Dynamics | None = None):
-    """S4 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
-
-    The same numbers as ``T`` calls of :func:`s4_step`. The system is
-    time-invariant, so ``method="fft"`` computes the outputs as a causal
-    convolution with the kernel ``K_j = sum(C * A_bar**j * B_bar)`` (FFT, no
-    batch factor in the state work, the convolution in float64) plus the
-    initial state's decay, and the final state as one contraction over time;
-    ``"loop"`` steps; ``"auto"`` takes the FFT from
-    ``FFT_MIN_STEPS`` steps on, for finite inputs (the transform would carry a
-    NaN or Inf to earlier steps too). ``prepared`` as in :func:`s4_step`.
-    """
-    return _lti_scan(xs, state, params, xp, method, prepared, s4_discretize, s4_step_discrete, _s4_fft_scan)
+def _chunks(T: int, longest: int) -> tuple:
+    """``(count, size)``: ``T`` steps cut into ``count`` chunks of ``size <= longest`` steps, padded by fewer than ``count``."""
+    count = -(-T // max(1, longest))
+    return count, -(-T // count)
 
 
-# Decay powers are made this many steps at a time: [chunk, N, d] at once, never [T, N, d].
-POWER_CHUNK = 128
-
-
-def _s4_fft_scan(xs, state: S4State, dynamics: S4Dynamics, xp):
-    """S4 over ``xs`` ``[T, ..., N]`` from ``state`` through the convolution form.
-
-    The system is the one steps run (discretized in the input's dtype). The
-    decays ``A_bar**j`` are made a chunk at a time, and every contraction is a
-    matrix product batched over features; only the convolution is widened to
-    float64 (see :func:`causal_conv_fft`).
-    """
-    A_bar, B_bar, C, D = dynamics  # [N, d] x3, [N]
-    T, N, d = xs.shape[0], xs.shape[-1], A_bar.shape[-1]
+def _batch_size(xs) -> tuple:
+    """``(batch shape, its number of elements)`` of ``xs`` ``[T, ..., N]``."""
     batch = tuple(xs.shape[1:-1])
     M = 1
     for size in batch:
         M *= size
-    x_by_feature = contiguous(xp.permute_dims(xp.reshape(xs, (T, M, N)), (1, 2, 0)), xp)  # [M, N, T]
-    h0 = xp.permute_dims(xp.reshape(state.state, (M, N, d)), (1, 0, 2))  # [N, M, d]
-    x_nmt = contiguous(xp.permute_dims(x_by_feature, (1, 0, 2)), xp)  # [N, M, T]
-    with_h0 = bool(xp.any(h0 != 0))  # from zero states the initial decay adds nothing
-    log_decay = _log_decay(A_bar, xp)  # [N, d]
-    chunk = min(POWER_CHUNK, T)
-    steps = decay_powers(A_bar, chunk - 1, xp)  # [chunk, N, d]: A_bar**k
-    readout = (C * B_bar)[..., None]  # [N, d, 1]
-    kernel, from_h0 = [], []
-    driven = xp.zeros((N, M, d), dtype=xs.dtype, device=getattr(xs, "device", None))
-    for start in range(0, T, chunk):
-        size = min(chunk, T - start)
-        powers = xp.permute_dims(steps[:size, ...] * xp.exp(start * log_decay), (1, 0, 2))  # [N, size, d]: j = start..
-        kernel.append((powers @ readout)[..., 0])  # [N, size]: K_j = sum_d C B_bar A_bar**j
-        if with_h0:  # y_t gets sum_d C A_bar**(t+1) h0: powers j serve t = j - 1
-            from_h0.append(((C[:, None, :] * h0) @ xp.permute_dims(powers * A_bar[:, None, :], (0, 2, 1))))
-        # h_T = A_bar**T h0 + sum_j A_bar**j B_bar x_{T-1-j}
-        inputs = xp.flip(x_nmt[..., T - start - size : T - start], axis=-1)  # [N, M, size]: x_{T-1-j}
-        driven = driven + inputs @ (powers * B_bar[:, None, :])  # [N, M, d]
-    kernel = xp.concat(kernel, axis=1)  # [N, T]
-    wide = xp.float64
-    conv = causal_conv_fft(xp.astype(x_by_feature, wide), xp.astype(kernel, wide), xp, axis=-1)  # [M, N, T]
-    conv = xp.reshape(xp.permute_dims(xp.astype(conv, xs.dtype), (2, 0, 1)), (T,) + batch + (N,))  # [T, ..., N]
-    ys = muladd(D, xs, conv, xp)  # [T, ..., N]
-    h = driven
-    if with_h0:
-        y0 = xp.permute_dims(xp.concat(from_h0, axis=-1), (2, 1, 0))  # [T, M, N]
-        ys = ys + xp.reshape(y0, (T,) + batch + (N,))
-        h = h + xp.exp(T * log_decay)[:, None, :] * h0  # [N, M, d]
+    return batch, M
+
+
+def _device(x) -> dict:
+    device = getattr(x, "device", None)  # MLX arrays have none, nor take one
+    return {} if device is None else {"device": device}
+
+
+def _pad_time(x, length: int, xp):
+    """``x`` ``[T, ...]`` followed by zeros up to ``length`` steps; inputs after the end change nothing before it."""
+    if x.shape[0] == length:
+        return x
+    zeros = xp.zeros((length - x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, **_device(x))
+    return xp.concat((x, zeros), axis=0)  # [length, ...]
+
+
+def _features_first(x, xp):
+    """``x`` ``[count, L, M, N]`` laid out row-major as ``[N, count, M, L]``.
+
+    Through ``[count, M, N, L]``: copying straight to the target order reads
+    with a stride on both axes and takes about three times as long as the
+    two steps together (measured, torch and NumPy on CPU).
+    """
+    x = contiguous(xp.permute_dims(x, (0, 2, 3, 1)), xp)  # [count, M, N, L]
+    return contiguous(xp.permute_dims(x, (2, 0, 1, 3)), xp)  # [N, count, M, L]
+
+
+def _causal_toeplitz(kernel, xp):
+    """``[..., L, L]`` holding ``kernel[..., t - s]`` at ``[..., s, t]`` for ``s <= t``, 0 below.
+
+    A row of ``L`` inputs times it is that row convolved causally with the kernel.
+    """
+    L = kernel.shape[-1]
+    steps = xp.arange(L, **_device(kernel))  # [L]
+    lag = steps[None, :] - steps[:, None]  # [L, L]: t - s
+    causal = lag >= 0  # [L, L]
+    index = xp.reshape(xp.where(causal, lag, xp.zeros_like(lag)), (L * L,))  # [L * L]
+    entries = xp.reshape(xp.take(kernel, index, axis=-1), tuple(kernel.shape[:-1]) + (L, L))  # [..., L, L]
+    return entries * xp.astype(causal, kernel.dtype)  # [..., L, L]
+
+
+def _decay_floor(dtype, xp) -> float:
+    """Where decay powers are clipped: ``2**-42`` in float32, ``2**-341`` in float64.
+
+    Far below any sum's rounding, and a power of two above the cube root of
+    the smallest normal number: neither a power nor its product with a
+    coefficient above the floor is subnormal, which x86 CPUs multiply up to a
+    hundred times slower than normal numbers.
+    """
+    info = xp.finfo(dtype)
+    if info.bits < 32:  # too narrow a range for that margin
+        return float(info.smallest_normal)
+    return 2.0 ** (round(math.log2(float(info.smallest_normal))) // 3)
+
+
+def _decay_powers(decay, count: int, axis: int, xp):
+    """``decay**j`` for ``j = 0..count-1`` along a new axis ``axis``, for ``0 <= decay <= 1``.
+
+    ``exp(j * log(decay))``: non-positive exponents only, nothing grows;
+    clipped at :func:`_decay_floor`.
+    """
+    floor = _decay_floor(decay.dtype, xp)
+    axis = axis % (decay.ndim + 1)
+    log_decay = xp.expand_dims(xp.log(xp.maximum(decay, floor)), axis=axis)  # decay's shape with 1 at axis
+    j = xp.arange(count, dtype=decay.dtype, **_device(decay))  # [count]
+    j = xp.reshape(j, (count,) + (1,) * (decay.ndim - axis))  # count, then 1 for each axis after it
+    return xp.exp(xp.maximum(j * log_decay, math.log(floor)))  # count at axis
+
+
+def _decay_power(decay, n: int, xp):
+    """``decay**n`` (``n >= 0``) as :func:`_decay_powers` makes it: decay's shape."""
+    floor = _decay_floor(decay.dtype, xp)
+    return xp.exp(xp.maximum(n * xp.log(xp.maximum(decay, floor)), math.log(floor)))  # decay's shape
+
+
+def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto", prepared: S4Dynamics | None = None):
+    """S4 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
+
+    The same numbers as ``T`` calls of :func:`s4_step`, to rounding. The
+    system is time-invariant, so ``method="chunked"`` cuts time into chunks
+    and does each chunk's work as matrix products batched over features (see
+    :func:`_s4_chunked_scan`), with a loop over chunks, not steps; ``"loop"``
+    steps; ``"auto"`` takes the chunks from ``S4_CHUNKED_FROM`` steps on, for
+    finite inputs (a NaN or Inf would reach its chunk's earlier outputs: such
+    sequences step). ``prepared`` as in :func:`s4_step`.
+    """
+    return _lti_scan(
+        xs, state, params, xp, method, prepared, s4_discretize, s4_step_discrete, _s4_chunked_scan, S4_CHUNKED_FROM
+    )
+
+
+def _s4_chunked_scan(xs, state: S4State, dynamics: S4Dynamics, xp):
+    """S4 over ``xs`` ``[T, ..., N]`` from ``state``, ``L`` steps at a time.
+
+    Within a chunk each feature's outputs are its inputs times a causal
+    Toeplitz matrix of the kernel ``K_j = sum_d C B_bar A_bar**j`` (``D`` on
+    its diagonal), plus ``C A_bar**(t+1) h`` from the state ``h`` entering the
+    chunk. Those states come from a loop over chunks, each adding its inputs'
+    ``sum_j A_bar**(L-1-j) B_bar x_j``. Every product is a matrix product
+    batched over features: ``L + 2 d`` multiply-adds per step, feature and
+    batch element, and nothing of size ``[T, ..., N, d]`` is made (the chunk
+    states are ``d / L`` times the input's size).
+    """
+    A_bar, B_bar, C, D = dynamics  # [N, d] x3, [N]
+    T, N, d = xs.shape[0], xs.shape[-1], A_bar.shape[-1]
+    batch, M = _batch_size(xs)
+    # The chunk's matrices ([N, L, d]) are made once per call: for a small
+    # batch and few steps, shorter chunks keep them near the input's size.
+    count, L = _chunks(T, min(S4_CHUNK, max(MIN_CHUNK, 4 * T * M // d)))
+    # One table, no overlapping slices of it: under autograd each slice's
+    # gradient is a zero-filled array of the whole table.
+    powers = _decay_powers(A_bar, L, 1, xp)  # [N, L, d]: A_bar**j
+    kernel = (powers @ (C * B_bar)[:, :, None])[..., 0]  # [N, L]
+    kernel = xp.concat((kernel[:, :1] + D[:, None], kernel[:, 1:]), axis=1)  # [N, L]: D x joins lag 0
+    within = _causal_toeplitz(kernel, xp)  # [N, L, L]
+    to_end = xp.flip(powers, axis=1) * B_bar[:, None, :]  # [N, L, d]: A_bar**(L-1-j) B_bar
+    step_readout = xp.maximum(A_bar, _decay_floor(A_bar.dtype, xp)) * C  # [N, d]: C A_bar
+    readout = xp.permute_dims(powers * step_readout[:, None, :], (0, 2, 1))  # [N, d, L]: C A_bar**(t+1)
+
+    x = _pad_time(xp.reshape(xs, (T, M, N)), count * L, xp)  # [count * L, M, N]
+    x = _features_first(xp.reshape(x, (count, L, M, N)), xp)  # [N, count, M, L]
+    h = xp.permute_dims(xp.reshape(state.state, (M, N, d)), (1, 0, 2))  # [N, M, d]
+    x_rows = xp.reshape(x, (N, count * M, L))  # [N, count * M, L]
+    # Every chunk's end, the last one's too: under autograd a slice of x
+    # would cost a zero-filled gradient of all of x.
+    ends = xp.unstack(xp.reshape(x_rows @ to_end, (N, count, M, d)), axis=1)  # count x [N, M, d]
+    chunk_decay = _decay_power(A_bar, L, xp)[:, None, :]  # [N, 1, d]: A_bar**L
+    starts = [h]
+    for end in ends[:-1]:
+        h = chunk_decay * h + end  # [N, M, d]
+        starts.append(h)
+    starts = xp.reshape(xp.stack(starts, axis=1), (N, count * M, d))  # [N, count * M, d]
+    ys = x_rows @ within + starts @ readout  # [N, count * M, L]
+    ys = xp.permute_dims(xp.reshape(ys, (N, count, M, L)), (1, 3, 2, 0))  # [count, L, M, N]
+    ys = xp.reshape(xp.reshape(ys, (count * L, M, N))[:T, ...], (T,) + batch + (N,))  # [T, ..., N]
+    r = T - (count - 1) * L  # real steps in the last chunk
+    last = ends[-1]  # [N, M, d]
+    if r < L:  # the state after the r real steps, not after the padding
+        last = x[:, -1, :, :r] @ to_end[:, L - r :, :]  # [N, M, d]
+    h = _decay_power(A_bar, r, xp)[:, None, :] * h + last  # [N, M, d]
     h = xp.reshape(xp.permute_dims(h, (1, 0, 2)), batch + (N, d))  # [..., N, d]
     return ys, S4State(h)
 
@@ -310,27 +412,52 @@ def s5_step(x, state: S5State, params: S5Params, xp=None, prepared: S5Dynamics |
 def s5_scan(xs, state: S5State, params: S5Params, xp=None, method: str = "auto", prepared: S5Dynamics | None = None):
     """S5 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
 
-    The same numbers as ``T`` calls of :func:`s5_step`. ``method="fft"``
-    projects all inputs at once (``u = xs @ B_bar``), gets every state as the
-    causal convolution of ``u`` with the decays ``A_bar**j`` plus the initial
-    state's decay, and reads out with one matrix product (in float64, rounded
-    once to the input's dtype); ``"loop"`` steps. ``prepared`` as in :func:`s5_step`.
+    The same numbers as ``T`` calls of :func:`s5_step`, to rounding.
+    ``method="chunked"`` projects all inputs at once and runs the recurrence
+    a chunk at a time (see :func:`_s5_chunked_scan`); ``"loop"`` steps;
+    ``"auto"`` chooses as :func:`s4_scan` does, from ``S5_CHUNKED_FROM`` steps
+    on. ``prepared`` as in :func:`s5_step`.
     """
-    return _lti_scan(xs, state, params, xp, method, prepared, s5_discretize, s5_step_discrete, _s5_fft_scan)
+    return _lti_scan(
+        xs, state, params, xp, method, prepared, s5_discretize, s5_step_discrete, _s5_chunked_scan, S5_CHUNKED_FROM
+    )
 
 
-def _s5_fft_scan(xs, state: S5State, dynamics: S5Dynamics, xp):
-    """S5 over ``xs`` ``[T, ..., N]`` from ``state`` through the convolution form, in float64."""
-    T, dtype = xs.shape[0], xs.dtype
-    A_bar, B_bar, C, D = _widen(xp, *dynamics)  # [d], [N, d], [d, N], [N]
-    xs, g0 = _widen(xp, xs, state.global_state)  # [T, ..., N], [..., d]
-    batch_ones = (1,) * (xs.ndim - 2)
-    powers = decay_powers(A_bar, T, xp)  # [T+1, d]
-    powers = xp.reshape(powers, (T + 1,) + batch_ones + (powers.shape[-1],))  # [T+1, 1.., d]
-    u = xs @ B_bar  # [T, ..., d]
-    g = causal_conv_fft(u, powers[:T, ...], xp) + powers[1:, ...] * g0  # [T, ..., d]
-    ys = g @ C + D * xs  # [T, ..., N]
-    return xp.astype(ys, dtype), S5State(xp.astype(g[-1, ...], dtype))
+def _s5_chunked_scan(xs, state: S5State, dynamics: S5Dynamics, xp):
+    """S5 over ``xs`` ``[T, ..., N]`` from ``state``, ``L`` steps at a time.
+
+    The inputs are projected at once (``u = x @ B_bar``); within a chunk each
+    state channel's states are its ``u`` times the causal Toeplitz matrix of
+    ``A_bar**j``, plus ``A_bar**(t+1) g`` from the state ``g`` entering the
+    chunk, which a loop over chunks carries; one readout ``g @ C`` ends it.
+    The two projections are the bulk of the work; the recurrence costs ``L``
+    multiply-adds per step, state channel and batch element.
+    """
+    A_bar, B_bar, C, D = dynamics  # [d], [N, d], [d, N], [N]
+    T, N, d = xs.shape[0], xs.shape[-1], A_bar.shape[-1]
+    batch, M = _batch_size(xs)
+    # The chunk's matrix ([d, L, L]) is made once per call: for a small
+    # batch and few steps, shorter chunks keep it near the states' size.
+    count, L = _chunks(T, min(S5_CHUNK, max(MIN_CHUNK, math.isqrt(4 * T * M))))
+    powers = _decay_powers(A_bar, L, 1, xp)  # [d, L]: A_bar**j
+    within = _causal_toeplitz(powers, xp)  # [d, L, L]
+    from_start = powers * xp.maximum(A_bar, _decay_floor(A_bar.dtype, xp))[:, None]  # [d, L]: A_bar**(t+1)
+
+    x = xp.reshape(xs, (T * M, N))  # [T * M, N]: one product, not T small ones
+    u = _pad_time(xp.reshape(x @ B_bar, (T, M, d)), count * L, xp)  # [count * L, M, d]
+    u = _features_first(xp.reshape(u, (count, L, M, d)), xp)  # [d, count, M, L]
+    g = xp.reshape(xp.reshape(u, (d, count * M, L)) @ within, (d, count, M, L))  # [d, count, M, L]
+    h = xp.permute_dims(xp.reshape(state.global_state, (M, d)), (1, 0))  # [d, M]
+    starts = [h]
+    chunk_decay = _decay_power(A_bar, L, xp)[:, None]  # [d, 1]: A_bar**L
+    for end in xp.unstack(g[:, :-1, :, L - 1], axis=1):  # [d, M]: the chunk's own part of its last state
+        h = chunk_decay * h + end  # [d, M]
+        starts.append(h)
+    starts = xp.stack(starts, axis=1)  # [d, count, M]
+    g = g + starts[..., None] * from_start[:, None, None, :]  # [d, count, M, L]
+    g = xp.reshape(xp.permute_dims(g, (1, 3, 2, 0)), (count * L * M, d))[: T * M, ...]  # [T * M, d]
+    ys = xp.reshape(muladd(D, x, g @ C, xp), (T,) + batch + (N,))  # [T, ..., N]
+    return ys, S5State(xp.reshape(g[(T - 1) * M :, ...], batch + (d,)))
 
 
 S5 = LayerSpec(

@@ -388,7 +388,11 @@ class TimeInvariantLayer(Layer):
         return super()._prepared(params)
 
     def _core_scan(self, xs, state, params):
-        return self.spec.scan(xs, state, params, xp=xp_torch, method="auto")
+        # A traced graph (torch.compile, torch.export) cannot branch on the
+        # data: it takes the chunked form, where a NaN or Inf input reaches its
+        # chunk's earlier outputs too (eagerly, "auto" steps such sequences).
+        method = "chunked" if torch.compiler.is_compiling() else "auto"
+        return self.spec.scan(xs, state, params, xp=xp_torch, method=method)
 
     def TTcompile(self) -> None:
         r"""Discretize the system once for fast inference steps; the weights are frozen until ``TTdecompile()``."""
