@@ -12,9 +12,6 @@ class Backend:
     and defines ``dtype``, ``asarray``, ``to_numpy`` and ``draws``.
     """
 
-    lti_scan_method = "auto"  # S4/S5 sequences: in chunks of matrix products (steps where an input is not finite)
-    selective_scan_method = "loop"  # S6/Mamba sequences: the blocked loop, fastest on CPUs
-
     def finish(self, arrays) -> None:
         """Make a step's results usable (eager libraries: nothing to do)."""
 

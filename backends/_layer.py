@@ -12,10 +12,11 @@ The backend object provides:
 classes), ``default_dtype``, ``dtype(spec)`` (a library dtype from None, a
 name or a dtype), ``asarray(value)`` (from a torch tensor, a NumPy array or
 any DLPack-capable array, keeping its dtype), ``to_numpy(array)``,
-``lti_scan_method`` and ``selective_scan_method`` (the ``method`` its S4/S5
-and S6/Mamba sequence scans use), ``draws(dtype, seed)`` (an
+``draws(dtype, seed)`` (an
 :class:`ssm_core.Draws`), ``finish(arrays)`` (make a step's results usable:
-MLX evaluates them) and ``synchronize()``.
+MLX evaluates them) and ``synchronize()``. The pipeline of a call (checks,
+features-last, step or scan, back) is :func:`ssm_core.layout.run`, shared with
+the torch layers; the scan method is :func:`ssm_core.scan.default_scan_method`'s.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import ssm_core
-from ssm_core.checks import check_loaded_state, check_loaded_states_agree
-from ssm_core.layout import enter_scan, enter_step, leave_scan, leave_step
+from ssm_core.checks import check_axis, check_loaded_state, check_loaded_states_agree
+from ssm_core.layout import compute_dtype, run
+from ssm_core.scan import default_scan_method
 
 __all__ = ["Layer", "bind"]
 
@@ -116,7 +118,7 @@ class Layer:
         self.params = params
         # Half-precision layers compute, and keep their states, in float32.
         dtype = params.A_log.dtype
-        self._compute_dtype = xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+        self._compute_dtype = compute_dtype(dtype, xp)
         self._device = getattr(params.A_log, "device", None)
 
     def _compute_params(self):
@@ -232,21 +234,7 @@ class Layer:
 
     def __call__(self, x):
         """One timestep: ``x`` ``[*, num_neurons, *]`` -> ``y`` of the same shape; states advance."""
-        self._check_input(x)
-        xp = self.backend.xp
-        axis, x_last, state = enter_step(
-            self._error_name(), self._to_compute(x), self._states, self._slots, self.dim, self.num_neurons,
-            self.spec.state, xp,
-        )
-        params = self._compute_params()
-        y, new_state = self.spec.step(x_last, state, params, xp=xp)
-        y, states = leave_step(axis, x.ndim, y, new_state, self._slots, xp)
-        y = y if y.dtype == x.dtype else xp.astype(y, x.dtype)
-        if self.eager:
-            self.backend.finish((y, *states.values()))
-        self._states = states
-        return y
-
+        return self._run(x, None)
 
     def scan(self, xs, time_dim: int = 0):
         """A whole sequence in one call: the outputs of every step, as stepping gives them.
@@ -255,20 +243,26 @@ class Layer:
         from the held states and leaves the layer in the states after the last
         step, as ``T`` calls would.
         """
-        self._check_input(xs)
-        xp = self.backend.xp
-        axes, xs_last, state = enter_scan(
-            self._error_name(), self._to_compute(xs), self._states, self._slots, self.dim, self.num_neurons,
-            self.spec.state, time_dim, xp,
+        check_axis(self._error_name(), "time_dim", time_dim)  # None would mean one step to _run
+        return self._run(xs, time_dim)
+
+    def _run(self, x, time_dim):
+        self._check_input(x)
+        xp, spec, params = self.backend.xp, self.spec, self._compute_params()
+        if time_dim is None:
+            core = lambda x_last, state: spec.step(x_last, state, params, xp=xp)  # noqa: E731
+        else:
+            method = default_scan_method(spec.time_invariant, x, xp)
+            core = lambda x_last, state: spec.scan(x_last, state, params, xp=xp, method=method)  # noqa: E731
+        y, states = run(
+            self._error_name(), spec, self._slots, self.dim, self.num_neurons, self._to_compute(x), self._states,
+            core, xp, time_dim,
         )
-        method = self.backend.lti_scan_method if self.spec.time_invariant else self.backend.selective_scan_method
-        ys, new_state = self.spec.scan(xs_last, state, self._compute_params(), xp=xp, method=method)
-        ys, states = leave_scan(axes, ys, new_state, self._slots, xp)
-        ys = ys if ys.dtype == xs.dtype else xp.astype(ys, xs.dtype)
+        y = y if y.dtype == x.dtype else xp.astype(y, x.dtype)
         if self.eager:
-            self.backend.finish((ys, *states.values()))
+            self.backend.finish((y, *states.values()))
         self._states = states
-        return ys
+        return y
 
 
 def bind(backend) -> tuple:

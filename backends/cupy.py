@@ -26,7 +26,6 @@ class CupyBackend(NumpyBackend):
     name = "cupy"
     xp = xp
     array_types = (cp.ndarray,)
-    selective_scan_method = "parallel"  # the log-depth scan pays on a GPU
 
     def asarray(self, value):
         if isinstance(value, cp.ndarray):

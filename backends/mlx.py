@@ -111,13 +111,6 @@ class MlxBackend(Backend):
     array_types = (mx.array,)
     default_dtype = mx.float32
 
-    # With Metal (Apple silicon) MLX multiplies matrices through Accelerate or
-    # the GPU, and S4/S5 sequences take the chunked form. MLX's Linux CPU build
-    # links the reference BLAS ([8192, 256] x [256, 64] takes about 230 ms,
-    # torch about 3 ms), where the chunked form is no faster than stepping
-    # (measured: S4 slower up to T = 256, S5 even): there they step.
-    lti_scan_method = "auto" if mx.metal.is_available() else "loop"
-
     def dtype(self, spec):
         if spec is None:
             return self.default_dtype

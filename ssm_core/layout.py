@@ -17,7 +17,16 @@ from typing import NamedTuple
 
 from .checks import check_dim, check_step_input, expected_state_shape
 
-__all__ = ["enter_step", "leave_step", "enter_scan", "leave_scan", "ScanAxes"]
+__all__ = ["enter_step", "leave_step", "enter_scan", "leave_scan", "ScanAxes", "run", "zero_states", "compute_dtype"]
+
+
+def compute_dtype(dtype, xp):
+    """The dtype a layer of ``dtype`` computes and keeps its states in.
+
+    float32 for float16/bfloat16: a state is a running sum over many steps,
+    which half precision would round away. Every other dtype is its own.
+    """
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
 
 
 def _feature_axis(slot) -> int:
@@ -30,8 +39,7 @@ def _features_last_states(layer, step_shape, axis, batch, x, held, slots, state_
     for slot in slots:
         current = held[slot.name]
         if current is None:
-            tail = (slot.size,) if slot.trailing is None else (slot.size, slot.trailing)
-            states[slot.name] = xp.zeros(batch + tail, dtype=x.dtype, device=getattr(x, "device", None))
+            states[slot.name] = slot.zeros(batch, xp, x.dtype, getattr(x, "device", None))
             continue
         if current.dtype != x.dtype:
             raise TypeError(
@@ -121,3 +129,33 @@ def leave_scan(axes: ScanAxes, ys, new_state, slots: tuple, xp):
     if (axes.time, axes.feature) != (0, ys.ndim - 1):
         ys = xp.moveaxis(ys, (0, -1), (axes.time, axes.feature))
     return ys, states
+
+
+def run(layer: str, spec, slots: tuple, dim: int, num_neurons: int, x, held: dict, core, xp, time_dim=None):
+    """A binding's call, the same for every binding: check, to features-last, ``core``, and back.
+
+    ``x`` is one step's input (``time_dim`` None) or a sequence with its time
+    axis at ``time_dim``, already checked for its type, device and dtype by
+    the binding and cast to the compute dtype. ``core(x_last, state_last)``
+    returns ``(y_last, new_state_last)``: the binding's step or scan with the
+    parameters as it holds them. Returns ``(y, {state name: new state})`` in
+    the traceTorch layout; nothing is stored, so an error leaves the binding's
+    states as they were.
+    """
+    if time_dim is None:
+        axis, x_last, state = enter_step(layer, x, held, slots, dim, num_neurons, spec.state, xp)
+        y, new_state = core(x_last, state)
+        return leave_step(axis, x.ndim, y, new_state, slots, xp)
+    axes, xs_last, state = enter_scan(layer, x, held, slots, dim, num_neurons, spec.state, time_dim, xp)
+    ys, new_state = core(xs_last, state)
+    return leave_scan(axes, ys, new_state, slots, xp)
+
+
+def zero_states(layer: str, spec, slots: tuple, dim: int, num_neurons: int, x, xp, time_dim=None) -> dict:
+    """``{state name: zeros}`` in the traceTorch layout, as a call on ``x`` would create them."""
+    held = dict.fromkeys(slot.name for slot in slots)
+    if time_dim is None:
+        axis, _, state = enter_step(layer, x, held, slots, dim, num_neurons, spec.state, xp)
+        return _tracetorch_layout(axis, x.ndim, state, slots, xp)
+    axes, _, state = enter_scan(layer, x, held, slots, dim, num_neurons, spec.state, time_dim, xp)
+    return _tracetorch_layout(axes.step_feature, axes.step_ndim, state, slots, xp)

@@ -52,6 +52,12 @@ class StateSlot(NamedTuple):
     size: int
     trailing: int | None
 
+    def zeros(self, batch_shape: tuple, xp, dtype=None, device=None):
+        """This state as zeros in the features-last layout, for inputs of batch shape ``batch_shape``."""
+        tail = (self.size,) if self.trailing is None else (self.size, self.trailing)
+        kwargs = {} if device is None else {"device": device}
+        return xp.zeros(tuple(batch_shape) + tail, dtype=dtype, **kwargs)
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -98,9 +104,4 @@ class LayerSpec:
 
     def zero_state(self, config, batch_shape: tuple, xp, dtype=None, device=None):
         """Zero states in the features-last layout for inputs of batch shape ``batch_shape``."""
-        kwargs = {} if device is None else {"device": device}
-        arrays = {}
-        for slot in config.state_slots():
-            shape = tuple(batch_shape) + (slot.size,) + (() if slot.trailing is None else (slot.trailing,))
-            arrays[slot.name] = xp.zeros(shape, dtype=dtype, **kwargs)
-        return self.state(**arrays)
+        return self.state(**{slot.name: slot.zeros(batch_shape, xp, dtype, device) for slot in config.state_slots()})

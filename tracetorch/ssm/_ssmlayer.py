@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 import ssm_core
-from ssm_core.checks import (
-    check_axis, check_dim, check_loaded_state, check_loaded_states_agree, check_step_input, expected_state_shape,
-)
-from ssm_core.layout import enter_scan, enter_step, leave_scan, leave_step
+from ssm_core.checks import check_axis, check_loaded_state, check_loaded_states_agree
+from ssm_core.layout import compute_dtype, run, zero_states
+from ssm_core.scan import default_scan_method
 
 from ..core import Layer as BaseLayer
 
@@ -49,9 +48,6 @@ def _draws(dtype: torch.dtype) -> ssm_core.Draws:
     )
 
 
-# Half-precision layers compute and keep their states in float32: the state is
-# a running sum over many steps, which float16/bfloat16 would round away.
-_COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _log_halvings(value: torch.Tensor) -> torch.Tensor:
@@ -217,7 +213,7 @@ class Layer(BaseLayer):
         """``x`` and the parameters in the compute dtype: the layer's, float32 for a half-precision layer."""
         params = self._core_params()
         param_dtype = params.A_log.dtype
-        compute = _COMPUTE_DTYPE.get(param_dtype, param_dtype)
+        compute = compute_dtype(param_dtype, xp_torch)
         if compute != param_dtype:
             params = type(params)(*(None if p is None else p.to(compute) for p in params))
         return (x if x.dtype == compute else x.to(compute)), params
@@ -230,17 +226,11 @@ class Layer(BaseLayer):
         """
         out_dtype = self._check_input(x)
         x_c, params = self._compute_inputs(x)
-        slots, name = self._slots, type(self).__name__
-        if time_dim is None:
-            axis, x_last, state = enter_step(name, x_c, held, slots, self.dim, self.num_neurons, self.spec.state, xp_torch)
-            y, new_state = self._core_step(x_last, state, params)
-            y, states = leave_step(axis, x.ndim, y, new_state, slots, xp_torch)
-        else:
-            axes, x_last, state = enter_scan(
-                name, x_c, held, slots, self.dim, self.num_neurons, self.spec.state, time_dim, xp_torch
-            )
-            y, new_state = self._core_scan(x_last, state, params)
-            y, states = leave_scan(axes, y, new_state, slots, xp_torch)
+        core = self._core_step if time_dim is None else self._core_scan
+        y, states = run(
+            type(self).__name__, self.spec, self._slots, self.dim, self.num_neurons, x_c, held,
+            lambda x_last, state: core(x_last, state, params), xp_torch, time_dim,
+        )
         return (y if y.dtype == out_dtype else y.to(out_dtype)), states
 
     def _held_states(self) -> dict:
@@ -312,15 +302,9 @@ class Layer(BaseLayer):
         would create them.
         """
         self._check_input(x)
-        shape = tuple(x.shape)
-        if time_dim is not None:
-            time = check_dim(type(self).__name__, time_dim, x.ndim, name="time_dim")
-            shape = shape[:time] + shape[time + 1 :]
-        axis = check_step_input(type(self).__name__, shape, x.is_floating_point(), x.dtype, self.dim, self.num_neurons)
-        dtype = _COMPUTE_DTYPE.get(self._parameters["A_log"].dtype, self._parameters["A_log"].dtype)
-        return tuple(
-            x.new_zeros(expected_state_shape(shape, axis, slot.size, slot.trailing), dtype=dtype) for slot in self._slots
-        )
+        x_c, _ = self._compute_inputs(x)
+        zeros = zero_states(type(self).__name__, self.spec, self._slots, self.dim, self.num_neurons, x_c, xp_torch, time_dim)
+        return tuple(zeros[name] for name in self.state_names)
 
     def stateless(self, time_dim: Optional[int] = None) -> "Stateless":
         """This layer as a pure module ``(x, *states) -> (y, *new_states)``, sharing its parameters.
@@ -335,8 +319,7 @@ class Layer(BaseLayer):
         """
         return Stateless(self, time_dim)
     def _core_scan(self, xs, state, params):
-        # The recurrence's log-depth form pays on a GPU; on CPU cores the loop over precomputed blocks wins.
-        method = "parallel" if xs.device.type == "cuda" else "loop"
+        method = default_scan_method(self.spec.time_invariant, xs, xp_torch)
         return self.spec.scan(xs, state, params, xp=xp_torch, method=method)
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
@@ -344,7 +327,7 @@ class Layer(BaseLayer):
         if self.spec is None:  # a layer of the user's own on this base: its states are its business
             return
         param_dtype = self._parameters["A_log"].dtype
-        state_dtype = _COMPUTE_DTYPE.get(param_dtype, param_dtype)
+        state_dtype = compute_dtype(param_dtype, xp_torch)
         if value.dtype != state_dtype:
             raise ValueError(
                 f"{type(self).__name__}: state {key} must have dtype {state_dtype} (for parameters of "
@@ -387,19 +370,12 @@ class TimeInvariantLayer(Layer):
             return self.spec.dynamics(*(buffers[self._COMPILED + f].to(dtype) for f in self.spec.dynamics._fields))
         return super()._prepared(params)
 
-    def _core_scan(self, xs, state, params):
-        # A traced graph (torch.compile, torch.export) cannot branch on the
-        # data: it takes the chunked form, where a NaN or Inf input reaches its
-        # chunk's earlier outputs too (eagerly, "auto" steps such sequences).
-        method = "chunked" if torch.compiler.is_compiling() else "auto"
-        return self.spec.scan(xs, state, params, xp=xp_torch, method=method)
-
     def TTcompile(self) -> None:
         r"""Discretize the system once for fast inference steps; the weights are frozen until ``TTdecompile()``."""
         super().TTcompile()
         params = self._core_params()
-        compute = _COMPUTE_DTYPE.get(params.A_log.dtype)
-        if compute is not None:
+        compute = compute_dtype(params.A_log.dtype, xp_torch)
+        if compute != params.A_log.dtype:
             params = type(params)(*(p.to(compute) for p in params))
         with torch.no_grad():
             dynamics = self.spec.prepare(params, xp_torch)
