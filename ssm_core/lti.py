@@ -77,13 +77,20 @@ class S4State(NamedTuple):
     state: Any
 
 
-class S4Dynamics(NamedTuple):
-    """S4's discretized system: ``A_bar``, ``B_bar``, ``C`` ``[N, d]`` and ``D`` ``[N]``."""
+class LTIDynamics(NamedTuple):
+    """A discretized time-invariant system: what S4/S5 steps take as ``prepared``.
+
+    S4: ``A_bar``, ``B_bar``, ``C`` ``[N, d]`` and ``D`` ``[N]``.
+    S5: ``A_bar`` ``[d]``, ``B_bar`` ``[N, d]``, ``C`` ``[d, N]``, ``D`` ``[N]``.
+    """
 
     A_bar: Any
     B_bar: Any
     C: Any
     D: Any
+
+
+S4Dynamics = S5Dynamics = LTIDynamics
 
 
 def s4_init(config: S4Config, draws: Draws) -> S4Params:
@@ -360,15 +367,6 @@ class S5State(NamedTuple):
     """S5 hidden state: ``global_state`` ``[..., d]``, shared by all features."""
 
     global_state: Any
-
-
-class S5Dynamics(NamedTuple):
-    """S5's discretized system: ``A_bar`` ``[d]``, ``B_bar`` ``[N, d]``, ``C`` ``[d, N]``, ``D`` ``[N]``."""
-
-    A_bar: Any
-    B_bar: Any
-    C: Any
-    D: Any
 
 
 def s5_init(config: S5Config, draws: Draws) -> S5Params:
