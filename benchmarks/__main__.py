@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--only step,scan] [--rounds N] [--out DIR] [--threads N] [--torch-compile]``.
+"""``python -m benchmarks [--quick] [--only step,scan] [--rounds N] [--out DIR] [--threads N] [--torch-compile] [--shapes 1024x8,...]``.
 
 Writes ``step.md``, ``scan.md``, ``step.png``, ``scan.png`` and ``machine.md``
 and prints the tables. A full run writes to ``benchmarks/results/``, the
@@ -38,7 +38,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "else benchmarks/results-local/)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--torch-compile", action="store_true", help="time torch.compile per step even with --quick")
+    parser.add_argument("--shapes", default=None,
+                        help="sequence shapes of the scan benchmark as TxBATCH, comma-separated "
+                             "(default 64x8,256x8,1024x8,4096x8,16384x1)")
     args = parser.parse_args(argv)
+    if args.shapes is not None:
+        try:
+            args.shapes = tuple(tuple(int(n) for n in item.split("x")) for item in args.shapes.split(","))
+        except ValueError:
+            parser.error(f"--shapes: expected TxBATCH items like 1024x8, got {args.shapes!r}")
+        if any(len(shape) != 2 or min(shape) < 1 for shape in args.shapes):
+            parser.error(f"--shapes: expected TxBATCH items like 1024x8, got {args.shapes!r}")
     args.only = list(dict.fromkeys(name.strip() for name in args.only.split(",") if name.strip()))
     if set(args.only) - set(BENCHMARKS):
         parser.error(f"--only: unknown benchmark(s) {sorted(set(args.only) - set(BENCHMARKS))}; "
@@ -128,7 +138,7 @@ def _run(name: str, args, out: Path, info: dict, command: str, title: str, faile
         results = step.run(step.Settings.make(args.quick, args.rounds, args.torch_compile), log=_log)
         text, plot, heading = report.step_markdown(results, info, command), report.plot_step, "Per-step latency"
     else:
-        results = scan.run(scan.Settings.make(args.quick, args.rounds), log=_log)
+        results = scan.run(scan.Settings.make(args.quick, args.rounds, args.shapes), log=_log)
         text, plot, heading = report.scan_markdown(results, info, command), report.plot_scan, "Sequence mode"
     _write(out / f"{name}.md", text)
     try:

@@ -67,13 +67,16 @@ class Settings:
     memory_timeout_s: float = 900.0
 
     @classmethod
-    def make(cls, quick: bool, rounds: Optional[int] = None):
+    def make(cls, quick: bool, rounds: Optional[int] = None, shapes: Optional[tuple] = None):
         settings = cls()
         if quick:
             settings = cls(shapes=((32, 4), (64, 1)), rounds=2, budget_s=None, array_shapes=((32, 4),),
                            memory_shapes=((32, 4),), memory_modes=("fwd",), memory_layers=("Mamba",),
                            memory_timeout_s=300.0)
         settings.rounds = rounds or settings.rounds
+        if shapes is not None:
+            settings.shapes = settings.memory_shapes = shapes
+            settings.array_shapes = tuple(shape for shape in shapes if shape[0] <= 1024)
         return settings
 
 
