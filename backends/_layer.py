@@ -236,24 +236,34 @@ class Layer:
         """One timestep: ``x`` ``[*, num_neurons, *]`` -> ``y`` of the same shape; states advance."""
         return self._run(x, None)
 
-    def scan(self, xs, time_dim: int = 0):
+    def scan(self, xs, time_dim: int = 0, compiled=None):
         """A whole sequence in one call: the outputs of every step, as stepping gives them.
 
         ``xs`` with its ``time_dim`` axis removed is one step's input. Starts
         from the held states and leaves the layer in the states after the last
-        step, as ``T`` calls would.
+        step, as ``T`` calls would. ``compiled`` (S6/Mamba): run the
+        recurrence as a block compiled by the library's compiler (True; MLX's
+        ``mx.compile``), eagerly (False), or as ``SSM_COMPILE`` says (None; see
+        :mod:`ssm_core.fused`). A library without a compiler (NumPy, CuPy)
+        runs eagerly, and says so once when asked for ``compiled=True``.
         """
         check_axis(self._error_name(), "time_dim", time_dim)  # None would mean one step to _run
-        return self._run(xs, time_dim)
+        return self._run(xs, time_dim, compiled)
 
-    def _run(self, x, time_dim):
+    def _run(self, x, time_dim, compiled=None):
         self._check_input(x)
         xp, spec, params = self.backend.xp, self.spec, self._compute_params()
         if time_dim is None:
             core = lambda x_last, state: spec.step(x_last, state, params, xp=xp)  # noqa: E731
-        else:
+        elif spec.time_invariant:
             method = default_scan_method(spec.time_invariant, x, xp)
             core = lambda x_last, state: spec.scan(x_last, state, params, xp=xp, method=method)  # noqa: E731
+        else:
+            method = default_scan_method(spec.time_invariant, x, xp)
+
+            def core(x_last, state):  # S6/Mamba: the compiled block where the policy picks it
+                block_fn, block = self.backend.scan_block(x_last, self.d_state, compiled, method)
+                return spec.scan(x_last, state, params, xp=xp, method=method, block=block, block_fn=block_fn)
         y, states = run(
             self._error_name(), spec, self._slots, self.dim, self.num_neurons, self._to_compute(x), self._states,
             core, xp, time_dim,

@@ -48,7 +48,7 @@ from .selective import (
     S6, Mamba,
     MambaConfig, MambaParams, MambaState, mamba_init,
     S6Config, S6Params, S6State, s6_init,
-    causal_conv_scan, causal_conv_step, selective_decay, selective_scan, selective_step,
+    causal_conv_scan, causal_conv_step, selective_block, selective_decay, selective_scan, selective_step,
 )
 from .functional import mamba_scan, mamba_step, s4_scan, s4_step, s5_scan, s5_step, s6_scan, s6_step
 from .scan import causal_conv_fft, decay_powers, linear_recurrence, time_blocks
@@ -65,6 +65,6 @@ __all__ = [
     "s5_init", "s5_discretize", "s5_step", "s5_scan",
     "S6", "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
     "Mamba", "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
-    "selective_decay", "selective_step", "selective_scan", "causal_conv_step", "causal_conv_scan",
+    "selective_decay", "selective_step", "selective_block", "selective_scan", "causal_conv_step", "causal_conv_scan",
     "linear_recurrence", "causal_conv_fft", "decay_powers", "time_blocks",
 ]

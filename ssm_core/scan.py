@@ -79,22 +79,23 @@ def contiguous(x, xp):
     return xp.reshape(xp.reshape(x, (-1,)), tuple(x.shape))
 
 
-def time_blocks(x, block: int, xp) -> list:
+def time_blocks(x, block: int, xp, pad_last: bool = False) -> list:
     """``x`` ``[T, ...]`` cut along time into arrays of ``block`` steps (the last one shorter).
 
     One reshape and unstack rather than ``T / block`` slices: under autograd
-    each slice's gradient is a zero-filled array of the whole ``x``.
+    each slice's gradient is a zero-filled array of the whole ``x``. With
+    ``pad_last`` every block has ``block`` steps, the last one padded with zeros.
     """
     T = x.shape[0]
     count = -(-T // block)
-    if count <= 1:
-        return [x]
     pad = count * block - T
+    if count <= 1 and not (pad and pad_last):
+        return [x]
     if pad:
         zeros = xp.zeros((pad,) + tuple(x.shape[1:]), dtype=x.dtype, device=getattr(x, "device", None))
         x = xp.concat((x, zeros), axis=0)  # [count * block, ...]
     blocks = xp.unstack(xp.reshape(x, (count, block) + tuple(x.shape[1:])), axis=0)  # count x [block, ...]
-    if pad:
+    if pad and not pad_last:
         blocks = [*blocks[:-1], blocks[-1][: block - pad, ...]]
     return list(blocks)
 

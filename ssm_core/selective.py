@@ -21,7 +21,7 @@ from .spec import LayerSpec, StateSlot, params_to_mapping, params_type
 __all__ = [
     "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
     "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
-    "selective_decay", "selective_step", "selective_scan", "causal_conv_step", "causal_conv_scan", "SCAN_BLOCK",
+    "selective_decay", "selective_step", "selective_block", "selective_scan", "causal_conv_step", "causal_conv_scan", "SCAN_BLOCK",
     "S6", "Mamba",
 ]
 
@@ -39,9 +39,25 @@ def _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, d, xp):
     return dt, proj[..., rank : rank + d], proj[..., rank + d :]
 
 
-def _readout(h, C):
-    """``sum(h * C, -1)`` for ``h`` ``[..., N, d]`` and ``C`` ``[..., d]``, as one matrix product."""
-    return (h @ C[..., None])[..., 0]  # [..., N]
+def _readout(h, C, xp):
+    """``sum(h * C, -1)`` for ``h`` ``[..., N, d]`` and ``C`` ``[..., d]``.
+
+    A multiply and a sum, not a matrix product: a compiler fuses them into the
+    recurrence that makes ``h``; a product would be a kernel of its own, and
+    the states would have to be written out for it.
+    """
+    return xp.sum(h * C[..., None, :], axis=-1)  # [..., N]
+
+
+def _selective_update(u, dt, B, C, h, A, inv_A, xp):
+    """One step of the S6 recurrence; returns ``(sum(h * C, -1), h)`` (no skip term).
+
+    ``u``, ``dt`` ``[..., N]``; ``B``, ``C`` ``[..., d]``; ``h`` ``[..., N, d]``;
+    ``A``, ``inv_A`` ``[N, d]``.
+    """
+    decay, gain = zoh(dt[..., None], A, xp, inv_A)  # [..., N, d] x2
+    h = muladd(decay, h, (gain * B[..., None, :]) * u[..., None], xp)  # [..., N, d]
+    return _readout(h, C, xp), h  # [..., N], [..., N, d]
 
 
 def selective_decay(A_log, xp=None):
@@ -59,38 +75,83 @@ def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp
     """
     A, inv_A = decay  # [N, d] x2
     dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], xp)
-    A_bar, gain = zoh(dt[..., None], A, xp, inv_A)  # [..., N, d], [..., N, d]
-    h = muladd(A_bar, h, (gain * B[..., None, :]) * u[..., None], xp)  # [..., N, d]
-    return muladd(D, u, _readout(h, C), xp), h  # [..., N], [..., N, d]
+    y, h = _selective_update(u, dt, B, C, h, A, inv_A, xp)  # [..., N], [..., N, d]
+    return muladd(D, u, y, xp), h
 
 
-# Steps per block of the sequence scan: the block's decays and inputs
-# [L, ..., N, d] are made at once, then recurred. 16-64 measured best on CPU.
+def selective_block(u, dt, B, C, h, A, inv_A, D, xp, method="loop"):
+    """The S6 recurrence over one time block; returns ``(ys [L, ..., N], h_L [..., N, d])``.
+
+    ``u``, ``dt`` ``[L, ..., N]`` and ``B``, ``C`` ``[L, ..., d]`` are the
+    block's inputs (the projections are made for the whole sequence before),
+    ``h`` ``[..., N, d]`` the state before it, ``A``, ``inv_A`` ``[N, d]``
+    from :func:`selective_decay`, ``D`` ``[N]`` the skip weights.
+
+    This is the unit a compiler fuses (``torch.compile``, ``mx.compile``), so
+    ``method="loop"`` is written in the form they fuse: per step, elementwise
+    chains on ``[..., N, d]`` and a sum over ``d``; over the block, nothing
+    ``[L, ..., N, d]`` is kept, only the ``[L, ..., N]`` outputs. Compiled, the
+    block becomes one pass over the state; its backward keeps the block's
+    inputs and recomputes the rest. Eager libraries run the same code, with
+    the arithmetic of ``L`` calls of :func:`selective_step`.
+
+    ``method="parallel"`` discretizes the whole block at once and combines
+    the steps in ``log2(L)`` rounds (:func:`~ssm_core.scan.linear_recurrence`):
+    fewer, larger operations, which pays on a GPU without a compiler.
+    """
+    if method == "loop":
+        ys = []
+        for u_t, dt_t, B_t, C_t in zip(*(xp.unstack(a, axis=0) for a in (u, dt, B, C))):
+            y_t, h = _selective_update(u_t, dt_t, B_t, C_t, h, A, inv_A, xp)  # [..., N], [..., N, d]
+            ys.append(y_t)
+        ys = xp.stack(ys, axis=0)  # [L, ..., N]
+    else:
+        decay, gain = zoh(dt[..., None], A, xp, inv_A)  # [L, ..., N, d] x2
+        hs = linear_recurrence(decay, (gain * B[..., None, :]) * u[..., None], h, xp, method)  # [L, ..., N, d]
+        h = hs[-1, ...]  # [..., N, d]
+        ys = _readout(hs, C, xp)  # [L, ..., N]
+    return muladd(D, u, ys, xp), h  # [L, ..., N], [..., N, d]
+
+
+# Steps per block of the sequence scan. Eager, the loop form runs step by step
+# either way and the parallel form makes [L, ..., N, d] arrays per block: 16-64
+# measured best on CPU. Compiled blocks are unrolled: their length is the binding's.
 SCAN_BLOCK = 32
 
 
-def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp, *, block=SCAN_BLOCK, method="loop"):
+def selective_scan(
+    u, h0, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp, *, block=SCAN_BLOCK, method="loop", block_fn=None
+):
     """The S6 core over ``u`` ``[T, ..., N]`` from ``h0`` ``[..., N, d]``; returns ``(ys, h_T)``.
 
     The same arithmetic as ``T`` calls of :func:`selective_step`: all
-    projections in one matrix product over time, then the recurrence block by
-    block (``method`` as :func:`~ssm_core.scan.linear_recurrence`).
+    projections in one matrix product over time, then :func:`selective_block`
+    block by block (``method`` as there).
+
+    ``block_fn(u, dt, B, C, h, A, inv_A, D)``, when given, runs each block
+    instead: a compiled :func:`selective_block`. It always gets ``block``
+    steps (one shape to compile): the last block is padded with ``dt = 0``
+    and ``u = 0``, steps that leave the state exactly as it was, and their
+    outputs are dropped.
     """
     T = u.shape[0]
     if T == 0:
         return D * u, h0
     A, inv_A = decay  # [N, d] x2
     dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], xp)
+    padded = block_fn is not None and T % block != 0
+    if block_fn is None:
+        def block_fn(u_t, dt_t, B_t, C_t, h, A, inv_A, D):
+            return selective_block(u_t, dt_t, B_t, C_t, h, A, inv_A, D, xp, method)
+
     h = h0
     ys = []
-    for dt_t, B_t, C_t, u_t in zip(*(time_blocks(a, block, xp) for a in (dt, B, C, u))):
-        A_bar, gain = zoh(dt_t[..., None], A, xp, inv_A)  # [L, ..., N, d], [L, ..., N, d]
-        driven = (gain * B_t[..., None, :]) * u_t[..., None]  # [L, ..., N, d]
-        hs = linear_recurrence(A_bar, driven, h, xp, method)  # [L, ..., N, d]
-        h = hs[-1, ...]
-        ys.append(_readout(hs, C_t))  # [L, ..., N]
-    ys = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)
-    return muladd(D, u, ys, xp), h  # [T, ..., N], [..., N, d]
+    pieces = (time_blocks(a, block, xp, pad_last=padded) for a in (u, dt, B, C))
+    for u_t, dt_t, B_t, C_t in zip(*pieces):
+        y, h = block_fn(u_t, dt_t, B_t, C_t, h, A, inv_A, D)  # [L, ..., N], [..., N, d]
+        ys.append(y)
+    ys = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)  # [T (+ padding), ..., N]
+    return (ys[:T, ...] if ys.shape[0] != T else ys), h
 
 
 def causal_conv_scan(u, buffer, weights, bias, xp):
@@ -103,9 +164,11 @@ def causal_conv_scan(u, buffer, weights, bias, xp):
     if T == 0:
         return u, buffer
     inputs = xp.concat((xp.moveaxis(buffer[..., 1:], -1, 0), u), axis=0)  # [K-1+T, ..., N]
-    windows = xp.stack([inputs[k : k + T, ...] for k in range(K)], axis=-1)  # [T, ..., N, K]
-    out = xp.sum(windows * weights, axis=-1) + bias  # [T, ..., N]
-    return out, xp.moveaxis(inputs[-K:, ...], 0, -1)  # [..., N, K]
+    # K shifted multiply-adds over time: the [T, ..., N, K] windows would cost a copy and a reduction.
+    out = inputs[:T, ...] * weights[:, 0]  # [T, ..., N]
+    for k in range(1, K):
+        out = muladd(inputs[k : k + T, ...], weights[:, k], out, xp)  # [T, ..., N]
+    return out + bias, xp.moveaxis(inputs[-K:, ...], 0, -1)  # [T, ..., N], [..., N, K]
 
 
 def causal_conv_step(u, buffer, weights, bias, xp):
@@ -193,20 +256,22 @@ def s6_step(x, state: S6State, params: S6Params, xp=None, prepared=None):
 
 
 def s6_scan(
-    xs, state: S6State, params: S6Params, xp=None, method: str = "loop", block: int = SCAN_BLOCK, prepared=None
+    xs, state: S6State, params: S6Params, xp=None, method: str = "loop", block: int = SCAN_BLOCK, prepared=None,
+    block_fn=None,
 ):
     """S6 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`s6_step`; ``method`` is
     ``"loop"`` (fastest on CPUs) or ``"parallel"`` (log-depth, for GPUs);
-    ``prepared`` as in :func:`s6_step`.
+    ``prepared`` as in :func:`s6_step`; ``block_fn``: a compiled
+    :func:`selective_block` (see :func:`selective_scan`).
     """
     xp = namespace(xs, xp=xp)
     p = params
     decay = selective_decay(p.A_log, xp) if prepared is None else prepared
     ys, h = selective_scan(
         xs, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp,
-        block=block, method=method,
+        block=block, method=method, block_fn=block_fn,
     )
     return ys, S6State(h)
 
@@ -335,13 +400,15 @@ def mamba_step(x, state: MambaState, params: MambaParams, xp=None, prepared=None
 
 
 def mamba_scan(
-    xs, state: MambaState, params: MambaParams, xp=None, method: str = "loop", block: int = SCAN_BLOCK, prepared=None
+    xs, state: MambaState, params: MambaParams, xp=None, method: str = "loop", block: int = SCAN_BLOCK, prepared=None,
+    block_fn=None,
 ):
     """The Mamba block over a whole sequence ``xs`` ``[T, ..., N]``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`mamba_step`: the projections run
     over all of ``xs`` at once, the causal conv takes the held buffer as left
-    context, and the selective core scans as :func:`s6_scan`. ``prepared`` as in :func:`mamba_step`.
+    context, and the selective core scans as :func:`s6_scan` (``block_fn`` as there). ``prepared`` as in
+    :func:`mamba_step`.
     """
     xp = namespace(xs, xp=xp)
     p = params
@@ -355,7 +422,7 @@ def mamba_scan(
     decay = selective_decay(p.A_log, xp) if prepared is None else prepared
     ys, h = selective_scan(
         u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp,
-        block=block, method=method,
+        block=block, method=method, block_fn=block_fn,
     )
     ys = linear(ys * silu(gate, xp), p.out_proj_weight, None, xp) + xs  # [T, ..., N]
     return ys, MambaState(h, buffer)

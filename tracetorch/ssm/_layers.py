@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import ssm_core
 
-from ._ssmlayer import Layer as SSMLayer
-from ._ssmlayer import TimeInvariantLayer, _linear
+from ._ssmlayer import SelectiveLayer, TimeInvariantLayer, _linear
 
 __all__ = ["S4", "S5", "S6", "Mamba"]
 
@@ -127,7 +126,7 @@ class S5(TimeInvariantLayer):
             setattr(self, state_name, reference_tensor.new_zeros(shape))
 
 
-class S6(SSMLayer):
+class S6(SelectiveLayer):
     r"""The selective (data-dependent) S6 state-space layer of Mamba, one timestep per call.
 
     The timestep ``dt``, input matrix ``B`` and output matrix ``C`` are
@@ -185,7 +184,7 @@ class S6(SSMLayer):
         return ssm_core.S6Config(self.num_neurons, self.d_state, self.dt_proj.in_features, self.dim)
 
 
-class Mamba(SSMLayer):
+class Mamba(SelectiveLayer):
     r"""A compact Mamba block, one timestep per call, with its states kept inside.
 
     An input projection splits into a main and a gate branch; the main branch

@@ -21,6 +21,7 @@ from ssm_core.layout import compute_dtype, run, zero_states
 from ssm_core.scan import default_scan_method
 
 from ..core import Layer as BaseLayer
+from . import _fused
 
 __all__ = ["Layer", "Stateless"]
 
@@ -218,18 +219,22 @@ class Layer(BaseLayer):
             params = type(params)(*(None if p is None else p.to(compute) for p in params))
         return (x if x.dtype == compute else x.to(compute)), params
 
-    def _run(self, x, held: dict, time_dim):
+    def _run(self, x, held: dict, time_dim, compiled: Optional[bool] = None):
         """The layer on ``x`` from the states ``held``: one step (``time_dim`` None) or a sequence.
 
         Returns ``(y, {state name: new state})`` and changes nothing: the
         callers store the states, so an error leaves the layer as it was.
+        ``compiled``: ``scan``'s switch.
         """
         out_dtype = self._check_input(x)
         x_c, params = self._compute_inputs(x)
-        core = self._core_step if time_dim is None else self._core_scan
+        if time_dim is None:
+            core = lambda x_last, state: self._core_step(x_last, state, params)  # noqa: E731
+        else:
+            core = lambda x_last, state: self._core_scan(x_last, state, params, compiled)  # noqa: E731
         y, states = run(
-            type(self).__name__, self.spec, self._slots, self.dim, self.num_neurons, x_c, held,
-            lambda x_last, state: core(x_last, state, params), xp_torch, time_dim,
+            type(self).__name__, self.spec, self._slots, self.dim, self.num_neurons, x_c, held, core, xp_torch,
+            time_dim,
         )
         return (y if y.dtype == out_dtype else y.to(out_dtype)), states
 
@@ -263,7 +268,7 @@ class Layer(BaseLayer):
     def _core_step(self, x, state, params):
         return self.spec.step(x, state, params, xp=xp_torch, prepared=self._prepared(params))
 
-    def scan(self, xs: torch.Tensor, time_dim: int = 0) -> torch.Tensor:
+    def scan(self, xs: torch.Tensor, time_dim: int = 0, compiled: Optional[bool] = None) -> torch.Tensor:
         r"""Run a whole sequence in one call: the same outputs and final states as stepping.
 
         Starts from the held states (zeros when there are none) and leaves the
@@ -277,6 +282,13 @@ class Layer(BaseLayer):
             input ``[*, num_neurons, *]``, with ``num_neurons`` at ``dim``.
         time_dim : int, default 0
             The time axis of ``xs``.
+        compiled : bool or None, default None
+            S6/Mamba: run the recurrence as a block compiled with
+            ``torch.compile`` (True), eagerly (False), or as the environment
+            variable ``SSM_COMPILE`` (``0``, ``1``, ``auto``) says, by default
+            ``auto``: compiled once a block shape has done enough eager work
+            to pay for its compile (see :mod:`ssm_core.fused`). The same
+            numbers either way, to rounding. S4/S5 have nothing to compile.
 
         Returns
         -------
@@ -284,7 +296,7 @@ class Layer(BaseLayer):
         """
         self._refuse_export()
         check_axis(type(self).__name__, "time_dim", time_dim)  # None would mean one step to _run
-        ys, states = self._run(xs, self._held_states(), time_dim)
+        ys, states = self._run(xs, self._held_states(), time_dim, compiled)
         self.__dict__.update(states)
         return ys
 
@@ -318,9 +330,12 @@ class Layer(BaseLayer):
         With ``time_dim`` set, the module runs whole sequences (``scan``) instead of steps.
         """
         return Stateless(self, time_dim)
-    def _core_scan(self, xs, state, params):
+    def _core_scan(self, xs, state, params, compiled=None):
         method = default_scan_method(self.spec.time_invariant, xs, xp_torch)
-        return self.spec.scan(xs, state, params, xp=xp_torch, method=method)
+        if self.spec.time_invariant:
+            return self.spec.scan(xs, state, params, xp=xp_torch, method=method)
+        block_fn, block = _fused.scan_block(xs, self.d_state, compiled)
+        return self.spec.scan(xs, state, params, xp=xp_torch, method=method, block=block, block_fn=block_fn)
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
         super()._check_loaded_state(state_name, value, key)
@@ -418,3 +433,68 @@ class Stateless(nn.Module):
             )
         y, new = self.layer._run(x, dict(zip(names, states)), self.time_dim)
         return (y, *(new[name] for name in names))
+
+
+class SelectiveLayer(Layer):
+    r"""An SSM layer whose dynamics depend on the input (S6, Mamba).
+
+    ``TTcompile()`` freezes the weights and compiles the whole step with
+    ``torch.compile`` (see :meth:`TTcompile`); ``TTdecompile()`` undoes both.
+    """
+
+    _COMPILED = "_compiled_params_"
+
+    def _core_step(self, x, state, params):
+        frozen = self.__dict__.get("_compiled_fields")
+        if frozen is None:
+            return super()._core_step(x, state, params)
+        dtype, buffers = x.dtype, self._buffers  # the compute dtype: float32 for a half-precision layer
+        params = type(params)(*(None if f is None else buffers[self._COMPILED + f].to(dtype) for f in frozen))
+        decay = (buffers[self._COMPILED + "A"].to(dtype), buffers[self._COMPILED + "inv_A"].to(dtype))
+        key = (tuple(x.shape), dtype, x.device)
+        cached = self.__dict__.get("_compiled_step")
+        if cached is None or cached[0] != key:
+            step = _fused.step_function(self.spec, self._config(), x)
+            cached = self.__dict__["_compiled_step"] = (key, step)
+        return cached[1](x, state, params, decay)
+
+    def TTcompile(self) -> None:
+        r"""Freeze the weights and compile the step, for fast inference.
+
+        Steps then run one function compiled with ``torch.compile`` (the
+        projections as matrix products, everything else fused into few
+        kernels), compiled at the first step of each input shape, dtype and
+        device: seconds, once per process, less when inductor's disk cache has it.
+
+        **The weights are frozen from ``TTcompile()`` until ``TTdecompile()``**:
+        steps use copies of the parameters as they were at ``TTcompile()``, so
+        changing the parameters (an optimizer step, ``load_state_dict``) has no
+        effect on steps, and no gradient reaches the parameters, until the
+        layer is decompiled (and compiled again). ``state_dict()`` is
+        unchanged, and ``.to()`` moves the copies. ``scan`` is not affected: it
+        follows the parameters (and its own ``compiled=`` switch).
+
+        The outputs are eager stepping's, to rounding. ``SSM_COMPILE=0`` keeps
+        the step eager (the weights are still frozen); where compiling fails,
+        the step runs eagerly after one warning.
+        """
+        super().TTcompile()
+        params = self._core_params()
+        compute = compute_dtype(params.A_log.dtype, xp_torch)
+        with torch.no_grad():
+            if compute != params.A_log.dtype:
+                params = type(params)(*(None if p is None else p.to(compute) for p in params))
+            A, inv_A = self.spec.prepare(params, xp_torch)
+            for field, value in (*zip(params._fields, params), ("A", A), ("inv_A", inv_A)):
+                if value is not None:
+                    self.register_buffer(self._COMPILED + field, value.detach().clone(), persistent=False)
+        self.__dict__["_compiled_fields"] = tuple(f if p is not None else None for f, p in zip(params._fields, params))
+        self.__dict__.pop("_compiled_step", None)
+
+    def TTdecompile(self) -> None:
+        r"""Drop the frozen weights and the compiled step: steps follow the parameters again and train."""
+        super().TTdecompile()
+        for name in [n for n in self._buffers if n.startswith(self._COMPILED)]:
+            del self._buffers[name]
+        self.__dict__.pop("_compiled_fields", None)
+        self.__dict__.pop("_compiled_step", None)

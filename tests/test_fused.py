@@ -1,0 +1,348 @@
+"""The fused S6/Mamba paths give eager's numbers: compiled scans, TTcompile'd steps, MLX's mx.compile.
+
+Compiling is slow, so every compiled scan here shares one block key: a block
+of ``BLOCK`` steps (short: a shorter unroll compiles sooner; the code is the
+same at any length), batch shapes of 6 elements, ``N`` features and
+``D_STATE``, per dtype; one graph without autograd and one with it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import array_api_compat.torch as xp_torch
+import numpy as np
+import pytest
+import torch
+import torch._dynamo as dynamo
+
+import backends
+import ssm_core
+import tracetorch as tt
+from ssm_core import fused
+from ssm_core._array import _zoh_terms_from_exp
+from tracetorch.ssm import _fused
+
+N, D_STATE, BLOCK = 8, 4, 4
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+CASES = [("S6", {}), ("Mamba", {}), ("Mamba", {"conv_kernel": 1})]
+CASE_IDS = ["S6", "Mamba", "Mamba-k1"]
+DTYPES = [torch.float64, torch.float32]
+DTYPE_IDS = ["float64", "float32"]
+# (dim, step input shape): 6 batch elements however they are laid out
+BATCHES = [(-1, (6, N)), (-1, (2, 3, N)), (0, (N, 3, 2))]
+BATCH_IDS = ["batch6", "batch2x3", "features-first"]
+
+
+@pytest.fixture(autouse=True)
+def _short_blocks(monkeypatch):
+    monkeypatch.setattr(_fused, "FUSED_BLOCK", BLOCK)
+    monkeypatch.delenv(fused.ENV_VAR, raising=False)
+
+
+def _rel(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def _layer(name, kwargs, dtype, dim=-1, seed=0):
+    torch.manual_seed(seed)
+    layer = getattr(tt.ssm, name)(N, d_state=D_STATE, dim=dim, **kwargs).to(dtype)
+    with torch.no_grad():  # dt large enough that the state carries across blocks
+        layer.dt_proj.bias.add_(1.0)
+    return layer
+
+
+def _states(layer):
+    return {slot.name: getattr(layer, slot.name) for slot in layer._slots}
+
+
+def _run(layer, warmup, xs, compiled, time_dim=0):
+    """Steps over ``warmup``, then ``scan(xs)``: outputs and final states, from held states."""
+    layer.zero_states()
+    for x in warmup:
+        layer(x)
+    ys = layer.scan(xs, time_dim=time_dim, compiled=compiled)
+    return ys, _states(layer)
+
+
+# ----------------------------------------------------------------------------- scans
+
+
+@pytest.mark.parametrize(("dim", "step_shape"), BATCHES, ids=BATCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_compiled_scan_equals_eager(name, kwargs, dtype, dim, step_shape):
+    layer = _layer(name, kwargs, dtype, dim)
+    gen = torch.Generator().manual_seed(1)
+    warmup = torch.randn((3,) + step_shape, generator=gen, dtype=dtype)
+    for T in (13, 8):  # a padded last block, and whole blocks only
+        xs = torch.randn((T,) + step_shape, generator=gen, dtype=dtype)
+        with torch.no_grad():
+            eager_ys, eager_states = _run(layer, warmup, xs, compiled=False)
+            fused_ys, fused_states = _run(layer, warmup, xs, compiled=True)
+        assert fused_ys.shape == eager_ys.shape
+        assert _rel(fused_ys, eager_ys) <= TOL[dtype]
+        for key in eager_states:
+            assert _rel(fused_states[key], eager_states[key]) <= TOL[dtype], key
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_compiled_scan_gradients_equal_eager(name, kwargs, dtype):
+    layer = _layer(name, kwargs, dtype)
+    gen = torch.Generator().manual_seed(2)
+    warmup = torch.randn(2, 6, N, generator=gen, dtype=dtype)
+    xs = torch.randn(13, 6, N, generator=gen, dtype=dtype)
+    grads = {}
+    for compiled in (False, True):
+        layer.zero_grad()
+        x_leaf = xs.clone().requires_grad_()
+        ys, states = _run(layer, warmup, x_leaf, compiled)  # the held states carry the warm-up's graph
+        loss = ys.square().mean() + sum(s.square().mean() for s in states.values())
+        loss.backward()
+        grads[compiled] = {"xs": x_leaf.grad, **{k: p.grad.clone() for k, p in layer.named_parameters()}}
+    for key, eager in grads[False].items():
+        assert _rel(grads[True][key], eager) <= TOL[dtype], key
+
+
+def test_no_graph_breaks_in_the_block_and_the_step():
+    gen = torch.Generator().manual_seed(3)
+    u, dt = torch.randn(BLOCK, 6, N, generator=gen), torch.rand(BLOCK, 6, N, generator=gen)
+    B, C = torch.randn(BLOCK, 6, D_STATE, generator=gen), torch.randn(BLOCK, 6, D_STATE, generator=gen)
+    h = torch.randn(6, N, D_STATE, generator=gen)
+    A, inv_A = ssm_core.selective_decay(torch.randn(N, D_STATE, generator=gen))
+    explanation = dynamo.explain(_fused._flat_block)(u, dt, B, C, h, A, inv_A, torch.ones(N))
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    for name, kwargs in CASES:
+        layer = _layer(name, kwargs, torch.float32)
+        spec, params = layer.spec, layer._core_params()
+        state = spec.zero_state(layer.config, (6,), xp_torch)
+        with torch.no_grad():  # the step TTcompile compiles
+            explanation = dynamo.explain(lambda x, s, p, d: spec.step(x, s, p, xp_torch, d))(
+                u[0], state, params, spec.prepare(params, xp_torch)
+            )
+        assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+
+
+def test_one_compile_per_key_reused_without_recompiles(monkeypatch):
+    made = []
+    compiler = fused.BlockCompiler("the S6/Mamba scan block", "torch.compile", lambda key: made.append(key) or
+                                   _fused._compile_block(key))
+    monkeypatch.setattr(_fused, "block_compiler", compiler)
+    layer = _layer("S6", {}, torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        layer.scan(torch.randn(5, 6, N, generator=gen), compiled=True)  # compiles (or loads) the key
+        frames = dynamo.utils.counters["frames"]["ok"]
+        layer.scan(torch.randn(13, 6, N, generator=gen), compiled=True)  # held states, a padded block
+        for shape in ((8, 2, 3, N), (3, 3, 2, N)):  # whole blocks, other batch layouts, fresh states
+            layer.zero_states()
+            layer.scan(torch.randn(shape, generator=gen), compiled=True)
+    assert len(made) == 1
+    assert dynamo.utils.counters["frames"]["ok"] == frames, "a compiled block was recompiled"
+
+
+def test_compiled_backward_keeps_no_per_step_states():
+    """Under autograd the compiled blocks keep their inputs and one state per block, not every step's state."""
+    layer = _layer("S6", {}, torch.float32)
+    xs = torch.randn(64, 6, N, requires_grad=True)
+    saved = {}
+    for compiled in (False, True):
+        storages = {}
+
+        def pack(t, storages=storages):
+            storage = t.untyped_storage()  # blocks of one array share a storage: count it once
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        layer.zero_states()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer.scan(xs, compiled=compiled).sum().backward()
+        saved[compiled] = sum(storages.values())
+    states = xs.shape[0] * 6 * N * D_STATE * 4  # bytes of every step's state
+    inputs = xs.shape[0] * 6 * (2 * N + 2 * D_STATE) * 4  # bytes of every step's u, dt, B, C
+    assert saved[False] > 2 * states
+    assert saved[True] < 2 * inputs + 2 * states / BLOCK, (saved, states, inputs)
+
+
+# ----------------------------------------------------------------------------- policy, switch, fallback
+
+
+def test_compile_mode_switch_and_environment(monkeypatch):
+    assert fused.compile_mode(None) == "auto"
+    for value, mode in (("0", "eager"), ("1", "always"), ("auto", "auto"), ("OFF", "eager"), ("true", "always")):
+        monkeypatch.setenv(fused.ENV_VAR, value)
+        assert fused.compile_mode(None) == mode
+        assert fused.compile_mode(True) == "always" and fused.compile_mode(False) == "eager"  # the argument wins
+    monkeypatch.setenv(fused.ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match="SSM_COMPILE"):
+        fused.compile_mode(None)
+    with pytest.raises(TypeError):
+        fused.compile_mode("yes")
+
+
+def _spy_compiler(monkeypatch):
+    made = []
+
+    def compile_block(key):
+        made.append(key)
+        return _fused._eager_block  # stands in for a compiled block: the policy is under test
+
+    monkeypatch.setattr(_fused, "block_compiler", fused.BlockCompiler("block", "spy", compile_block))
+    return made
+
+
+def test_environment_variable_and_automatic_policy_pick_the_block(monkeypatch):
+    made = _spy_compiler(monkeypatch)
+    layer = _layer("Mamba", {}, torch.float32)
+    xs = torch.randn(20, 6, N)
+    with torch.no_grad():
+        monkeypatch.setenv(fused.ENV_VAR, "0")
+        layer.scan(xs)
+        assert made == []
+        layer.scan(xs, compiled=True)  # the argument overrides the variable
+        assert len(made) == 1
+        monkeypatch.setattr(_fused, "FUSED_BLOCK", BLOCK + 1)  # a new key
+        monkeypatch.setenv(fused.ENV_VAR, "1")
+        layer.scan(xs)
+        assert len(made) == 2
+        monkeypatch.setattr(_fused, "FUSED_BLOCK", BLOCK + 2)
+        monkeypatch.delenv(fused.ENV_VAR)
+        work = 20 * 6 * N * D_STATE
+        monkeypatch.setattr(fused, "AUTO_WORK", 2.5 * work)
+        layer.scan(xs)
+        layer.scan(xs)
+        assert len(made) == 2, "auto compiled before the eager work paid for it"
+        layer.scan(xs)
+        assert len(made) == 3
+
+
+def _raising_compile(key):
+    def block(*args):
+        raise RuntimeError("simulated: no working C++ compiler")
+
+    return block
+
+
+@pytest.mark.parametrize("failure", ["at-first-call", "at-compile"])
+def test_fallback_warns_once_and_gives_eager_numbers(monkeypatch, failure):
+    def at_compile(key):
+        raise RuntimeError("simulated: inductor unavailable")
+
+    compile_block = _raising_compile if failure == "at-first-call" else at_compile
+    monkeypatch.setattr(_fused, "block_compiler", fused.BlockCompiler("block", "torch.compile", compile_block))
+    layer = _layer("Mamba", {}, torch.float64)
+    xs = torch.randn(13, 6, N, dtype=torch.float64)
+    with torch.no_grad():
+        layer.zero_states()
+        eager = layer.scan(xs, compiled=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outs = []
+            for _ in range(3):
+                layer.zero_states()
+                outs.append(layer.scan(xs, compiled=True))
+            layer.zero_states()
+            outs.append(layer.scan(xs))  # auto stays eager too
+    fallbacks = [w for w in caught if issubclass(w.category, fused.CompileFallbackWarning)]
+    assert len(fallbacks) == 1, [str(w.message) for w in caught]
+    assert "runs eagerly" in str(fallbacks[0].message) and "SSM_COMPILE=0" in str(fallbacks[0].message)
+    for out in outs:
+        assert torch.equal(out, eager)
+
+
+def test_errors_of_the_caller_are_not_taken_for_compiler_failures(monkeypatch):
+    monkeypatch.setattr(_fused, "block_compiler", fused.BlockCompiler("block", "torch.compile", _raising_compile))
+    block = _fused.block_compiler.select("key", 0, True, lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        block()
+    assert _fused.block_compiler.failed is None
+
+
+def test_numpy_has_no_compiler_and_says_so_once(monkeypatch):
+    from backends import numpy as bnp
+
+    monkeypatch.setattr(bnp.backend, "_compiler", None, raising=False)
+    layer = bnp.S6(N, d_state=D_STATE, dtype="float64", seed=0)
+    xs = np.random.default_rng(5).standard_normal((13, 6, N))
+    eager = layer.scan(xs, compiled=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = []
+        for _ in range(2):
+            layer.zero_states()
+            outs.append(layer.scan(xs, compiled=True))
+    assert len([w for w in caught if issubclass(w.category, fused.CompileFallbackWarning)]) == 1
+    layer.zero_states()
+    np.testing.assert_array_equal(outs[0], layer.scan(xs, compiled=False))
+    assert outs[0].shape == eager.shape
+
+
+# ----------------------------------------------------------------------------- TTcompile's step
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_ttcompiled_steps_equal_eager_steps_and_freeze_the_weights(name, kwargs):
+    dtype = torch.float64
+    layer = _layer(name, kwargs, dtype)
+    xs = torch.randn(6, 6, N, dtype=dtype)
+    with torch.no_grad():
+        layer.zero_states()
+        eager = [layer(x) for x in xs]
+        eager_states = _states(layer)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        layer.TTcompile()
+        assert layer.state_dict().keys() == before.keys()
+        layer.zero_states()
+        compiled = [layer(x) for x in xs]
+        for a, b in zip(compiled, eager):
+            assert _rel(a, b) <= TOL[dtype]
+        for key, value in _states(layer).items():
+            assert _rel(value, eager_states[key]) <= TOL[dtype], key
+        layer.D.add_(1.0)  # frozen: no effect until TTdecompile
+        layer.zero_states()
+        assert _rel(layer(xs[0]), eager[0]) <= TOL[dtype]
+        layer.TTdecompile()
+        layer.zero_states()
+        assert _rel(layer(xs[0]), eager[0]) > 1e-6  # follows the parameters again
+
+
+# ----------------------------------------------------------------------------- MLX and the series
+
+
+def test_mlx_compiled_scan_equals_eager():
+    reason = backends.available()["mlx"]
+    if reason is not None:
+        pytest.skip(reason)
+    from backends import mlx as bmx
+
+    rng = np.random.default_rng(6)
+    for dtype, tol in (("float32", 1e-5), ("float64", 1e-10)):
+        for name, kwargs in CASES:
+            layer = getattr(bmx, name)(N, d_state=D_STATE, dtype=dtype, seed=0, **kwargs)
+            warmup = rng.standard_normal((2, 6, N)).astype(dtype)
+            xs = bmx.asarray(rng.standard_normal((13, 6, N)).astype(dtype))
+            results = {}
+            for compiled in (False, True):
+                layer.zero_states()
+                for x in warmup:
+                    layer(bmx.asarray(x))
+                ys = np.asarray(layer.scan(xs, compiled=compiled))
+                results[compiled] = (ys, {k: np.asarray(v) for k, v in layer.save_states().items()})
+            assert _rel(results[True][0], results[False][0]) <= tol
+            for key, value in results[False][1].items():
+                assert _rel(results[True][1][key], value) <= tol, key
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_expm1_from_exp_and_a_series_is_accurate(dtype):
+    import array_api_compat.numpy as xnp
+
+    magnitudes = np.geomspace(1e-30, 40.0, 20001)
+    z = np.concatenate([-magnitudes, magnitudes[magnitudes < 20], [0.0]]).astype(dtype)
+    decay, gain = _zoh_terms_from_exp(z, np.ones_like(z), xnp)
+    exact = np.expm1(z.astype(np.longdouble))
+    scale = np.where(exact == 0, 1, np.abs(exact))
+    assert np.max(np.abs(gain - exact) / scale) <= 8 * np.finfo(dtype).eps
+    np.testing.assert_array_equal(decay, np.exp(z))
