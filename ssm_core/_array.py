@@ -16,7 +16,7 @@ import sys
 
 from array_api_compat import array_namespace
 
-__all__ = ["namespace", "register_namespace", "softplus", "silu", "phi1", "linear", "muladd", "zoh_terms"]
+__all__ = ["namespace", "register_namespace", "softplus", "silu", "phi1", "linear", "muladd", "zoh_terms", "readout"]
 
 
 def namespace(*arrays, xp=None):
@@ -80,7 +80,12 @@ def linear(x, weight, bias, xp):
         # Under autocast the product comes back in the low precision; what follows
         # it (softplus, the discretization, the recurrence) stays in x's dtype.
         return y if y.dtype == x.dtype else y.to(x.dtype)
-    y = x @ weight.T  # [..., out]
+    if x.ndim > 2:
+        # One [rows, in] x [in, out] product: NumPy multiplies a stack of matrices by a
+        # transposed weight matrix by matrix, several times slower (7x for a [1024, 8, 256] sequence).
+        y = xp.reshape(xp.reshape(x, (-1, x.shape[-1])) @ weight.T, (*x.shape[:-1], weight.shape[0]))  # [..., out]
+    else:
+        y = x @ weight.T  # [..., out]
     return y if bias is None else y + bias
 
 
@@ -89,6 +94,19 @@ def muladd(a, b, c, xp):
     if _is_torch(xp):
         return sys.modules["torch"].addcmul(c, a, b)  # one pass over memory instead of two
     return a * b + c
+
+
+def _torch_compiling(xp) -> bool:
+    return _is_torch(xp) and sys.modules["torch"].compiler.is_compiling()
+
+
+def readout(h, C, xp):
+    """``sum(h * C[..., None, :], -1)``: a state ``h`` ``[..., N, d]`` read out by ``C`` ``[..., d]``, ``[..., N]``."""
+    if _torch_compiling(xp):
+        # A multiply and a sum fuse into the chain that makes h; a product would be a kernel of its own.
+        return xp.sum(h * C[..., None, :], axis=-1)
+    # Eager, one batched product beats a multiply and a sum (2x in torch, 10x in NumPy at [32, 256, 16]).
+    return (h @ C[..., None])[..., 0]
 
 
 # expm1(z) = z * sum_k z**k / (k+1)!, k < degree, for |z| < _SERIES_BOUND: the
@@ -116,7 +134,7 @@ def _zoh_terms_from_exp(z, inv_A, xp):
 
 def zoh_terms(z, inv_A, xp):
     """``(exp(z), expm1(z) * inv_A)``: the two terms of a zero-order hold with ``z = dt * A``."""
-    if _is_torch(xp) and not z.is_cuda and sys.modules["torch"].compiler.is_compiling():
+    if _torch_compiling(xp) and not z.is_cuda:
         # Inductor's C++ turns expm1 into exp(z) - 1; its Triton keeps an accurate expm1.
         return _zoh_terms_from_exp(z, inv_A, xp)
     if _is_torch(xp) and not (z.is_cuda or z.requires_grad):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._array import linear, muladd, namespace, silu, softplus
+from ._array import linear, muladd, namespace, readout, silu, softplus
 from .checks import check_axis, check_int
 from .discretize import decay_rates, zoh
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
@@ -39,16 +39,6 @@ def _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, d, xp):
     return dt, proj[..., rank : rank + d], proj[..., rank + d :]
 
 
-def _readout(h, C, xp):
-    """``sum(h * C, -1)`` for ``h`` ``[..., N, d]`` and ``C`` ``[..., d]``.
-
-    A multiply and a sum, not a matrix product: a compiler fuses them into the
-    recurrence that makes ``h``; a product would be a kernel of its own, and
-    the states would have to be written out for it.
-    """
-    return xp.sum(h * C[..., None, :], axis=-1)  # [..., N]
-
-
 def _selective_update(u, dt, B, C, h, A, inv_A, xp):
     """One step of the S6 recurrence; returns ``(sum(h * C, -1), h)`` (no skip term).
 
@@ -57,7 +47,7 @@ def _selective_update(u, dt, B, C, h, A, inv_A, xp):
     """
     decay, gain = zoh(dt[..., None], A, xp, inv_A)  # [..., N, d] x2
     h = muladd(decay, h, (gain * B[..., None, :]) * u[..., None], xp)  # [..., N, d]
-    return _readout(h, C, xp), h  # [..., N], [..., N, d]
+    return readout(h, C, xp), h  # [..., N], [..., N, d]
 
 
 def selective_decay(A_log, xp=None):
@@ -89,7 +79,8 @@ def selective_block(u, dt, B, C, h, A, inv_A, D, xp, method="loop"):
 
     This is the unit a compiler fuses (``torch.compile``, ``mx.compile``), so
     ``method="loop"`` is written in the form they fuse: per step, elementwise
-    chains on ``[..., N, d]`` and a sum over ``d``; over the block, nothing
+    chains on ``[..., N, d]`` and a sum over ``d`` (:func:`~ssm_core._array.readout`
+    is a multiply and a sum when torch compiles); over the block, nothing
     ``[L, ..., N, d]`` is kept, only the ``[L, ..., N]`` outputs. Compiled, the
     block becomes one pass over the state; its backward keeps the block's
     inputs and recomputes the rest. Eager libraries run the same code, with
@@ -109,7 +100,7 @@ def selective_block(u, dt, B, C, h, A, inv_A, D, xp, method="loop"):
         decay, gain = zoh(dt[..., None], A, xp, inv_A)  # [L, ..., N, d] x2
         hs = linear_recurrence(decay, (gain * B[..., None, :]) * u[..., None], h, xp, method)  # [L, ..., N, d]
         h = hs[-1, ...]  # [..., N, d]
-        ys = _readout(hs, C, xp)  # [L, ..., N]
+        ys = readout(hs, C, xp)  # [L, ..., N]
     return muladd(D, u, ys, xp), h  # [L, ..., N], [..., N, d]
 
 
