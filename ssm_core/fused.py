@@ -12,9 +12,10 @@ policy is the same everywhere, so it lives here, free of any array library:
   scans of one block shape have done :data:`AUTO_WORK` of eager work, then
   compiled. A compile costs seconds once per shape and process, and saves a
   few nanoseconds per state element and step: one-off scans never pay for it,
-  a training loop pays for it within a few dozen calls. Waiting until the
-  eager work equals the compile's cost bounds the total at twice the best
-  choice made in hindsight, whatever the number of calls.
+  a training loop pays for it within about ten steps at the sizes measured
+  below. Waiting until the eager work equals the compile's cost keeps the
+  total within about twice that of the best choice made in hindsight,
+  however many calls follow.
 
 A compiled block is made once per key (block shape, dtype, device) and kept.
 Where compiling fails (no C++ compiler, an unsupported platform), the block
@@ -27,16 +28,20 @@ import os
 import warnings
 from typing import Callable, Optional
 
-__all__ = ["ENV_VAR", "AUTO_WORK", "CompileFallbackWarning", "compile_mode", "BlockCompiler"]
+__all__ = ["ENV_VAR", "AUTO_WORK", "TRAINING_WEIGHT", "CompileFallbackWarning", "compile_mode", "BlockCompiler"]
 
 ENV_VAR = "SSM_COMPILE"
 
 # Eager work, in state elements times steps (T * batch * N * d_state), of one
-# block shape after which the automatic policy compiles it. Measured on two
-# CPU cores (torch 2.13, T = 1024, batch 8, N = 256, d_state = 16): compiling
-# the block takes about 3 s with inductor's disk cache warm and saves about
-# 2.3 ns per element-step forward; 3 s / 2.3 ns is about 1.3e9, some 40 such scans.
-AUTO_WORK = 1.3e9
+# block shape after which the automatic policy compiles it. Measured with
+# torch 2.13 on two CPU cores (T = 1024, batch 8, N = 256, d_state = 16): the
+# first compiled call of a process takes about 7 s with inductor's disk cache
+# warm (30 s more once per machine, cold), and the compiled block saves about
+# 5 ns per element-step forward, 20 ns forward and backward. 7 s / 5 ns is
+# about 1.4e9: some 40 such sequences in inference. Under autograd the binding
+# counts each element-step TRAINING_WEIGHT times (20 ns / 5 ns): some 10 training steps.
+AUTO_WORK = 1.4e9
+TRAINING_WEIGHT = 4
 
 _MODES = {"0": "eager", "false": "eager", "off": "eager", "1": "always", "true": "always", "on": "always", "auto": "auto", "": "auto"}
 

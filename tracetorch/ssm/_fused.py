@@ -20,7 +20,7 @@ import array_api_compat.torch as xp_torch
 import torch
 
 import ssm_core
-from ssm_core.fused import BlockCompiler, compile_mode
+from ssm_core.fused import TRAINING_WEIGHT, BlockCompiler, compile_mode
 from ssm_core.selective import SCAN_BLOCK
 
 __all__ = ["FUSED_BLOCK", "scan_block", "step_function", "block_compiler", "step_compiler"]
@@ -83,7 +83,7 @@ def scan_block(xs: torch.Tensor, d_state: int, compiled):
         return None, SCAN_BLOCK
     batch = math.prod(xs.shape[1:-1])
     key = (FUSED_BLOCK, batch, xs.shape[-1], d_state, xs.dtype, xs.device)
-    work = xs.shape[0] * batch * xs.shape[-1] * d_state
+    work = xs.shape[0] * batch * xs.shape[-1] * d_state * (TRAINING_WEIGHT if torch.is_grad_enabled() else 1)
     block_fn = block_compiler.select(key, work, compiled, _eager_block)
     return block_fn, (SCAN_BLOCK if block_fn is None else FUSED_BLOCK)
 
