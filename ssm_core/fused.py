@@ -43,7 +43,11 @@ ENV_VAR = "SSM_COMPILE"
 AUTO_WORK = 1.4e9
 TRAINING_WEIGHT = 4
 
-_MODES = {"0": "eager", "false": "eager", "off": "eager", "1": "always", "true": "always", "on": "always", "auto": "auto", "": "auto"}
+_MODES = {
+    "0": "eager", "false": "eager", "off": "eager",
+    "1": "always", "true": "always", "on": "always",
+    "auto": "auto", "": "auto",
+}
 
 
 class CompileFallbackWarning(RuntimeWarning):
@@ -128,7 +132,8 @@ class BlockCompiler:
                 except Exception as error:
                     # Eager is the reference: if it fails too, the error is the caller's, not the compiler's.
                     result = eager(*args)
-                    self._fail(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+                    first_line = (str(error).strip().splitlines() or [""])[0]
+                    self._fail(f"{type(error).__name__}: {first_line}")
                     return result
             return eager(*args)
 

@@ -21,7 +21,8 @@ from .spec import LayerSpec, StateSlot, params_to_mapping, params_type
 __all__ = [
     "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
     "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
-    "selective_decay", "selective_step", "selective_block", "selective_scan", "causal_conv_step", "causal_conv_scan", "SCAN_BLOCK",
+    "selective_decay", "selective_step", "selective_block", "selective_scan",
+    "causal_conv_step", "causal_conv_scan", "SCAN_BLOCK",
     "S6", "Mamba",
 ]
 

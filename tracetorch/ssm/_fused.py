@@ -48,10 +48,6 @@ def _flat_block(u, dt, B, C, h, A, inv_A, D):
     return ys.reshape(u.shape), h_L.reshape(h.shape)
 
 
-def _eager_block(u, dt, B, C, h, A, inv_A, D):
-    return ssm_core.selective_block(u, dt, B, C, h, A, inv_A, D, xp_torch)
-
-
 def _compile_block(key):
     compiled = torch.compile(_own_code(_flat_block), fullgraph=True, dynamic=False)
 
@@ -72,19 +68,23 @@ def _compile_block(key):
 block_compiler = BlockCompiler("the S6/Mamba scan block", "torch.compile", _compile_block)
 
 
-def scan_block(xs: torch.Tensor, d_state: int, compiled):
+def scan_block(xs: torch.Tensor, d_state: int, compiled, method: str):
     """``(block_fn, block)`` for :func:`ssm_core.selective_scan` on ``xs`` ``[T, ..., N]``.
 
     ``block_fn`` is None (the eager block; ``block`` the eager length) unless
-    the policy picks the compiled one. Inside someone else's ``torch.compile``
-    the eager code is what gets traced: their compile fuses it.
+    the policy picks the compiled one; ``method`` is the eager block's, which
+    a failing compiled block falls back to. Inside someone else's
+    ``torch.compile`` the eager code is what gets traced: their compile fuses it.
     """
     if torch.compiler.is_compiling() or xs.device.type not in ("cpu", "cuda") or xs.shape[0] == 0:
         return None, SCAN_BLOCK
     batch = math.prod(xs.shape[1:-1])
     key = (FUSED_BLOCK, batch, xs.shape[-1], d_state, xs.dtype, xs.device)
     work = xs.shape[0] * batch * xs.shape[-1] * d_state * (TRAINING_WEIGHT if torch.is_grad_enabled() else 1)
-    block_fn = block_compiler.select(key, work, compiled, _eager_block)
+    def eager(u, dt, B, C, h, A, inv_A, D):
+        return ssm_core.selective_block(u, dt, B, C, h, A, inv_A, D, xp_torch, method)
+
+    block_fn = block_compiler.select(key, work, compiled, eager)
     return block_fn, (SCAN_BLOCK if block_fn is None else FUSED_BLOCK)
 
 

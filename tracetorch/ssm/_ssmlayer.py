@@ -334,7 +334,7 @@ class Layer(BaseLayer):
         method = default_scan_method(self.spec.time_invariant, xs, xp_torch)
         if self.spec.time_invariant:
             return self.spec.scan(xs, state, params, xp=xp_torch, method=method)
-        block_fn, block = _fused.scan_block(xs, self.d_state, compiled)
+        block_fn, block = _fused.scan_block(xs, self.d_state, compiled, method)
         return self.spec.scan(xs, state, params, xp=xp_torch, method=method, block=block, block_fn=block_fn)
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
