@@ -8,6 +8,7 @@ same at any length), batch shapes of 6 elements, ``N`` features and
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import array_api_compat.torch as xp_torch
@@ -306,6 +307,9 @@ def test_ttcompiled_steps_equal_eager_steps_and_freeze_the_weights(name, kwargs)
         layer.D.add_(1.0)  # frozen: no effect until TTdecompile
         layer.zero_states()
         assert _rel(layer(xs[0]), eager[0]) <= TOL[dtype]
+        copy = pickle.loads(pickle.dumps(layer))  # the compiled step is found again, the weights stay frozen
+        copy.zero_states()
+        assert _rel(copy(xs[0]), eager[0]) <= TOL[dtype]
         layer.TTdecompile()
         layer.zero_states()
         assert _rel(layer(xs[0]), eager[0]) > 1e-6  # follows the parameters again

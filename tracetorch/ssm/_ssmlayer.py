@@ -491,6 +491,11 @@ class SelectiveLayer(Layer):
         self.__dict__["_compiled_fields"] = tuple(f if p is not None else None for f, p in zip(params._fields, params))
         self.__dict__.pop("_compiled_step", None)
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_compiled_step", None)  # a compiled function does not pickle; the next step finds it again
+        return state
+
     def TTdecompile(self) -> None:
         r"""Drop the frozen weights and the compiled step: steps follow the parameters again and train."""
         super().TTdecompile()
