@@ -143,7 +143,7 @@ def selective_scan(
         y, h = block_fn(u_t, dt_t, B_t, C_t, h, A, inv_A, D)  # [L, ..., N], [..., N, d]
         ys.append(y)
     ys = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)  # [T (+ padding), ..., N]
-    return (ys[:T, ...] if ys.shape[0] != T else ys), h
+    return (ys[:T, ...] if ys.shape[0] != T else ys), h  # [T, ..., N], [..., N, d]
 
 
 def causal_conv_scan(u, buffer, weights, bias, xp):

@@ -45,7 +45,7 @@ def _flat_block(u, dt, B, C, h, A, inv_A, D):
         u.reshape(L, -1, N), dt.reshape(L, -1, N), B.reshape(L, -1, d), C.reshape(L, -1, d),
         h.reshape(-1, N, d), A, inv_A, D, xp_torch,
     )  # [L, batch, N], [batch, N, d]
-    return ys.reshape(u.shape), h_L.reshape(h.shape)
+    return ys.reshape(u.shape), h_L.reshape(h.shape)  # [L, ..., N], [..., N, d]
 
 
 def _compile_block(key):
@@ -57,7 +57,7 @@ def _compile_block(key):
         # requiring grad (a detached copy where one does not: its gradient is
         # dropped), make one graph without autograd and one with it per key,
         # whether the sequence was padded, the state is fresh or the input a leaf.
-        arrays = [a.contiguous() for a in arrays]
+        arrays = [a.contiguous() for a in arrays]  # shapes unchanged
         if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
             arrays = [a if a.requires_grad else a.detach().requires_grad_() for a in arrays]
         return compiled(*arrays)
