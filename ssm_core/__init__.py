@@ -51,7 +51,7 @@ from .selective import (
     causal_conv_scan, causal_conv_step, selective_block, selective_decay, selective_scan, selective_step,
 )
 from .functional import mamba_scan, mamba_step, s4_scan, s4_step, s5_scan, s5_step, s6_scan, s6_step
-from .scan import causal_conv_fft, decay_powers, linear_recurrence, time_blocks
+from .scan import linear_recurrence, time_blocks
 from .spec import LayerSpec, StateSlot
 
 LAYERS = {spec.name: spec for spec in (S4, S5, S6, Mamba)}
@@ -66,5 +66,5 @@ __all__ = [
     "S6", "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
     "Mamba", "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
     "selective_decay", "selective_step", "selective_block", "selective_scan", "causal_conv_step", "causal_conv_scan",
-    "linear_recurrence", "causal_conv_fft", "decay_powers", "time_blocks",
+    "linear_recurrence", "time_blocks",
 ]

@@ -1,10 +1,10 @@
-"""Sequence primitives: the diagonal linear recurrence and the causal convolution.
+"""Sequence primitives: the diagonal linear recurrence, cutting time into blocks, the scan-method policy.
 
-Time is axis 0 here. Both are written against the array API standard; the
-recurrence has a sequential and a parallel (log-depth) form, chosen by the
-caller, because which one is faster depends on the hardware: on a few CPU
-cores the sequential form over precomputed coefficients wins, on a GPU the
-parallel one.
+Time is axis 0 here, and everything is written against the array API
+standard. The recurrence has a sequential and a parallel (log-depth) form,
+chosen by :func:`default_scan_method`, because which one is faster depends on
+the hardware: on a few CPU cores the sequential form over precomputed
+coefficients wins, on a GPU the parallel one.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 from ._array import muladd
 
-__all__ = ["default_scan_method", "linear_recurrence", "causal_conv_fft", "contiguous", "decay_powers", "time_blocks", "RECURRENCE_METHODS"]
+__all__ = ["default_scan_method", "linear_recurrence", "contiguous", "time_blocks", "RECURRENCE_METHODS"]
 
 RECURRENCE_METHODS = ("loop", "parallel")
 
@@ -98,41 +98,3 @@ def time_blocks(x, block: int, xp, pad_last: bool = False) -> list:
     if pad and not pad_last:
         blocks = [*blocks[:-1], blocks[-1][: block - pad, ...]]
     return list(blocks)
-
-
-def decay_powers(decay, steps: int, xp):
-    """``decay**j`` for ``j = 0..steps``: ``[steps + 1, *decay.shape]``, for ``0 <= decay <= 1``.
-
-    Computed as ``exp(j * log(decay))``: every exponent is a non-positive
-    multiple of a non-positive log-decay (nothing grows), and a decay of 0
-    gives ``1, 0, 0, ...``.
-    """
-    j = xp.arange(steps + 1, dtype=decay.dtype)  # [steps + 1]
-    j = xp.reshape(j, (steps + 1,) + (1,) * decay.ndim)
-    return xp.exp(j * _log_decay(decay, xp))  # [steps + 1, *decay.shape]
-
-
-def _log_decay(decay, xp):
-    """``log(decay)`` for ``0 <= decay <= 1``, a decay of 0 getting a huge finite log (0 * it stays 0)."""
-    positive = decay > 0
-    huge = -(2.0**100) if xp.finfo(decay.dtype).bits >= 32 else -(2.0**14)
-    return xp.where(positive, xp.log(xp.where(positive, decay, 1.0)), huge)  # [...]
-
-
-def causal_conv_fft(x, kernel, xp, axis: int = 0):
-    """``y_t = sum_{s <= t} kernel_{t-s} * x_s`` along ``axis`` (time), through the FFT.
-
-    ``x`` is ``[T, ...]``; ``kernel`` has as many axes and broadcasts against
-    it (``[T, 1, ..., N]`` for one kernel per feature). Zero-padding to at
-    least ``2T - 1`` keeps the circular convolution from wrapping.
-
-    Callers pass float64: in float32 the transform's rounding error grows
-    with ``T`` past what ``T`` plain steps make (about 1e-5 relative by
-    ``T = 1000`` for slowly decaying kernels); in float64 it stays far below
-    a float32 input's own rounding.
-    """
-    T = x.shape[axis]
-    n = 1 << max(1, (2 * T - 2).bit_length())  # power of two >= 2T - 1
-    spectrum = xp.fft.rfft(x, n=n, axis=axis) * xp.fft.rfft(kernel, n=n, axis=axis)
-    y = xp.fft.irfft(spectrum, n=n, axis=axis)  # [..., n, ...]
-    return xp.moveaxis(xp.moveaxis(y, axis, 0)[:T, ...], 0, axis)  # x's shape

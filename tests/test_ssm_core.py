@@ -155,11 +155,3 @@ def test_every_scan_method_equals_stepping_on_array_api_strict(name, kwargs):
         for a, b in zip(final, stepped_state):
             if a is not None:
                 assert rel_err(np.from_dlpack(a), np.from_dlpack(b)) <= 1e-10, method
-
-
-def test_decay_powers_handle_zero_and_one():
-    import array_api_strict as xp
-
-    powers = np.from_dlpack(ssm_core.decay_powers(xp.asarray([0.0, 0.5, 1.0]), 3, xp))
-    assert np.allclose(powers, [[1, 1, 1], [0, 0.5, 1], [0, 0.25, 1], [0, 0.125, 1]], rtol=1e-15, atol=0)
-    assert np.isfinite(powers).all()
