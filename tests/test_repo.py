@@ -43,10 +43,11 @@ def test_tests_read_nothing_outside_the_repository():
 
     assert FIXTURE_DIR.resolve().is_relative_to(ROOT), FIXTURE_DIR
     assert len(list(FIXTURE_DIR.glob("*.npz"))) >= 8, FIXTURE_DIR
-    pattern = re.compile(r"parents\[[2-9]\]|\.\./|shared/fixtures")
+    # The folder beside the repository, spelled in two parts so this line does not match itself.
+    pattern = re.compile(r"parents\[[2-9]\]|\.\./|" + "shared" + "/fixtures")
     offenders = [
         str(p.relative_to(ROOT))
         for p in (ROOT / "tests").rglob("*.py")
-        if p.name != "test_repo.py" and pattern.search(p.read_text())
+        if pattern.search(p.read_text())
     ]
     assert offenders == [], offenders
