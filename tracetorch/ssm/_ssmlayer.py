@@ -449,8 +449,13 @@ class SelectiveLayer(Layer):
         if frozen is None:
             return super()._core_step(x, state, params)
         dtype, buffers = x.dtype, self._buffers  # the compute dtype: float32 for a half-precision layer
-        params = type(params)(*(None if f is None else buffers[self._COMPILED + f].to(dtype) for f in frozen))
-        decay = (buffers[self._COMPILED + "A"].to(dtype), buffers[self._COMPILED + "inv_A"].to(dtype))
+
+        def frozen_value(field):
+            value = buffers[self._COMPILED + field]
+            return value if value.dtype == dtype else value.to(dtype)  # a call of .to() costs more than this test
+
+        params = type(params)(*(None if f is None else frozen_value(f) for f in frozen))
+        decay = (frozen_value("A"), frozen_value("inv_A"))
         key = (tuple(x.shape), dtype, x.device)
         cached = self.__dict__.get("_compiled_step")
         if cached is None or cached[0] != key:
