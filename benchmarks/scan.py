@@ -17,7 +17,8 @@ group of interleaved contenders, each running a whole sequence from zero states:
 
 Before any timing, each contender runs once in a fresh process
 (``benchmarks._peak``) for its peak memory and first-call time, on an empty
-compile cache. A compiled contender then runs once more, in another fresh
+compile cache (at the target shape and the long stream; ``--shapes`` picks
+the shapes of both). A compiled contender then runs once more, in another fresh
 process on the cache the first filled: the first call a later process pays,
 and a peak that does not count compiling. A run that was killed, timed out or
 peaked near the free memory is not timed: it could take this process down.
@@ -61,7 +62,8 @@ class Settings:
     rounds: int = 7
     budget_s: Optional[float] = 25.0  # timed seconds per contender and group before it stops
     array_shapes: tuple = ((64, 8), (256, 8), (1024, 8))  # stepping an array backend further takes minutes
-    memory_shapes: tuple = SHAPES
+    # Each memory run is a fresh process and a whole untimed call: at the target shape and the long stream only.
+    memory_shapes: tuple = (TARGET_SHAPE, (16384, 1))
     memory_modes: tuple = MODES
     memory_layers: tuple = LAYERS
     memory_timeout_s: float = 900.0
