@@ -239,6 +239,8 @@ def _memory(groups: dict, excluded: dict, settings: Settings, log) -> None:
                     excluded[(key, who)] = "not timed: its memory run was " + result["error"]
                 continue
             row.peak_mib = result["peak_mib"]
+            if "peak_note" in result:
+                row.notes.append(f"peak memory: {result['peak_note']}")
             row.first_s = result.get("cold_first_s", result["first_s"])
             row.cached_first_s = result["first_s"] if "cold_first_s" in result else None
             host = result.get("host_peak_mib", result["peak_mib"])
