@@ -119,7 +119,10 @@ def s4_step_discrete(x, state: S4State, dynamics: S4Dynamics, xp=None):
     """One S4 step from precomputed dynamics; returns ``(y, new_state)``."""
     xp = namespace(x, xp=xp)
     h = muladd(dynamics.A_bar, state.state, dynamics.B_bar * x[..., None], xp)  # [..., N, d]
-    y = muladd(dynamics.D, x, xp.sum(h * dynamics.C, axis=-1), xp)  # [..., N]
+    # The output as traceTorch 0.19.2 forms it, a sum and then + D x, not one fused multiply-add:
+    # with one small temporary fewer per step, glibc carved each output a caller keeps out of a
+    # freed state-sized block, and the heap grew by a state per step (tests/test_step_memory.py).
+    y = xp.sum(h * dynamics.C, axis=-1) + dynamics.D * x  # [..., N]
     return y, S4State(h)
 
 
@@ -394,7 +397,7 @@ def s5_step_discrete(x, state: S5State, dynamics: S5Dynamics, xp=None):
     """One S5 step from precomputed dynamics; returns ``(y, new_state)``."""
     xp = namespace(x, xp=xp)
     g = muladd(dynamics.A_bar, state.global_state, x @ dynamics.B_bar, xp)  # [..., d]
-    y = muladd(dynamics.D, x, g @ dynamics.C, xp)  # [..., N]
+    y = g @ dynamics.C + dynamics.D * x  # [..., N]; two operations, as in s4_step_discrete
     return y, S5State(g)
 
 

@@ -67,7 +67,7 @@ def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp
     A, inv_A = decay  # [N, d] x2
     dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], xp)
     y, h = _selective_update(u, dt, B, C, h, A, inv_A, xp)  # [..., N], [..., N, d]
-    return muladd(D, u, y, xp), h
+    return y + D * u, h  # two operations, not muladd: see s4_step_discrete
 
 
 def selective_block(u, dt, B, C, h, A, inv_A, D, xp, method="loop"):
