@@ -188,8 +188,9 @@ def scan_markdown(results, info: dict, command: str) -> str:
         "floor: the exp and matmul work alone that the layer must do over the sequence (see benchmarks/scan.py)",
         "Mamba's peers, expand 1, d_state 16, conv 4: mamba.py's MambaBlock with pscan=True; transformers' "
         "MambaMixer on its torch path (sequential loop, no CUDA kernels)",
-        "peak MiB: rise of ru_maxrss during one run in a fresh process (CUDA: torch.cuda.max_memory_allocated "
-        "above setup); compiled contenders: the run on a warm compile cache",
+        "peak MiB: the highest resident memory during one run in a fresh process above that before it "
+        "(Linux: the kernel's peak, reset just before the run; elsewhere the rise of ru_maxrss, a lower bound; "
+        "CUDA: torch.cuda.max_memory_allocated above setup); compiled contenders: the run on a warm compile cache",
         "first call − steady: that fresh process's run minus the median, in s: what the first call pays "
         "(compiling from an empty cache; cached: in a later process)",
     ])
