@@ -120,8 +120,9 @@ def s4_step_discrete(x, state: S4State, dynamics: S4Dynamics, xp=None):
     xp = namespace(x, xp=xp)
     h = muladd(dynamics.A_bar, state.state, dynamics.B_bar * x[..., None], xp)  # [..., N, d]
     # The output as traceTorch 0.19.2 forms it, a sum and then + D x, not one fused multiply-add:
-    # with one small temporary fewer per step, glibc carved each output a caller keeps out of a
-    # freed state-sized block, and the heap grew by a state per step (tests/test_step_memory.py).
+    # a caller keeping every step's output measured far less heap growth with it under glibc
+    # (S4, batch 8: 29 against 420 MiB over 1,024 steps). That growth is the allocator's
+    # fragmentation and varies from run to run; for whole sequences, scan allocates little.
     y = xp.sum(h * dynamics.C, axis=-1) + dynamics.D * x  # [..., N]
     return y, S4State(h)
 
