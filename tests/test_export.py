@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ALL, assert_states_equal, cases, make_layer, snapshot
+from conftest import ALL, ONE_OF_EACH, assert_states_equal, cases, make_layer, snapshot
 
 STEPS, BATCH = 5, 3
 
@@ -76,3 +76,27 @@ def test_exporting_or_scripting_the_stateful_layer_points_to_the_stateless_form(
         torch.jit.script(layer)
     with pytest.raises(RuntimeError, match=r"torch.export.export\(layer.stateless\(\)"):
         torch.jit.script(layer.stateless())
+
+
+@pytest.mark.parametrize("time_dim", [None, 0], ids=["step", "sequence"])
+@pytest.mark.parametrize("case", ONE_OF_EACH)
+def test_stateless_form_errors_speak_of_state_arguments(case, time_dim):
+    """The stateless form holds no state: its errors name the state argument, not a held state or zero_states()."""
+    _, cls_name, kwargs = case
+    layer = make_layer(cls_name, kwargs)
+    x = _inputs(kwargs) if time_dim is None else _inputs(kwargs, 4)
+    other = _inputs(kwargs)[:2] if time_dim is None else _inputs(kwargs, 4)[:, :2]  # a batch of 2, not 3
+    form = layer.stateless(time_dim)
+    good = layer.initial_states(x, time_dim)
+    for i, (name, wrong) in enumerate(zip(layer.state_names, layer.initial_states(other, time_dim))):
+        states = [*good[:i], wrong, *good[i + 1:]]
+        with pytest.raises(ValueError, match=rf"{cls_name}: the state argument {name} has shape "
+                                             rf"{tuple(wrong.shape)}, expected {tuple(good[i].shape)}") as error:
+            form(x, *states)
+        assert "zero_states" not in str(error.value) and "held" not in str(error.value)
+        states[i] = good[i].float()
+        with pytest.raises(TypeError, match=rf"{cls_name}: the state argument {name} has dtype torch.float32, "
+                                            r"the input torch.float64") as error:
+            form(x, *states)
+        assert "zero_states" not in str(error.value) and "held" not in str(error.value)
+    assert all(getattr(layer, name) is None for name in layer.state_names)

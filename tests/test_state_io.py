@@ -24,7 +24,7 @@ from torch import nn
 
 import tracetorch as tt
 from conftest import (
-    ALL, D_STATE, FIVE, LTI, N, OneLayerModel, assert_states_equal, held_states, make_layer, perturb_, rel_err,
+    ALL, D_STATE, FIVE, LTI, N, ONE_OF_EACH, OneLayerModel, assert_states_equal, held_states, make_layer, perturb_, rel_err,
     run_steps, snapshot, state_names,
 )
 
@@ -490,12 +490,16 @@ def test_load_states_wrong_feature_size_when_states_are_none():
 
 
 def test_load_states_wrong_dtype_changes_nothing(model):
+    """As documented: a floating entry of another dtype is a ValueError, a non-floating one a TypeError."""
     refs = _all_states(model)
     snap = _snapshot(model)
     states = {k: v + 1.0 for k, v in model.save_states().items()}
-    for bad in [states.pop("named[a].state").to(torch.float32), torch.zeros(2, N, D_STATE, dtype=torch.int64)]:
+    float32 = states.pop("named[a].state").to(torch.float32)
+    integer = torch.zeros(2, N, D_STATE, dtype=torch.int64)
+    for bad, kind, words in [(float32, ValueError, "must have dtype torch.float64"),
+                             (integer, TypeError, "must be a floating-point tensor")]:
         states["named[a].state"] = bad
-        with pytest.raises((ValueError, TypeError)):
+        with pytest.raises(kind, match=rf"S4: state named\[a\]\.state {words}"):
             model.load_states(states)
         _assert_unchanged(model, refs, snap)
 
@@ -669,11 +673,10 @@ def test_layers_in_helper_objects_and_tuples():
 
 @pytest.mark.parametrize("cls_name", ["S4", "S5", "S6", "Mamba"])
 def test_load_states_of_another_dtype_into_fresh_model(cls_name):
-    """float64 states into a float32 model (no state held yet).
+    """float64 states into a float32 model (no state held yet): ValueError naming the layer, nothing loaded.
 
-    Either load_states refuses them (ValueError/TypeError), or the model keeps
-    working in its own dtype: a float32 step gives float32 outputs and states.
-    A float64 output, or a bare torch RuntimeError from a matmul, is a bug.
+    ``load_states`` documents it: an entry whose dtype does not fit its layer
+    raises ``ValueError`` and nothing is loaded; the model then steps from zeros in float32.
     """
     torch.manual_seed(0)
     source = OneLayerModel(getattr(tt.ssm, cls_name)(N, d_state=D_STATE)).double()
@@ -681,17 +684,167 @@ def test_load_states_of_another_dtype_into_fresh_model(cls_name):
     saved = source.save_states()
     torch.manual_seed(0)
     target = OneLayerModel(getattr(tt.ssm, cls_name)(N, d_state=D_STATE))  # float32
-    try:
+    with pytest.raises(ValueError, match=rf"{cls_name}: state layer\.\w+ must have dtype torch.float32 "
+                                         r"\(for parameters of torch.float32\), got torch.float64"):
         target.load_states(saved)
-    except (ValueError, TypeError) as error:
-        assert cls_name in str(error) or "load_states" in str(error)
-        assert all(getattr(target.layer, n) is None for n in target.layer._state_names)
-        return
-    try:
-        y = target(torch.randn(2, N))
-    except (ValueError, TypeError) as error:
-        assert cls_name in str(error)
-        return
-    assert y.dtype == torch.float32, f"{cls_name}: float32 input gave a {y.dtype} output"
+    assert all(getattr(target.layer, n) is None for n in target.layer._state_names)
+    y = target(torch.randn(2, N))
+    assert y.dtype == torch.float32
     for key, value in target.save_states().items():
         assert value.dtype == torch.float32, key
+
+
+# ----------------------------------------------------------------------------- states with a graph, copies in sequence mode
+
+
+@pytest.mark.parametrize("case", ONE_OF_EACH)
+def test_load_states_keeps_the_graph_of_a_learned_initial_state(case):
+    """A parameter loaded as the initial state gets the gradient the same math through the stateless form gives."""
+    _, cls_name, kwargs = case
+    layer = make_layer(cls_name, kwargs)
+    model = OneLayerModel(layer)
+    x = torch.randn(3, N, dtype=DT)
+    gen = torch.Generator().manual_seed(7)
+    initial = [nn.Parameter(0.5 * torch.randn(z.shape, generator=gen, dtype=DT)) for z in layer.initial_states(x)]
+    model.load_states({f"layer.{name}": p for name, p in zip(layer.state_names, initial)})
+    for name, p in zip(layer.state_names, initial):
+        assert getattr(layer, name) is not p and name not in layer._parameters  # a copy, kept as a state
+    layer(x).square().sum().backward()
+    assert all(torch.equal(v, v.detach()) and not v.requires_grad for v in model.save_states().values())
+
+    by_hand = [p.detach().clone().requires_grad_(True) for p in initial]
+    y, *_ = layer.stateless()(x, *by_hand)
+    y.square().sum().backward()
+    for name, p, reference in zip(layer.state_names, initial, by_hand):
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), f"{name}: no gradient reached the initial state"
+        # The same operations on the same values: the copy load_states makes passes the gradient on unchanged.
+        torch.testing.assert_close(p.grad, reference.grad, rtol=0, atol=0)
+
+
+_COPIES = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+    "torch.save": lambda m: torch.load(io.BytesIO(_saved(m)), weights_only=False),
+}
+
+
+def _saved(module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("how", list(_COPIES))
+@pytest.mark.parametrize("case", ONE_OF_EACH)
+def test_a_copy_made_in_sequence_mode_steps(case, how):
+    """Sequence mode belongs to the ``with`` block, not to the layers: a copy made inside it (a best-model or EMA
+    snapshot) steps, inside the block and after it, as the original steps after it."""
+    _, cls_name, kwargs = case
+    model = OneLayerModel(make_layer(cls_name, kwargs))
+    xs = torch.randn(5, 3, N, dtype=DT)
+    step_inputs = torch.randn(2, 3, N, dtype=DT)  # [3, N]: a batch of 3, which a sequence would read as time
+    with torch.no_grad():
+        with tt.sequence_mode(model):
+            model(xs)
+            clone = _COPIES[how](model)
+            copied = [clone(step_inputs[0])]  # not the block's module: it steps
+        original = [model(step_inputs[0])]
+        copied.append(clone(step_inputs[1]))
+        original.append(model(step_inputs[1]))
+    for got, expected in zip(copied, original):
+        assert torch.equal(got, expected)
+    for name in model.layer.state_names:
+        state = getattr(clone.layer, name)
+        assert state.shape == getattr(model.layer, name).shape and state.shape[0] == 3, (name, tuple(state.shape))
+        assert torch.equal(state, getattr(model.layer, name)), name
+
+
+def test_a_layer_pickled_in_sequence_mode_by_an_earlier_version_steps():
+    """Pickles written inside a sequence_mode block before the mode left copies still load as stepping layers."""
+    layer = make_layer("S4", dict(num_neurons=N, d_state=D_STATE))
+    layer.__dict__["_sequence_time_dim"] = 0  # what such a pickle holds
+    data = pickle.dumps(layer)
+    del layer.__dict__["_sequence_time_dim"]
+    clone = pickle.loads(data)
+    x = torch.randn(3, N, dtype=DT)
+    with torch.no_grad():
+        assert torch.equal(clone(x), layer(x))
+    assert clone.state.shape == (3, N, D_STATE)
+
+
+# ----------------------------------------------------------------------------- the cost of finding the layers
+
+
+class _CountingList(list):
+    """A list that counts how often it is iterated."""
+
+    iterations = 0
+
+    def __iter__(self):
+        type(self).iterations += 1
+        return super().__iter__()
+
+
+class _CountingDict(dict):
+    """A dict that counts how often its contents are read as a whole."""
+
+    reads = 0
+
+    def _read(self, method):
+        type(self).reads += 1
+        return getattr(super(), method)()
+
+    def __iter__(self):
+        return self._read("__iter__")
+
+    def items(self):
+        return self._read("items")
+
+    def values(self):
+        return self._read("values")
+
+    def keys(self):
+        return self._read("keys")
+
+
+class _WithVocabulary(tt.Model):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(N, N), tt.ssm.S4(N, d_state=D_STATE))
+        self.extra = [tt.ssm.S6(N, d_state=D_STATE)]  # a layer in a plain list: found
+        self.vocabulary = _CountingList(["token"] * 1_000_000)  # plain data: nothing to look for in it
+        self.index = _CountingDict((f"token{i}", i) for i in range(200_000))
+        self.counts = {f"token{i}": i for i in range(200_000)}
+
+    def forward(self, x):
+        return self.extra[0](self.net(x))
+
+
+def test_finding_the_layers_does_not_go_through_plain_data_again():
+    """``model.scan``, ``tt.sequence_mode`` and ``tt.checkpoint`` run per call: large plain containers that hold no
+    layer are not read again while they are unchanged, and a change to them is noticed."""
+    model = _WithVocabulary().double()
+    model.extra[0].double()
+    xs = torch.randn(4, 2, N, dtype=DT, requires_grad=True)
+    model.scan(xs)  # the first look may read everything
+    _CountingList.iterations = _CountingDict.reads = 0
+    model.scan(xs)
+    with tt.sequence_mode(model):
+        model(xs)
+    tt.checkpoint(model.scan, xs).sum().backward()
+    assert (_CountingList.iterations, _CountingDict.reads) == (0, 0)
+
+    # A layer put into the data is found, whether appended or put in place of an item.
+    appended, replacing, keyed = (tt.ssm.S5(N, d_state=D_STATE).double() for _ in range(3))
+    model.vocabulary.append(appended)
+    model.vocabulary[10] = replacing
+    model.index["token5"] = keyed
+    for layer in (appended, replacing, keyed):
+        layer(xs[0])
+    keys = set(model.save_states())
+    assert {"vocabulary[1000000].global_state", "vocabulary[10].global_state", "index[token5].global_state"} <= keys
+    with torch.no_grad(), tt.sequence_mode(model):
+        assert appended(xs).shape == xs.shape and appended.global_state.shape == (2, D_STATE)  # a sequence
+    model.zero_states()
+    assert appended.global_state is None and replacing.global_state is None and keyed.global_state is None
