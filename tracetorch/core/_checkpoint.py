@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
-from ._layer import Layer
+from ._layer import _SEQUENCE_MODE, Layer
 from ._model import _walk
 
 __all__ = ["checkpoint"]
+
+# ids of the layers whose states (and sequence mode) a tt.checkpoint recomputation has set back:
+# the only layers that may run during a backward pass.
+_RESTORED_LAYERS: ContextVar[frozenset] = ContextVar("tracetorch_restored_layers", default=frozenset())
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
+
+
+def check_not_recomputed_unrestored(layer: nn.Module) -> None:
+    """Raise if ``layer`` runs in a backward pass without ``tt.checkpoint`` having set its states back.
+
+    Running a layer during backward is what checkpointing's recomputation does
+    (``torch.utils.checkpoint.checkpoint``, reentrant or not). The layer then
+    holds the states of a later time than those its forward pass started
+    from, so the recomputation would differ: torch's check of the recomputed
+    tensors fails where their shapes differ, and where they do not the
+    gradients are silently wrong.
+    """
+    if _graph_task_id is None or _graph_task_id() == -1 or id(layer) in _RESTORED_LAYERS.get():
+        return
+    raise RuntimeError(
+        f"{type(layer).__name__}: called during a backward pass, as checkpointing recomputes, but its hidden "
+        "states are those of a later time than the forward pass started from, and the recomputation would "
+        "differ from it. Checkpoint with tt.checkpoint(function, *args) (function: a module holding every "
+        "traceTorch layer it calls, or its bound method such as model.scan), which starts the recomputation "
+        "from the forward pass's states and sequence mode"
+    )
 
 
 def _module_of(function):
@@ -41,16 +68,31 @@ def checkpoint(function, *args, **kwargs):
     holding traceTorch layers) or a bound method of one; every traceTorch
     layer in that module's tree is covered. ``kwargs`` go to
     ``torch.utils.checkpoint.checkpoint`` (``preserve_rng_state``, ...).
+
+    A traceTorch layer that runs during a backward pass without this
+    restoration (under plain ``torch.utils.checkpoint.checkpoint``, or a layer
+    outside ``function``'s module) raises ``RuntimeError`` rather than
+    recompute from the wrong states.
     """
     layers = [obj for _, obj in _walk(_module_of(function)) if isinstance(obj, Layer)]
+    restored = frozenset(id(layer) for layer in layers)
     before: list = []
 
     def held():
-        return [{name: getattr(layer, name) for name in layer._state_names} for layer in layers]
+        # The states, and the sequence mode: a backward pass after the end of a
+        # tt.sequence_mode block recomputes in the mode the forward pass ran in.
+        return [
+            ({name: getattr(layer, name) for name in layer._state_names}, layer.__dict__.get(_SEQUENCE_MODE))
+            for layer in layers
+        ]
 
     def restore(states):
-        for layer, named in zip(layers, states):
+        for layer, (named, mode) in zip(layers, states):
             layer.__dict__.update(named)  # states are plain attributes
+            if mode is None:
+                layer.__dict__.pop(_SEQUENCE_MODE, None)
+            else:
+                layer.__dict__[_SEQUENCE_MODE] = mode
 
     @contextmanager
     def forward_context():
@@ -61,9 +103,11 @@ def checkpoint(function, *args, **kwargs):
     def recompute_context():
         after = held()
         restore(before)
+        token = _RESTORED_LAYERS.set(_RESTORED_LAYERS.get() | restored)
         try:
             yield
         finally:
+            _RESTORED_LAYERS.reset(token)
             restore(after)
 
     return torch.utils.checkpoint.checkpoint(

@@ -15,6 +15,9 @@ from torch import nn
 
 __all__ = ["Layer", "check_state_dict"]
 
+# The attribute ``tt.sequence_mode`` sets on a layer for the length of its block: the time axis of the inputs.
+_SEQUENCE_MODE = "_sequence_time_dim"
+
 
 def _identity(x):
     return x
@@ -79,7 +82,7 @@ class Layer(nn.Module):
     States are plain attributes, not buffers: they are not part of
     ``state_dict()``; ``tt.Model.save_states()`` / ``load_states()`` move them.
     Copies (``copy.deepcopy``, ``pickle``) carry the states detached from the
-    autograd graph.
+    autograd graph, and step: a copy made inside ``tt.sequence_mode`` is not in it.
     """
 
     def __init__(self, num_neurons: int, dim: int = -1):
@@ -211,7 +214,15 @@ class Layer(nn.Module):
         for name in state.get("_state_names", ()):
             if isinstance(state.get(name), torch.Tensor):
                 state[name] = state[name].detach()
+        # Sequence mode belongs to a ``tt.sequence_mode`` block, which restores the layers it
+        # set when it ends; a copy made inside the block (a snapshot of the best model) steps.
+        state.pop(_SEQUENCE_MODE, None)
         return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        state.pop(_SEQUENCE_MODE, None)  # pickled inside a sequence_mode block by an earlier version
+        super().__setstate__(state)
 
     # ------------------------------------------------------------- dims
 

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from ._layer import Layer
+from ._layer import _SEQUENCE_MODE, Layer
 from ._model import _walk
 
 __all__ = ["sequence_mode"]
@@ -27,17 +27,26 @@ def sequence_mode(module: nn.Module, time_dim: int = 0):
         with tt.sequence_mode(model):
             ys = model(xs)          # xs: [T, batch, features]
 
+    The mode belongs to the block: copies of the model made inside it
+    (``copy.deepcopy``, ``pickle``, ``torch.save``) step, and ``tt.checkpoint``
+    recomputes in the mode of the forward pass even when the backward pass
+    comes after the block.
+
     Raises ``TypeError`` when a traceTorch layer of ``module`` has no sequence mode.
     """
     layers = [obj for _, obj in _walk(module) if isinstance(obj, Layer)]
     for layer in layers:
         if not callable(getattr(layer, "scan", None)):
             raise TypeError(f"sequence_mode: {type(layer).__name__} has no sequence mode (no scan method)")
-    previous = [layer.__dict__.get("_sequence_time_dim") for layer in layers]
+    # A plain attribute, set and restored here only: copies made inside the block do not carry it.
+    previous = [layer.__dict__.get(_SEQUENCE_MODE) for layer in layers]
     for layer in layers:
-        layer._sequence_time_dim = time_dim
+        layer.__dict__[_SEQUENCE_MODE] = time_dim
     try:
         yield module
     finally:
         for layer, value in zip(layers, previous):
-            layer._sequence_time_dim = value
+            if value is None:
+                layer.__dict__.pop(_SEQUENCE_MODE, None)
+            else:
+                layer.__dict__[_SEQUENCE_MODE] = value

@@ -21,6 +21,7 @@ from ssm_core.layout import compute_dtype, run, zero_states
 from ssm_core.scan import default_scan_method
 
 from ..core import Layer as BaseLayer
+from ..core._checkpoint import check_not_recomputed_unrestored
 from . import _fused
 
 __all__ = ["Layer", "Stateless"]
@@ -239,6 +240,7 @@ class Layer(BaseLayer):
         return (y if y.dtype == out_dtype else y.to(out_dtype)), states
 
     def _held_states(self) -> dict:
+        check_not_recomputed_unrestored(self)  # plain torch checkpointing would recompute from later states
         return {slot.name: getattr(self, slot.name) for slot in self._slots}
 
     def _refuse_export(self) -> None:
