@@ -183,10 +183,18 @@ class Model(nn.Module):
             parameters (or of the loaded tensor for a layer without any).
 
         Loaded states replace the held ones, whatever batch shape those had.
+        They are copies (writing into ``states`` later leaves the model alone)
+        that keep the autograd graph: a learned initial state, such as an
+        ``nn.Parameter`` given here, gets gradients through the steps that
+        follow (``detach_states()`` cuts them off). ``save_states()``, by
+        contrast, returns detached copies.
+
         Raises ``ValueError`` on a missing or unexpected key (when strict), a
-        state given twice (under both key forms), an entry whose shape or dtype
-        does not fit its layer, or states of one layer that disagree on their
-        batch shape; nothing is loaded then.
+        state given twice (under both key forms), an entry whose shape does
+        not fit its layer or whose floating dtype is not the layer's state
+        dtype, or states of one layer that disagree on their batch shape;
+        ``TypeError`` on an entry that is not a floating-point tensor. Nothing
+        is loaded then.
         """
         targets = {}
         for path, layer in self._layers():
@@ -227,6 +235,8 @@ class Model(nn.Module):
             reference = next(iter(layer.parameters()), None)
             for name, (_, value) in loaded.items():
                 where = device if device is not None else (value.device if reference is None else reference.device)
-                plan.append((layer, name, value.detach().to(where, copy=True)))
+                # A copy that keeps the autograd graph: a learned initial state (a parameter
+                # loaded here) gets its gradient, as in traceTorch 0.19.2.
+                plan.append((layer, name, value.to(where, copy=True)))
         for layer, name, value in plan:
             setattr(layer, name, value)
