@@ -17,7 +17,19 @@ from typing import NamedTuple
 
 from .checks import check_dim, check_step_input, expected_state_shape
 
-__all__ = ["enter_step", "leave_step", "enter_scan", "leave_scan", "ScanAxes", "run", "zero_states", "compute_dtype"]
+__all__ = [
+    "enter_step", "leave_step", "enter_scan", "leave_scan", "ScanAxes", "run", "zero_states", "compute_dtype",
+    "StateArguments",
+]
+
+
+class StateArguments(dict):
+    """States given to a call as arguments (a stateless form), where a binding otherwise passes the ones it holds.
+
+    The same mapping ``{state name: array or None}``; errors about these
+    states then speak of the arguments, not of a held state that
+    ``zero_states()`` would reset.
+    """
 
 
 def compute_dtype(dtype, xp):
@@ -35,6 +47,7 @@ def _feature_axis(slot) -> int:
 
 def _features_last_states(layer, step_shape, axis, batch, x, held, slots, state_type, xp):
     """The held states checked against one step's input shape and moved to the features-last layout."""
+    given = isinstance(held, StateArguments)
     states = {}
     for slot in slots:
         current = held[slot.name]
@@ -42,12 +55,22 @@ def _features_last_states(layer, step_shape, axis, batch, x, held, slots, state_
             states[slot.name] = slot.zeros(batch, xp, x.dtype, getattr(x, "device", None))
             continue
         if current.dtype != x.dtype:
+            if given:
+                raise TypeError(
+                    f"{layer}: the state argument {slot.name} has dtype {current.dtype}, expected {x.dtype} "
+                    "(the dtype the layer computes in for this input); initial_states(x) gives zeros that fit"
+                )
             raise TypeError(
                 f"{layer}: the held {slot.name} has dtype {current.dtype}, the input {x.dtype}; "
                 "call zero_states() before changing dtype, or convert the input"
             )
         expected = expected_state_shape(step_shape, axis, slot.size, slot.trailing)
         if tuple(current.shape) != expected:
+            if given:
+                raise ValueError(
+                    f"{layer}: the state argument {slot.name} has shape {tuple(current.shape)}, expected {expected} "
+                    f"for input of step shape {step_shape}; initial_states(x) gives zeros that fit"
+                )
             raise ValueError(
                 f"{layer}: input of step shape {step_shape} needs {slot.name} of shape {expected}, but the held "
                 f"{slot.name} has shape {tuple(current.shape)}; the batch shape changed while states are held: "
@@ -134,7 +157,8 @@ def leave_scan(axes: ScanAxes, ys, new_state, slots: tuple, xp):
 def run(layer: str, spec, slots: tuple, dim: int, num_neurons: int, x, held: dict, core, xp, time_dim=None):
     """A binding's call, the same for every binding: check, to features-last, ``core``, and back.
 
-    ``x`` is one step's input (``time_dim`` None) or a sequence with its time
+    ``held``: the states the binding holds, or a :class:`StateArguments` of
+    those a stateless form was given. ``x`` is one step's input (``time_dim`` None) or a sequence with its time
     axis at ``time_dim``, already checked for its type, device and dtype by
     the binding and cast to the compute dtype. ``core(x_last, state_last)``
     returns ``(y_last, new_state_last)``: the binding's step or scan with the

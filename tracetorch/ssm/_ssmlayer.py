@@ -17,7 +17,7 @@ from torch import nn
 
 import ssm_core
 from ssm_core.checks import check_axis, check_loaded_state, check_loaded_states_agree
-from ssm_core.layout import compute_dtype, run, zero_states
+from ssm_core.layout import StateArguments, compute_dtype, run, zero_states
 from ssm_core.scan import default_scan_method
 
 from ..core import Layer as BaseLayer
@@ -433,7 +433,7 @@ class Stateless(nn.Module):
                 f"{type(self.layer).__name__}.stateless(): expected {len(names)} state(s) {list(names)} "
                 f"after the input, got {len(states)}"
             )
-        y, new = self.layer._run(x, dict(zip(names, states)), self.time_dim)
+        y, new = self.layer._run(x, StateArguments(zip(names, states)), self.time_dim)
         return (y, *(new[name] for name in names))
 
 
