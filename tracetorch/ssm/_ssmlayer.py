@@ -22,6 +22,7 @@ from ssm_core.scan import default_scan_method
 
 from ..core import Layer as BaseLayer
 from ..core._checkpoint import check_not_recomputed_unrestored
+from ..core._layer import _SEQUENCE_MODE
 from . import _fused
 
 __all__ = ["Layer", "Stateless"]
@@ -252,7 +253,7 @@ class Layer(BaseLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._refuse_export()
-        time_dim = self.__dict__.get("_sequence_time_dim")  # inside tt.sequence_mode: x is a whole sequence
+        time_dim = self.__dict__.get(_SEQUENCE_MODE)  # inside tt.sequence_mode: x is a whole sequence
         y, states = self._run(x, self._held_states(), time_dim)
         self.__dict__.update(states)  # states are plain attributes: skip nn.Module.__setattr__
         return y
@@ -295,6 +296,13 @@ class Layer(BaseLayer):
         Returns
         -------
         Tensor of the shape of ``xs``: the output of every step.
+
+        Notes
+        -----
+        Checkpoint chunks of a sequence with ``tt.checkpoint(layer.scan, chunk)``.
+        Plain ``torch.utils.checkpoint.checkpoint`` would recompute the chunk
+        during backward from the states the layer holds by then, those of a
+        later time: the layer raises ``RuntimeError`` there instead.
         """
         self._refuse_export()
         check_axis(type(self).__name__, "time_dim", time_dim)  # None would mean one step to _run
