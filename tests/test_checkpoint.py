@@ -117,7 +117,8 @@ def test_checkpoint_in_sequence_mode_with_backward_after_the_block(cls_name, mon
 @pytest.mark.parametrize("held", ["no states", "states with a graph"])
 @pytest.mark.parametrize("case", ONE_OF_EACH)
 def test_plain_torch_checkpoint_of_a_stateful_layer_names_tt_checkpoint(case, held, use_reentrant, monkeypatch):
-    """Plain checkpointing recomputes from the states of a later time: an error naming tt.checkpoint, never wrong gradients.
+    """Plain checkpointing recomputes from the states of a later time: an error naming tt.checkpoint, never wrong
+    gradients.
 
     With states that carry a graph and chunks of one length the recomputed
     tensors have the forward's metadata, so torch's own check passes and only

@@ -24,8 +24,8 @@ from torch import nn
 
 import tracetorch as tt
 from conftest import (
-    ALL, D_STATE, FIVE, LTI, N, ONE_OF_EACH, OneLayerModel, assert_states_equal, held_states, make_layer, perturb_, rel_err,
-    run_steps, snapshot, state_names,
+    ALL, D_STATE, FIVE, LTI, N, ONE_OF_EACH, OneLayerModel, assert_states_equal, held_states, make_layer, perturb_,
+    rel_err, run_steps, snapshot, state_names,
 )
 
 DT = torch.float64
@@ -698,7 +698,7 @@ def test_load_states_of_another_dtype_into_fresh_model(cls_name):
         assert value.dtype == torch.float32, key
 
 
-# ----------------------------------------------------------------------------- states with a graph, copies in sequence mode
+# ----------------------------------------------------------------------------- graph-attached states, copies
 
 
 @pytest.mark.parametrize("case", ONE_OF_EACH)
