@@ -158,9 +158,9 @@ def run(layer: str, spec, slots: tuple, dim: int, num_neurons: int, x, held: dic
     """A binding's call, the same for every binding: check, to features-last, ``core``, and back.
 
     ``held``: the states the binding holds, or a :class:`StateArguments` of
-    those a stateless form was given. ``x`` is one step's input (``time_dim`` None) or a sequence with its time
-    axis at ``time_dim``, already checked for its type, device and dtype by
-    the binding and cast to the compute dtype. ``core(x_last, state_last)``
+    those a stateless form was given. ``x`` is one step's input (``time_dim``
+    None) or a sequence with its time axis at ``time_dim``, already checked
+    for its type, device and dtype by the binding and cast to the compute dtype. ``core(x_last, state_last)``
     returns ``(y_last, new_state_last)``: the binding's step or scan with the
     parameters as it holds them. Returns ``(y, {state name: new state})`` in
     the traceTorch layout; nothing is stored, so an error leaves the binding's

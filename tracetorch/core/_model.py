@@ -53,7 +53,7 @@ class _PlainData:
 
     Finding the layers runs at every ``model.scan``, ``tt.sequence_mode`` and
     ``tt.checkpoint`` call, and walking a vocabulary of a million entries in
-    Python costs about 500 ms. Such a container is remembered with a shallow
+    Python costs half a second or more. Such a container is remembered with a shallow
     copy of its items, and skipped while it still holds equal items: one
     comparison in C (about 2 ms per million list entries), which never calls
     the container's own ``__iter__``. Any change (an item appended, replaced
