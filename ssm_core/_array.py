@@ -16,7 +16,9 @@ import sys
 
 from array_api_compat import array_namespace
 
-__all__ = ["namespace", "register_namespace", "softplus", "silu", "phi1", "linear", "muladd", "zoh_terms", "readout"]
+__all__ = [
+    "namespace", "register_namespace", "softplus", "silu", "phi1", "linear", "muladd", "at_least", "zoh_terms", "readout",
+]
 
 
 def namespace(*arrays, xp=None):
@@ -94,6 +96,15 @@ def muladd(a, b, c, xp):
     if _is_torch(xp):
         return sys.modules["torch"].addcmul(c, a, b)  # one pass over memory instead of two
     return a * b + c
+
+
+def at_least(x, floor: float, xp):
+    """``maximum(x, floor)`` for a Python float ``floor``, elementwise; NaN stays NaN."""
+    if _is_torch(xp):
+        # array-api-compat's maximum(tensor, float) asks torch.result_type for the
+        # dtype, which torch.compile cannot trace (a graph break at every call).
+        return sys.modules["torch"].clamp_min(x, floor)
+    return xp.maximum(x, floor)
 
 
 def _torch_compiling(xp) -> bool:
