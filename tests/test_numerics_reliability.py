@@ -14,7 +14,7 @@ import torch
 
 import numpy_oracle
 import tracetorch as tt
-from conftest import BINDINGS, get_binding, random_weights, rel_err
+from conftest import BINDINGS, random_weights, rel_err
 
 # ----------------------------------------------------------------------------- S4/S5 under autocast
 
@@ -108,3 +108,57 @@ def test_torch_compile_fullgraph_gives_the_eager_numbers(name, mode):
     assert rel_err(ys, expected) <= tol
     for key, value in expected_states.items():
         assert rel_err(getattr(layer, key), value) <= tol, key
+
+
+# ----------------------------------------------------------------------------- dt in softplus's curved range
+
+# dt_proj.bias per feature: the pre-activation of dt = softplus(.) lies near these, from just
+# above 5 (where softplus(x) - x = log1p(exp(-x)) is 4e-3) through 20 (torch's switch to x
+# in float32) to 45 (past float64's: log1p(exp(-x)) below half an ulp of x from about 34 on).
+DT_PRE_ACTIVATIONS = [5.5, 7.0, 10.0, 14.0, 19.0, 22.0, 30.0, 45.0]
+SOFTPLUS_KWARGS = dict(num_neurons=len(DT_PRE_ACTIVATIONS), d_state=3, dt_rank=2)
+# Outputs of a few steps, each a short sum of products: rounding within 8 ulp of the
+# largest output (measured: 1-3 ulp). softplus switching to x at 5 is off by 4e-3 at x = 5.5
+# (7e-4 of dt, of the outputs too, since |dt * A| <= 0.05 keeps B_bar about dt * B).
+SOFTPLUS_TOL = {"float32": 8 * 2.0**-23, "float64": 8 * 2.0**-52}
+
+
+def _large_dt_weights(name):
+    weights = random_weights(name, SOFTPLUS_KWARGS, seed=21)
+    weights["dt_proj.bias"] = np.array(DT_PRE_ACTIVATIONS)
+    weights["dt_proj.weight"] = 0.1 * weights["dt_proj.weight"]  # keeps the pre-activation within 0.3 of the bias
+    # A = -1e-3: dt * A stays small, so the outputs follow dt (and a wrong softplus) in proportion.
+    weights["A_log"] = np.full_like(weights["A_log"], np.log(1e-3))
+    return weights
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", ["S6", "Mamba"])
+@pytest.mark.parametrize("binding", BINDINGS, indirect=True)
+def test_dt_softplus_between_5_and_45_matches_the_float64_oracle(binding, name, dtype):
+    """``dt = softplus(dt_proj(.))`` for pre-activations from 5.5 to 45, stepped and scanned."""
+    b = binding
+    if b.name == "mlx" and dtype == "float64":
+        import mlx.core as mx
+
+        if mx.default_device().type != mx.cpu:
+            pytest.skip("MLX has no float64 on the GPU")
+    kwargs = SOFTPLUS_KWARGS
+    layer = b.make(name, kwargs, dtype, _large_dt_weights(name))
+    weights = {k: v.astype(np.float64) for k, v in b.params(layer).items()}
+    xs = np.random.default_rng(22).standard_normal((6, 2, kwargs["num_neurons"])).astype(dtype)
+    if name == "S6":  # the pre-activations are where the test means them to be
+        low = (xs.astype(np.float64) @ weights["x_proj.weight"].T)[..., : kwargs["dt_rank"]]
+        pre = low @ weights["dt_proj.weight"].T + weights["dt_proj.bias"]
+        assert np.all(np.abs(pre - DT_PRE_ACTIVATIONS) < 0.3)
+    ref, ref_states = numpy_oracle.run(name, kwargs, weights, xs.astype(np.float64))
+    stepped = b.steps(layer, xs)
+    step_states = b.host_states(layer)
+    b.zero_states(layer)
+    scanned = b.to_numpy(b.scan(layer, b.asarray(xs)))
+    tol = SOFTPLUS_TOL[dtype]
+    assert rel_err(stepped, ref) <= tol, "step"
+    assert rel_err(scanned, ref) <= tol, "scan"
+    for key, value in ref_states.items():
+        assert rel_err(step_states[key], value) <= tol, key
+        assert rel_err(b.to_numpy(getattr(layer, key)), value) <= tol, key
