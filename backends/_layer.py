@@ -153,6 +153,9 @@ class Layer:
         Missing, unexpected or mis-shaped entries raise ``ValueError`` and load
         nothing (``strict=False`` tolerates missing and unexpected keys). The
         layer's dtype follows the weights unless one was given to the constructor.
+        torch bfloat16 tensors load exactly: as bfloat16 where the library has it
+        (MLX); elsewhere into a layer built with ``dtype=`` (float32 holds them
+        exactly), and without one they raise ``TypeError`` saying so.
         """
         layer, xp = self._error_name(), self.backend.xp
         shapes = self.config.param_shapes()
