@@ -28,7 +28,20 @@ from ssm_core.checks import check_axis, check_loaded_state, check_loaded_states_
 from ssm_core.layout import compute_dtype, run
 from ssm_core.scan import default_scan_method
 
-__all__ = ["Layer", "bind"]
+__all__ = ["Layer", "bind", "is_torch_bfloat16"]
+
+
+def is_torch_bfloat16(value) -> bool:
+    """Whether ``value`` is a torch tensor of dtype bfloat16 (without importing torch): NumPy has no such dtype."""
+    return type(value).__module__.partition(".")[0] == "torch" and str(getattr(value, "dtype", "")) == "torch.bfloat16"
+
+
+def _has_bfloat16(backend) -> bool:
+    try:
+        backend.dtype("bfloat16")
+    except (TypeError, KeyError, ValueError):
+        return False
+    return True
 
 
 class Layer:
@@ -140,6 +153,9 @@ class Layer:
         Missing, unexpected or mis-shaped entries raise ``ValueError`` and load
         nothing (``strict=False`` tolerates missing and unexpected keys). The
         layer's dtype follows the weights unless one was given to the constructor.
+        torch bfloat16 tensors load exactly: as bfloat16 where the library has it
+        (MLX); elsewhere into a layer built with ``dtype=`` (float32 holds them
+        exactly), and without one they raise ``TypeError`` saying so.
         """
         layer, xp = self._error_name(), self.backend.xp
         shapes = self.config.param_shapes()
@@ -167,6 +183,16 @@ class Layer:
             self.dtype = dtype
 
     def _convert(self, value, key):
+        if is_torch_bfloat16(value) and not _has_bfloat16(self.backend):
+            # Weights pass through NumPy, which has no bfloat16. float32 holds every bfloat16
+            # value exactly, but a layer whose dtype follows the weights would silently become float32.
+            if not self._fixed_dtype:
+                raise TypeError(
+                    f"{self._error_name()}: {key} is a torch bfloat16 tensor, and {self.backend.name} has no "
+                    "bfloat16; build the layer with dtype='float32' (bfloat16 weights convert to it exactly) "
+                    "or load tensor.float()"
+                )
+            value = value.float()  # exact
         try:
             return self.backend.asarray(value)
         except (TypeError, ValueError, RuntimeError, BufferError) as error:  # e.g. a torch meta tensor

@@ -20,7 +20,7 @@ import mlx.core as mx
 import ssm_core
 
 from ._backend import Backend
-from ._layer import bind
+from ._layer import bind, is_torch_bfloat16
 
 __all__ = ["backend", "xp", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
 
@@ -128,6 +128,9 @@ class MlxBackend(Backend):
             return value
         from ._host import to_host
 
+        if is_torch_bfloat16(value):
+            # NumPy has no bfloat16: through float32, which holds every bfloat16 value exactly.
+            return mx.array(to_host(value.float()), dtype=mx.float32).astype(mx.bfloat16)
         host = to_host(value)
         # mx.array(host) would narrow float64 to float32: keep the dtype.
         return mx.array(host, dtype=_DTYPES.get(host.dtype.name))

@@ -2,9 +2,11 @@
 
 ``ssm_core.s6_step(x, state, params)`` and the others are the functions of
 :mod:`ssm_core.lti` and :mod:`ssm_core.selective` behind a check of shapes
-and dtypes (no array work): the input is floating, input, states and
-parameters share one dtype, each state's batch shape is the input's, the
-feature size is the parameters', and a sequence has a time axis. A mistake
+and dtypes (no array work): input, states and parameters are arrays of one
+library and share one dtype, the input is floating, each parameter has
+exactly the shape the layer gives it (its sizes read from ``A_log`` and the
+other parameters that fix them), each state's batch shape is the input's,
+the feature size is the parameters', and a sequence has a time axis. A mistake
 raises ``TypeError``/``ValueError`` naming the function instead of
 broadcasting or promoting silently. The stateful bindings check their inputs
 themselves and call the unchecked functions of the ``LayerSpec`` records.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import functools
 
+from array_api_compat import array_namespace
+
 from ._array import namespace
 from .lti import S4, S4Config, S5, S5Config
 from .selective import S6, Mamba, MambaConfig, S6Config
@@ -21,16 +25,107 @@ from .selective import S6, Mamba, MambaConfig, S6Config
 __all__ = ["s4_step", "s4_scan", "s5_step", "s5_scan", "s6_step", "s6_scan", "mamba_step", "mamba_scan"]
 
 
-# The config each layer's parameters imply: it names the feature size and the state shapes.
-_CONFIG_OF = {
-    "s4": lambda p: S4Config(p.A_log.shape[0], p.A_log.shape[1]),
-    "s5": lambda p: S5Config(p.B.shape[0], p.A_log.shape[0]),
-    "s6": lambda p: S6Config(p.A_log.shape[0], p.A_log.shape[1], dt_rank=p.dt_proj_weight.shape[1]),
-    "mamba": lambda p: MambaConfig(
-        p.A_log.shape[0], p.A_log.shape[1], dt_rank=p.dt_proj_weight.shape[1],
-        conv_kernel=1 if p.conv_weights is None else p.conv_weights.shape[1],
+# Per layer: its config type, the parameters its sizes are read from (with their
+# number of axes), and {config field: (parameter, axis)}. The config these sizes
+# make gives every parameter's exact shape (``param_shapes``) and the states' shapes.
+_SIZES = {
+    "s4": (S4Config, {"A_log": 2}, {"num_neurons": ("A_log", 0), "d_state": ("A_log", 1)}),
+    "s5": (S5Config, {"B": 2, "A_log": 1}, {"num_neurons": ("B", 0), "d_state": ("A_log", 0)}),
+    "s6": (
+        S6Config, {"A_log": 2, "dt_proj_weight": 2},
+        {"num_neurons": ("A_log", 0), "d_state": ("A_log", 1), "dt_rank": ("dt_proj_weight", 1)},
+    ),
+    "mamba": (
+        MambaConfig, {"A_log": 2, "dt_proj_weight": 2, "conv_weights": 2},
+        {
+            "num_neurons": ("A_log", 0), "d_state": ("A_log", 1), "dt_rank": ("dt_proj_weight", 1),
+            "conv_kernel": ("conv_weights", 1),
+        },
     ),
 }
+
+
+def _library(value) -> str:
+    """The top-level module of ``value``'s type (``torch``, ``numpy``, ``mlx``, ...): its array library."""
+    return type(value).__module__.partition(".")[0]
+
+
+def _type_name(value) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def _same_library(x, value) -> bool:
+    if _library(value) == _library(x):  # the quick answer, for the usual case
+        return True
+    try:  # a subclass defined elsewhere (its module is its own) still belongs to its library
+        return array_namespace(x) is array_namespace(value)
+    except TypeError:  # not an array (a Python float ...)
+        return False
+
+
+def _check_library(function: str, x, what: str, value) -> None:
+    if not _same_library(x, value):
+        raise TypeError(
+            f"{function}: the input is a {_library(x)} array ({_type_name(x)}), {what} a {_library(value)} "
+            f"{'array' if hasattr(value, 'shape') else 'object'} ({_type_name(value)}); pass arrays of one library"
+        )
+
+
+def _config(function: str, layer: str, params):
+    """The config ``params`` imply, and the words saying where its sizes come from."""
+    config_type, ranks, sources = _SIZES[layer]
+    if layer == "mamba" and (params.conv_weights is None) != (params.conv_bias is None):
+        given, missing = ("conv_bias", "conv_weights") if params.conv_weights is None else ("conv_weights", "conv_bias")
+        raise TypeError(
+            f"{function}: parameter {given} is given but {missing} is None; pass both (a causal convolution) "
+            "or neither (no convolution)"
+        )
+    for name, ndim in ranks.items():
+        value = getattr(params, name)
+        if value is None and name == "conv_weights":
+            continue
+        if value is None:
+            raise TypeError(f"{function}: parameter {name} is missing (None)")
+        if value.ndim != ndim:
+            raise ValueError(
+                f"{function}: parameter {name} must have {ndim} {'axis' if ndim == 1 else 'axes'}, "
+                f"got shape {tuple(value.shape)}"
+            )
+    sizes = {
+        field: getattr(params, name).shape[axis]
+        for field, (name, axis) in sources.items()
+        if getattr(params, name) is not None
+    }
+    used = dict.fromkeys(name for field, (name, _) in sources.items() if field in sizes)
+    origin = ", ".join(f"{name} {tuple(getattr(params, name).shape)}" for name in used)
+    described = ", ".join(f"{field}={size}" for field, size in sizes.items())
+    if layer == "mamba" and params.conv_weights is None:
+        sizes["conv_kernel"] = 1  # no convolution
+        origin += ", no conv_weights"
+    try:
+        config = config_type(**sizes)
+    except (TypeError, ValueError) as error:  # a size of 0
+        raise ValueError(f"{function}: the parameters give no layer ({described} from {origin}): {error}") from None
+    return config, f"{described} from {origin}"
+
+
+def _check_param_shapes(function: str, config, origin: str, params) -> None:
+    """Each parameter has exactly the shape the config gives it, or is None where the config has none."""
+    shapes = config.param_shapes()
+    for key, name, value in zip(params.state_dict_keys, params._fields, params):
+        expected = shapes.get(key)
+        if expected is None and value is not None:
+            raise ValueError(
+                f"{function}: parameter {name} is given (shape {tuple(value.shape)}), but the layer of "
+                f"{origin} has none; pass None"
+                + (" for conv_weights and conv_bias (a kernel of 1 is no convolution)" if name.startswith("conv_") else "")
+            )
+        if expected is not None and value is None:
+            raise TypeError(f"{function}: parameter {name} is missing (None); expected shape {expected} ({origin})")
+        if value is not None and tuple(value.shape) != expected:
+            raise ValueError(
+                f"{function}: parameter {name} must have shape {expected} ({origin}), got {tuple(value.shape)}"
+            )
 
 
 def check_arguments(function: str, layer: str, spec, x, state, params, xp, sequence: bool) -> None:
@@ -39,20 +134,34 @@ def check_arguments(function: str, layer: str, spec, x, state, params, xp, seque
         raise TypeError(f"{function}: expected state of type {spec.state.__name__}, got {type(state).__name__}")
     if not isinstance(params, spec.params):
         raise TypeError(f"{function}: expected params of type {spec.params.__name__}, got {type(params).__name__}")
+    for name, value in zip(spec.params._fields, params):
+        if value is not None:
+            _check_library(function, x, f"parameter {name}", value)
+    for name, value in zip(spec.state._fields, state):
+        if value is not None:
+            _check_library(function, x, f"state {name}", value)
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{function}: expected a real floating-point input, got dtype {x.dtype}")
-    config = _CONFIG_OF[layer](params)
+    config, origin = _config(function, layer, params)
     N = config.num_neurons
     if x.ndim < (2 if sequence else 1):
         what = f"a sequence [T, ..., {N}]" if sequence else f"an input [..., {N}]"
         raise ValueError(f"{function}: expected {what}, got shape {tuple(x.shape)}")
     if x.shape[-1] != N:
         raise ValueError(f"{function}: expected {N} features on the last axis, got {x.shape[-1]} (input shape {tuple(x.shape)})")
+    _check_param_shapes(function, config, origin, params)
     for name, value in zip(spec.params._fields, params):
         if value is not None and value.dtype != x.dtype:
             raise TypeError(f"{function}: the input has dtype {x.dtype}, parameter {name} {value.dtype}; they must agree")
     batch = tuple(x.shape[1:-1] if sequence else x.shape[:-1])
-    for slot in config.state_slots():
+    slots = config.state_slots()
+    for name, value in zip(spec.state._fields, state):
+        if value is not None and name not in {slot.name for slot in slots}:
+            raise ValueError(
+                f"{function}: state {name} is given (shape {tuple(value.shape)}), but the layer of {origin} "
+                "has none; pass None"
+            )
+    for slot in slots:
         value = getattr(state, slot.name)
         tail = (slot.size,) if slot.trailing is None else (slot.size, slot.trailing)
         if value is None:

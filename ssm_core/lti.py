@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._array import muladd, namespace
+from ._array import at_least, muladd, namespace
 from .checks import check_axis, check_int
 from .discretize import zoh
 from .scan import contiguous
@@ -248,16 +248,16 @@ def _decay_powers(decay, count: int, axis: int, xp):
     """
     floor = _decay_floor(decay.dtype, xp)
     axis = axis % (decay.ndim + 1)
-    log_decay = xp.expand_dims(xp.log(xp.maximum(decay, floor)), axis=axis)  # decay's shape with 1 at axis
+    log_decay = xp.expand_dims(xp.log(at_least(decay, floor, xp)), axis=axis)  # decay's shape with 1 at axis
     j = xp.arange(count, dtype=decay.dtype, **_device(decay))  # [count]
     j = xp.reshape(j, (count,) + (1,) * (decay.ndim - axis))  # count, then 1 for each axis after it
-    return xp.exp(xp.maximum(j * log_decay, math.log(floor)))  # count at axis
+    return xp.exp(at_least(j * log_decay, math.log(floor), xp))  # count at axis
 
 
 def _decay_power(decay, n: int, xp):
     """``decay**n`` (``n >= 0``) as :func:`_decay_powers` makes it: decay's shape."""
     floor = _decay_floor(decay.dtype, xp)
-    return xp.exp(xp.maximum(n * xp.log(xp.maximum(decay, floor)), math.log(floor)))  # decay's shape
+    return xp.exp(at_least(n * xp.log(at_least(decay, floor, xp)), math.log(floor), xp))  # decay's shape
 
 
 def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto", prepared: S4Dynamics | None = None):
@@ -301,7 +301,7 @@ def _s4_chunked_scan(xs, state: S4State, dynamics: S4Dynamics, xp):
     kernel = xp.concat((kernel[:, :1] + D[:, None], kernel[:, 1:]), axis=1)  # [N, L]: D x joins lag 0
     within = _causal_toeplitz(kernel, xp)  # [N, L, L]
     to_end = xp.flip(powers, axis=1) * B_bar[:, None, :]  # [N, L, d]: A_bar**(L-1-j) B_bar
-    step_readout = xp.maximum(A_bar, _decay_floor(A_bar.dtype, xp)) * C  # [N, d]: C A_bar
+    step_readout = at_least(A_bar, _decay_floor(A_bar.dtype, xp), xp) * C  # [N, d]: C A_bar
     readout = xp.permute_dims(powers * step_readout[:, None, :], (0, 2, 1))  # [N, d, L]: C A_bar**(t+1)
 
     x = _pad_time(xp.reshape(xs, (T, M, N)), count * L, xp)  # [count * L, M, N]
@@ -443,7 +443,7 @@ def _s5_chunked_scan(xs, state: S5State, dynamics: S5Dynamics, xp):
     count, L = _chunks(T, min(S5_CHUNK, max(MIN_CHUNK, math.isqrt(4 * T * M))))
     powers = _decay_powers(A_bar, L, 1, xp)  # [d, L]: A_bar**j
     within = _causal_toeplitz(powers, xp)  # [d, L, L]
-    from_start = powers * xp.maximum(A_bar, _decay_floor(A_bar.dtype, xp))[:, None]  # [d, L]: A_bar**(t+1)
+    from_start = powers * at_least(A_bar, _decay_floor(A_bar.dtype, xp), xp)[:, None]  # [d, L]: A_bar**(t+1)
 
     x = xp.reshape(xs, (T * M, N))  # [T * M, N]: one product, not T small ones
     u = _pad_time(xp.reshape(x @ B_bar, (T, M, d)), count * L, xp)  # [count * L, M, d]

@@ -1,14 +1,19 @@
 """``ssm_core``'s public steps and scans check their arguments, cheaply, and say which function complained.
 
-Shapes and dtypes only: a non-floating input, input/state/parameter dtypes
-that differ, a state whose batch shape is not the input's, a wrong feature
-size, a sequence without a time axis.
+Shapes, dtypes and libraries only: a non-floating input, input/state/parameter
+dtypes that differ, arrays of two libraries, a parameter of another shape than
+the layer's (even one that would broadcast), half of Mamba's convolution pair,
+a state whose batch shape is not the input's, a wrong feature size, a sequence
+without a time axis.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+import torch
 
 import ssm_core
 from backends.numpy import Mamba, S4, S5, S6
@@ -96,3 +101,73 @@ def test_state_of_the_wrong_kind(key):
     spec, params, state, name = _setup(key)
     with pytest.raises(TypeError, match=rf"{name}_step: expected state of type {type(state).__name__}"):
         _call(spec, name, "step", _input("step", (BATCH, N)), tuple(state) + (None,), params)
+
+
+def _wrong_shapes(value):
+    """Shapes a parameter must not take: one that broadcasts (size 1 on the last axis), 0-d, an extra axis."""
+    if value.shape[-1] > 1:
+        yield value[..., :1]
+    yield np.asarray(value.reshape(-1)[0])
+    yield value[None, ...]
+
+
+@pytest.mark.parametrize("mode", ["step", "scan"])
+@pytest.mark.parametrize("key", list(LAYERS))
+def test_every_parameter_has_exactly_the_layers_shape(key, mode):
+    """``B (8, 1)``, ``C (1, 4)``, ``log_dt (1,)``, ``D ()`` ... would broadcast: each is refused,
+    naming the parameter, the shape expected and the shape got."""
+    spec, params, state, name = _setup(key)
+    shapes = {field: shape for field, shape in zip(params._fields, params) if shape is not None}
+    expected = {field: tuple(value.shape) for field, value in shapes.items()}
+    for field, value in shapes.items():
+        for bad in _wrong_shapes(value):
+            wrong = params._replace(**{field: bad})
+            with pytest.raises(ValueError) as caught:
+                _call(spec, name, mode, _input(mode, (BATCH, N)), state, wrong)
+            message = str(caught.value)
+            assert message.startswith(f"{name}_{mode}: parameter "), message
+            got = str(tuple(bad.shape))
+            own = re.fullmatch(rf"{name}_{mode}: parameter {field} must have shape (\(.*?\)) \(.*\), got (\(.*\))", message)
+            if own is not None:
+                assert own.groups() == (str(expected[field]), got), message
+            elif field == "conv_weights" and bad.ndim == 2:  # a kernel of 1: Mamba has no such convolution
+                assert f"parameter conv_weights is given (shape {got}), but the layer of" in message, message
+            elif f"parameter {field} must have" in message:  # A_log & co: the sizes are read from their axes
+                assert message.endswith(f"got shape {got}"), message
+            else:  # the sizes read from it make another parameter's shape wrong: the message shows both
+                assert f" from " in message and f"{field} {got}" in message, message
+                assert re.fullmatch(rf"{name}_{mode}: parameter \w+ must have shape \(.*?\) \(.*\), got \(.*\)", message)
+
+
+@pytest.mark.parametrize("mode", ["step", "scan"])
+@pytest.mark.parametrize("key", list(LAYERS))
+def test_arrays_of_two_libraries_are_named(key, mode):
+    """A torch input with NumPy parameters (or states) names both libraries, not their dtypes."""
+    spec, params, state, name = _setup(key, dtype=np.float32)
+    x = torch.ones(_input(mode, (BATCH, N)).shape)
+    with pytest.raises(TypeError, match=rf"{name}_{mode}: the input is a torch array \(torch.Tensor\), "
+                                        r"parameter A_log a numpy array \(numpy.ndarray\)"):
+        _call(spec, name, mode, x, state, params)
+    torch_params = type(params)(*(None if p is None else torch.from_numpy(p) for p in params))
+    field = state._fields[0]
+    with pytest.raises(TypeError, match=rf"{name}_{mode}: the input is a torch array .*, state {field} a numpy array"):
+        _call(spec, name, mode, x, state, torch_params)
+    with pytest.raises(TypeError, match=rf"{name}_{mode}: the input is a numpy array .*, parameter D a builtins object"):
+        _call(spec, name, mode, _input(mode, (BATCH, N), np.float32), state, params._replace(D=1.0))
+
+
+@pytest.mark.parametrize("mode", ["step", "scan"])
+@pytest.mark.parametrize("missing", ["conv_bias", "conv_weights"])
+def test_mamba_convolution_pair_is_given_whole(missing, mode):
+    spec, params, state, name = _setup("mamba")
+    given = "conv_weights" if missing == "conv_bias" else "conv_bias"
+    with pytest.raises(TypeError, match=rf"mamba_{mode}: parameter {given} is given but {missing} is None; pass both"):
+        _call(spec, name, mode, _input(mode, (BATCH, N)), state, params._replace(**{missing: None}))
+
+
+@pytest.mark.parametrize("mode", ["step", "scan"])
+def test_mamba_without_convolution_takes_no_conv_buffer(mode):
+    spec, params, state, name = _setup("mamba_noconv")
+    buffer = np.zeros((BATCH, N, 4))
+    with pytest.raises(ValueError, match=rf"mamba_{mode}: state conv_buffer is given \(shape \(5, 8, 4\)\), but the layer"):
+        _call(spec, name, mode, _input(mode, (BATCH, N)), state._replace(conv_buffer=buffer), params)

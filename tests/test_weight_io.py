@@ -7,7 +7,8 @@
 - a backend layer's dtype follows the loaded weights unless one was given;
 - a torch layer's ``state_dict()`` (parameters with gradients, any dtype)
   loads into every backend (also through ``from_torch``) and gives the torch
-  outputs and states.
+  outputs and states; bfloat16 weights load exactly (into a float32 layer
+  where the library has no bfloat16, and only when asked for by ``dtype=``).
 
 That a layer computes with its current weights however they changed is
 ``test_weight_freshness.py``.
@@ -253,3 +254,53 @@ def test_from_torch_converts_config_and_weights(binding):
     with torch.no_grad():
         ty = np.stack([tl(torch.from_numpy(x)).numpy() for x in xs])
     assert rel_err(b.steps(layer, xs), ty) <= TOL["float32"]
+
+
+# Two bfloat16 layers computing in float32 in another order round a result near a rounding
+# boundary to neighbouring bfloat16 values: one ulp, at most 2**-7 of the largest output.
+BFLOAT16_ULP = 2.0**-7
+# A float32 output against torch's bfloat16 rounding of it: half an ulp, 2**-8 of the largest output.
+BFLOAT16_ROUNDING = 2.0**-8
+
+
+@pytest.mark.parametrize("binding", BACKENDS, indirect=True)
+@pytest.mark.parametrize("case", FIVE)
+def test_bfloat16_torch_weights(case, binding):
+    """A bfloat16 torch layer's weights load exactly: as bfloat16 where the library has it (MLX),
+    into a float32 layer where it has not (NumPy has no bfloat16: without ``dtype=`` a clear error).
+    Outputs and states are the torch layer's, to bfloat16's rounding of the outputs."""
+    b, (_, name, kwargs) = binding, case
+    tl = getattr(tt.ssm, name)(**kwargs)
+    tl.load_state_dict({k: torch.from_numpy(v) for k, v in random_weights(name, kwargs, seed=5).items()})
+    tl = tl.bfloat16()
+    try:
+        b.mod.backend.dtype("bfloat16")
+        native = True
+    except (TypeError, KeyError):
+        native = False
+    if native:
+        layer = b.mod.from_torch(tl)
+        assert layer.dtype == b.mod.backend.dtype("bfloat16")
+        input_dtype, tol = "bfloat16", BFLOAT16_ULP
+    else:
+        with pytest.raises(TypeError, match=rf"{name} \({b.name}\): A_log is a torch bfloat16 tensor, .*dtype='float32'"):
+            b.mod.from_torch(tl)
+        layer = b.mod.from_torch(tl, dtype="float32")
+        input_dtype, tol = "float32", BFLOAT16_ROUNDING
+    for key, value in tl.state_dict().items():
+        np.testing.assert_array_equal(b.to_numpy(layer.state_dict()[key]), value.float().numpy(), err_msg=key)
+    xs = torch.randn(40, 2, N).bfloat16()  # 40 steps: S4/S5 scans take their chunked form
+    with torch.no_grad():
+        steps = torch.stack([tl(x) for x in xs]).float().numpy()
+        step_states = {k: getattr(tl, k).numpy() for k in state_names(name, kwargs)}
+        tl.zero_states()
+        scanned = tl.scan(xs).float().numpy()
+        scan_states = {k: getattr(tl, k).numpy() for k in state_names(name, kwargs)}
+    xs = xs.float().numpy()
+    assert rel_err(np.stack([b.to_numpy(b.step(layer, b.asarray(x, input_dtype))) for x in xs]), steps) <= tol
+    for key, value in step_states.items():
+        assert rel_err(b.to_numpy(getattr(layer, key)), value) <= TOL["float32"], key
+    b.zero_states(layer)
+    assert rel_err(b.to_numpy(b.scan(layer, b.asarray(xs, input_dtype))), scanned) <= tol
+    for key, value in scan_states.items():
+        assert rel_err(b.to_numpy(getattr(layer, key)), value) <= TOL["float32"], key

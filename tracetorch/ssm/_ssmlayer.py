@@ -8,6 +8,7 @@ layers of the user's own: ``_ensure_state`` with a trailing ``d_state`` axis,
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import ClassVar, Literal, Optional
 
@@ -39,6 +40,20 @@ def _autocast_dtype(device_type: str):
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_off(x: torch.Tensor):
+    """A context that turns ``torch.autocast`` off on ``x``'s device for the math inside, where it is on.
+
+    Autocast would run the matrix products of S4/S5 (their chunked scans, S5's
+    ``x @ B_bar``) in its low precision: they carry the recurrence, whose
+    rounding then builds up over time (bfloat16: a relative error of 3e-3 in the
+    state after 2000 steps). S4/S5 have no projections around the recurrence
+    that autocast could lower, so all of their math runs in float32.
+    """
+    if _autocast_dtype(x.device.type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _draws(dtype: torch.dtype) -> ssm_core.Draws:
@@ -343,7 +358,8 @@ class Layer(BaseLayer):
     def _core_scan(self, xs, state, params, compiled=None):
         method = default_scan_method(self.spec.time_invariant, xs, xp_torch)
         if self.spec.time_invariant:
-            return self.spec.scan(xs, state, params, xp=xp_torch, method=method)
+            with _autocast_off(xs):  # the chunk products carry the recurrence: float32 (see _autocast_off)
+                return self.spec.scan(xs, state, params, xp=xp_torch, method=method)
         block_fn, block = _fused.scan_block(xs, self.d_state, compiled, method)
         return self.spec.scan(xs, state, params, xp=xp_torch, method=method, block=block, block_fn=block_fn)
 
@@ -387,6 +403,10 @@ class TimeInvariantLayer(Layer):
     """
 
     _COMPILED = "_compiled_dynamics_"
+
+    def _core_step(self, x, state, params):
+        with _autocast_off(x):  # S5's x @ B_bar feeds the recurrence: float32 (see _autocast_off)
+            return super()._core_step(x, state, params)
 
     def _prepared(self, params):
         buffers = self._buffers
