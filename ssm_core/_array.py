@@ -18,6 +18,7 @@ from array_api_compat import array_namespace
 
 __all__ = [
     "namespace", "register_namespace", "softplus", "silu", "phi1", "linear", "muladd", "at_least", "zoh_terms", "readout",
+    "moveaxis", "unstack",
 ]
 
 
@@ -93,6 +94,21 @@ def linear(x, weight, bias, xp):
     else:
         y = x @ weight.T  # [..., out]
     return y if bias is None else y + bias
+
+
+def moveaxis(x, source, destination, xp):
+    """The standard's ``moveaxis`` (single axes or tuples of them)."""
+    if _is_torch(xp):
+        # array-api-compat calls torch.moveaxis, which torch.func.vmap has no batching rule for; movedim is the same op.
+        return sys.modules["torch"].movedim(x, source, destination)
+    return xp.moveaxis(x, source, destination)
+
+
+def unstack(x, axis, xp):
+    """The standard's ``unstack``: the slices of ``x`` along ``axis``, as a tuple."""
+    if _is_torch(xp):
+        return sys.modules["torch"].unbind(x, axis)  # array-api-compat's goes through torch.moveaxis (see moveaxis)
+    return xp.unstack(x, axis=axis)
 
 
 def muladd(a, b, c, xp):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ._array import moveaxis
 from .checks import check_dim, check_step_input, expected_state_shape
 
 __all__ = [
@@ -77,14 +78,14 @@ def _features_last_states(layer, step_shape, axis, batch, x, held, slots, state_
                 "call zero_states() first"
             )
         last = len(step_shape) - 1
-        states[slot.name] = current if axis == last else xp.moveaxis(current, axis, _feature_axis(slot))
+        states[slot.name] = current if axis == last else moveaxis(current, axis, _feature_axis(slot), xp)
     return state_type(**states)
 
 
 def _tracetorch_layout(axis, step_ndim, new_state, slots, xp):
     if axis == step_ndim - 1:
         return {slot.name: getattr(new_state, slot.name) for slot in slots}
-    return {slot.name: xp.moveaxis(getattr(new_state, slot.name), _feature_axis(slot), axis) for slot in slots}
+    return {slot.name: moveaxis(getattr(new_state, slot.name), _feature_axis(slot), axis, xp) for slot in slots}
 
 
 def enter_step(layer: str, x, held: dict, slots: tuple, dim: int, num_neurons: int, state_type, xp):
@@ -95,7 +96,7 @@ def enter_step(layer: str, x, held: dict, slots: tuple, dim: int, num_neurons: i
     """
     floating = xp.isdtype(x.dtype, "real floating")
     axis = check_step_input(layer, tuple(x.shape), floating, x.dtype, dim, num_neurons)
-    x_last = x if axis == x.ndim - 1 else xp.moveaxis(x, axis, -1)  # [..., N]
+    x_last = x if axis == x.ndim - 1 else moveaxis(x, axis, -1, xp)  # [..., N]
     batch = tuple(x_last.shape[:-1])
     state = _features_last_states(layer, tuple(x.shape), axis, batch, x, held, slots, state_type, xp)
     return axis, x_last, state
@@ -104,7 +105,7 @@ def enter_step(layer: str, x, held: dict, slots: tuple, dim: int, num_neurons: i
 def leave_step(axis: int, ndim: int, y, new_state, slots: tuple, xp):
     """``(y, {state name: array})`` moved back from the features-last to the traceTorch layout."""
     states = _tracetorch_layout(axis, ndim, new_state, slots, xp)
-    return (y if axis == ndim - 1 else xp.moveaxis(y, -1, axis)), states
+    return (y if axis == ndim - 1 else moveaxis(y, -1, axis, xp)), states
 
 
 class ScanAxes(NamedTuple):
@@ -139,7 +140,7 @@ def enter_scan(layer: str, xs, held: dict, slots: tuple, dim: int, num_neurons: 
     if (time, feature) == (0, xs.ndim - 1):
         xs_last = xs
     else:
-        xs_last = xp.moveaxis(xs, (time, feature), (0, -1))  # [T, ..., N]
+        xs_last = moveaxis(xs, (time, feature), (0, -1), xp)  # [T, ..., N]
     state = _features_last_states(
         layer, step_shape, step_feature, tuple(xs_last.shape[1:-1]), xs, held, slots, state_type, xp
     )
@@ -150,7 +151,7 @@ def leave_scan(axes: ScanAxes, ys, new_state, slots: tuple, xp):
     """``(ys, {state name: array})`` moved back to the sequence's and the traceTorch layout."""
     states = _tracetorch_layout(axes.step_feature, axes.step_ndim, new_state, slots, xp)
     if (axes.time, axes.feature) != (0, ys.ndim - 1):
-        ys = xp.moveaxis(ys, (0, -1), (axes.time, axes.feature))
+        ys = moveaxis(ys, (0, -1), (axes.time, axes.feature), xp)
     return ys, states
 
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._array import at_least, muladd, namespace
+from ._array import at_least, muladd, namespace, unstack
 from .checks import check_axis, check_int
 from .discretize import zoh
 from .scan import contiguous
@@ -167,7 +167,7 @@ def _lti_scan(xs, state, params, xp, method, prepared, discretize, step_discrete
 
 def _step_loop(step_discrete, xs, state, dynamics, xp):
     ys = []
-    for x in xp.unstack(xs, axis=0):  # not xs[t]: see linear_recurrence
+    for x in unstack(xs, 0, xp):  # not xs[t]: see linear_recurrence
         y, state = step_discrete(x, state, dynamics, xp)
         ys.append(y)
     return xp.stack(ys, axis=0), state
@@ -310,7 +310,7 @@ def _s4_chunked_scan(xs, state: S4State, dynamics: S4Dynamics, xp):
     x_rows = xp.reshape(x, (N, count * M, L))  # [N, count * M, L]
     # Every chunk's end, the last one's too: under autograd a slice of x
     # would cost a zero-filled gradient of all of x.
-    ends = xp.unstack(xp.reshape(x_rows @ to_end, (N, count, M, d)), axis=1)  # count x [N, M, d]
+    ends = unstack(xp.reshape(x_rows @ to_end, (N, count, M, d)), 1, xp)  # count x [N, M, d]
     chunk_decay = _decay_power(A_bar, L, xp)[:, None, :]  # [N, 1, d]: A_bar**L
     starts = [h]
     for end in ends[:-1]:
@@ -452,7 +452,7 @@ def _s5_chunked_scan(xs, state: S5State, dynamics: S5Dynamics, xp):
     h = xp.permute_dims(xp.reshape(state.global_state, (M, d)), (1, 0))  # [d, M]
     starts = [h]
     chunk_decay = _decay_power(A_bar, L, xp)[:, None]  # [d, 1]: A_bar**L
-    for end in xp.unstack(g[:, :-1, :, L - 1], axis=1):  # [d, M]: the chunk's own part of its last state
+    for end in unstack(g[:, :-1, :, L - 1], 1, xp):  # [d, M]: the chunk's own part of its last state
         h = chunk_decay * h + end  # [d, M]
         starts.append(h)
     starts = xp.stack(starts, axis=1)  # [d, count, M]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from ._array import muladd
+from ._array import muladd, unstack
 
 __all__ = ["default_scan_method", "linear_recurrence", "contiguous", "time_blocks", "RECURRENCE_METHODS"]
 
@@ -56,7 +56,7 @@ def linear_recurrence(a, b, h0, xp, method: str = "loop"):
         states = []
         h = h0
         # unstack, not a[t]: autograd's gradient of each index is a zero-filled full-size array.
-        for a_t, b_t in zip(xp.unstack(a, axis=0), xp.unstack(b, axis=0)):
+        for a_t, b_t in zip(unstack(a, 0, xp), unstack(b, 0, xp)):
             h = muladd(a_t, h, b_t, xp)  # [...]
             states.append(h)
         return xp.stack(states, axis=0)  # [T, ...]
@@ -94,7 +94,7 @@ def time_blocks(x, block: int, xp, pad_last: bool = False) -> list:
     if pad:
         zeros = xp.zeros((pad,) + tuple(x.shape[1:]), dtype=x.dtype, device=getattr(x, "device", None))
         x = xp.concat((x, zeros), axis=0)  # [count * block, ...]
-    blocks = xp.unstack(xp.reshape(x, (count, block) + tuple(x.shape[1:])), axis=0)  # count x [block, ...]
+    blocks = unstack(xp.reshape(x, (count, block) + tuple(x.shape[1:])), 0, xp)  # count x [block, ...]
     if pad and not pad_last:
         blocks = [*blocks[:-1], blocks[-1][: block - pad, ...]]
     return list(blocks)
