@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TOL
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "demo.py"
 
@@ -50,7 +52,8 @@ def test_demo_learns_in_a_short_run_and_every_backend_matches_torch(tmp_path, ca
     for name, row in rows.items():
         # The same weights stepped: the same held-out accuracy as torch's sequence mode, far above chance.
         assert row["accuracy"] == pytest.approx(results["test_accuracy"], abs=1 / 128), name  # 128 test tokens
-        assert row["worst_difference"] <= 1e-5, name  # float32 stepping vs sequence mode
+        # float32 stepping vs sequence mode, through two Mamba layers and the head: measured <= 7e-7
+        assert row["worst_difference"] <= TOL["float32"], name
         assert row["step_seconds"] > 0
     printed = capsys.readouterr().out
     assert "held-out recall accuracy" in printed and "numpy" in printed
