@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import backends
 import tracetorch as tt
@@ -62,7 +62,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     problem = device_problem(args.device)
     if problem:
         parser.error(f"--device {args.device}: {problem}")
+    problem = out_problem(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
     return args
+
+
+def out_problem(path: Path):
+    """Why ``path`` cannot be (or become) the output folder, or None."""
+    if path.exists():
+        return None if path.is_dir() else "exists and is not a folder; give a folder (one is created if missing)"
+    for parent in path.parents:  # the nearest existing ancestor must be a folder to create the rest in
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} exists and is not a folder, so no folder can be made in it"
+    return None
 
 
 def device_problem(name: str):
@@ -113,12 +126,39 @@ def accuracy(logits, targets) -> float:
 # ----------------------------------------------------------------------------- training
 
 
+class PlainProgress:
+    """What the demo uses of a tqdm bar, where tqdm is not installed: a line at every tenth of the run."""
+
+    def __init__(self, iterable, desc: str, total: int):
+        self.iterable, self.desc, self.total = iterable, desc, total
+        self.postfix = ""
+
+    def __iter__(self):
+        every = max(1, self.total // 10)
+        for done, item in enumerate(self.iterable, 1):
+            yield item
+            if done % every == 0 or done == self.total:
+                print(f"{self.desc}: {done}/{self.total} {self.postfix}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **values):
+        self.postfix = " ".join(f"{key}={value}" for key, value in values.items())
+
+
+def progress_bar(iterable, desc: str, total: int):
+    """A tqdm bar over ``iterable`` (the demo extra installs tqdm), else :class:`PlainProgress`."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return PlainProgress(iterable, desc, total)
+    # disable=None: a live bar on a terminal, silence in logs
+    return tqdm(iterable, desc=desc, total=total, unit="batch", disable=None, mininterval=0.5)
+
+
 def train(args, model, device) -> dict:
     generator = torch.Generator().manual_seed(args.seed + 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     history = {"loss": [], "accuracy": []}
-    # disable=None: a live bar on a terminal, silence in logs
-    progress = tqdm(range(args.steps), desc="training (sequence mode)", unit="batch", disable=None, mininterval=0.5)
+    progress = progress_bar(range(args.steps), "training (sequence mode)", args.steps)
     for _ in progress:
         inputs, targets = selective_copying(generator, args.batch, args.length, args.tokens, args.vocab)
         inputs, targets = inputs.to(device), targets.to(device)

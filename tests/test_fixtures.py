@@ -9,14 +9,15 @@ import pytest
 import torch
 
 import tracetorch as tt
-from conftest import FIXTURE_DIR, rel_err
+from conftest import FIXTURE_DIR, RECORDING_TOL, TOL, rel_err
 
 FILES = sorted(FIXTURE_DIR.glob("*.npz")) if FIXTURE_DIR.is_dir() else []
 # With no fixture files the replay tests must fail, not be skipped: one sentinel case.
 FILE_PARAMS = FILES or [None]
 FILE_IDS = [f.stem for f in FILES] or ["no-fixture-files"]
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+# float64: the recordings' own error (see RECORDING_TOL); float32: the float32 computation's (TOL).
+TOLERANCE = {torch.float64: RECORDING_TOL, torch.float32: TOL["float32"]}
 
 
 def _load(path):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import tracetorch as tt
-from conftest import FIVE, N as SMALL_N, TOL, random_weights, rel_err
+from conftest import FIVE, GRAD_TOL, N as SMALL_N, TOL, random_weights, rel_err
 
 N = 8
 LAYERS = [
@@ -77,7 +77,7 @@ def test_scan_then_step_continues(binding, name, kwargs):
     expected = b.steps(layer, xs)
     b.zero_states(layer)
     first = b.to_numpy(b.scan(layer, b.asarray(xs[:13])))
-    assert rel_err(np.concatenate([first, b.steps(layer, xs[13:])]), expected) <= 1e-10
+    assert rel_err(np.concatenate([first, b.steps(layer, xs[13:])]), expected) <= TOL["float64"]
 
 
 def test_scan_of_an_empty_sequence_changes_nothing(binding):
@@ -109,9 +109,9 @@ def test_dim_indexes_the_step_input_not_the_sequence(binding, case):
         stepped = b.steps(stepper, np.moveaxis(xs, time_dim, 0))
         scanned = b.to_numpy(b.scan(scanner, b.asarray(xs), time_dim=time_dim))
         assert scanned.shape == xs.shape
-        assert rel_err(np.moveaxis(scanned, time_dim, 0), stepped) <= 1e-12, (dim, time_dim)
+        assert rel_err(np.moveaxis(scanned, time_dim, 0), stepped) <= TOL["float64"], (dim, time_dim)
         for key, value in b.host_states(scanner).items():
-            assert rel_err(value, b.host_states(stepper)[key]) <= 1e-12, key
+            assert rel_err(value, b.host_states(stepper)[key]) <= TOL["float64"], key
 
 
 # ----------------------------------------------------------------------------- gradients (torch)
@@ -151,7 +151,7 @@ def test_torch_scan_equals_stepping_outputs_states_and_gradients(dtype, dim, tim
     for key in states_step:
         assert rel_err(states_scan[key], states_step[key]) <= tol, key
     for g_scan, g_step in zip(grads_scan, grads_step):
-        assert rel_err(g_scan, g_step) <= (1e-9 if dtype == "float64" else 1e-4)
+        assert rel_err(g_scan, g_step) <= GRAD_TOL[dtype]
 
 
 # ----------------------------------------------------------------------------- model level
@@ -191,12 +191,12 @@ def test_model_scan_and_sequence_mode_equal_stepping_with_gradients():
     ys_step, states_step, grads_step = run("step")
     for mode in ("scan", "context"):
         ys, states, grads = run(mode)
-        assert rel_err(ys, ys_step) <= 1e-10
+        assert rel_err(ys, ys_step) <= TOL["float64"]
         assert states.keys() == states_step.keys()
         for key in states:
-            assert rel_err(states[key], states_step[key]) <= 1e-10, key
+            assert rel_err(states[key], states_step[key]) <= TOL["float64"], key
         for g, g_step in zip(grads, grads_step):
-            assert rel_err(g, g_step) <= 1e-9
+            assert rel_err(g, g_step) <= GRAD_TOL["float64"]
     # sequence mode ends with the block: the model steps again
     model.zero_states()
     assert model(xs[0]).shape == (3, 2)
@@ -212,7 +212,7 @@ def test_sequence_mode_time_dim_and_restores_previous_mode():
     model.zero_states()
     with torch.no_grad(), tt.sequence_mode(model, time_dim=1):
         ys = model(xs.movedim(0, 1)).movedim(1, 0)
-    assert rel_err(ys, expected) <= 1e-10
+    assert rel_err(ys, expected) <= TOL["float64"]
     assert all(layer.__dict__.get("_sequence_time_dim") is None for _, layer in model._layers())
 
 

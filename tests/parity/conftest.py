@@ -26,7 +26,7 @@ for _path in (_ROOT, _TESTS):  # the repo (ssm_core, backends, tracetorch) and t
 # The matrix's rows and columns, in print order.
 BACKENDS = ("numpy", "torch", "mlx", "array_api_strict", "cupy", "torch-cuda")
 DTYPES = ("float32", "float64")
-TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+from conftest import TOL as TOLERANCE  # noqa: E402  (the suite's tolerances, derived there)
 
 
 class ParityResults:
