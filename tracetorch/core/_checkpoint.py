@@ -7,6 +7,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ssm_core import fused
+
 from ._layer import Layer
 from ._model import _walk
 
@@ -52,17 +54,22 @@ def checkpoint(function, *args, **kwargs):
         for layer, named in zip(layers, states):
             layer.__dict__.update(named)  # states are plain attributes
 
+    # The recomputation also runs each scan block compiled or eager as the forward pass did.
+    pinned_forward, pinned_recompute = fused.checkpoint_contexts()
+
     @contextmanager
     def forward_context():
         before[:] = held()
-        yield
+        with pinned_forward:
+            yield
 
     @contextmanager
     def recompute_context():
         after = held()
         restore(before)
         try:
-            yield
+            with pinned_recompute:
+                yield
         finally:
             restore(after)
 
