@@ -66,7 +66,7 @@ _MODES = {
 
 
 class CompileFallbackWarning(RuntimeWarning):
-    """Compiling a scan block failed: scans run eagerly (same numbers, slower)."""
+    """A compiled block is not used (compiling it failed, or it disagreed with eager): it runs eagerly (slower)."""
 
 
 def compile_mode(compiled: Optional[bool] = None) -> str:
@@ -235,13 +235,13 @@ class BlockCompiler:
         """Run ``key``'s block eagerly from now on, after one warning; ``reason`` (text, or the
         exception) says why. Also for what the binding finds wrong outside a block's call (its backward)."""
         if isinstance(reason, BaseException):
-            reason = f"{type(reason).__name__}: {(str(reason).strip().splitlines() or [''])[0]}"
+            reason = f"compiling it failed: {type(reason).__name__}: {(str(reason).strip().splitlines() or [''])[0]}"
         first = key not in self.failed_keys
         self.failed_keys[key] = reason
         self._blocks.pop(key, None)
         if first:
             self._warn(
-                f"compiling {self.what} with {self.library} failed for the block {key} ({reason}); that block "
+                f"{self.what} compiled with {self.library} for {key} is not used ({reason}); that block "
                 f"runs eagerly from now on, with the eager results, more slowly. "
                 f"Set {ENV_VAR}=0 (or pass compiled=False) to skip compiling."
             )

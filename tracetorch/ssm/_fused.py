@@ -130,7 +130,11 @@ def _eager_gradients(arrays, grads, needed, create_graph=False):
     differentiated here is this block's alone.
     """
     with torch.enable_grad():
-        if not create_graph:
+        if create_graph:
+            # Aliases in the graph: a gradient taken at an input itself would also
+            # count the paths from one input to another (inv_A is made of A).
+            arrays = [a.view_as(a) for a in arrays]
+        else:
             arrays = [a.detach().requires_grad_(need) for a, need in zip(arrays, needed)]
         wanted = [a for a, need in zip(arrays, needed) if need]
         found = iter(torch.autograd.grad(
