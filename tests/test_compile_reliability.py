@@ -412,3 +412,53 @@ def test_ttcompile_of_a_half_precision_layer_discretizes_in_float32(name, half):
     # The same float32 arithmetic on the same half-precision weights: equal to a few float32 ulp per step.
     assert _rel(state, plain_state) <= 12 * 4 * EPS[torch.float32]
     assert torch.equal(y, y_plain) or _rel(y, y_plain) <= torch.finfo(half).eps
+
+
+# ----------------------------------------------------------------------------- where the fallback warning points
+
+
+class _Net(tt.Model):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(N, N), tt.ssm.S6(N, d_state=D_STATE))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.filterwarnings("default::ssm_core.fused.CompileFallbackWarning")
+def test_the_fallback_warning_names_the_callers_line(monkeypatch):
+    """Through nn.Module's call, tt.sequence_mode and tt.checkpoint alike: the user's code, not the library's.
+
+    The nearest frame of the user's is ``_Net.forward``'s call of the layer.
+    """
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def compile_block(key):
+        def block(*arrays):
+            raise InvalidCxxCompiler()
+
+        return block
+
+    model = _Net().double()
+    xs = torch.randn(8, BATCH, N, dtype=torch.float64)
+    with open(__file__) as source:
+        lines = source.read().splitlines()
+    for call in ("scan", "sequence_mode", "checkpoint"):
+        _fresh_compiler(monkeypatch, compile_block)
+        monkeypatch.setenv(fused.ENV_VAR, "1")
+        model.zero_states()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if call == "scan":
+                model.net[1].scan(xs)
+            elif call == "sequence_mode":
+                with tt.sequence_mode(model):
+                    model(xs)
+            else:
+                tt.checkpoint(model.scan, xs.requires_grad_())
+        fallbacks = [w for w in caught if issubclass(w.category, fused.CompileFallbackWarning)]
+        assert len(fallbacks) == 1, call
+        assert fallbacks[0].filename == __file__, call
+        expected = "model.net[1].scan(xs)" if call == "scan" else "return self.net(x)"
+        assert lines[fallbacks[0].lineno - 1].strip() == expected, call
