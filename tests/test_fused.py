@@ -158,8 +158,9 @@ def test_compiled_backward_keeps_no_per_step_states():
             return t
 
         layer.zero_states()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer.scan(xs, compiled=compiled).sum().backward()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # what the forward pass keeps
+            ys = layer.scan(xs, compiled=compiled)
+        ys.sum().backward()  # (the backward recomputes one block at a time)
         saved[compiled] = sum(storages.values())
     states = xs.shape[0] * 6 * N * D_STATE * 4  # bytes of every step's state
     inputs = xs.shape[0] * 6 * (2 * N + 2 * D_STATE) * 4  # bytes of every step's u, dt, B, C

@@ -90,36 +90,46 @@ def _flat_block(u, dt, B, C, h, A, inv_A, D):
 class _CompiledBlock(torch.autograd.Function):
     """A compiled block in autograd's graph, differentiable to any order.
 
-    The forward runs the compiled block without autograd and keeps only the
-    block's inputs. The backward runs it again with autograd and
-    differentiates that graph: the compiled backward, on a graph made inside
-    this backward, so no enclosing checkpoint's saved tensors are in it. A
-    backward that builds a graph itself (``create_graph=True``: gradient
-    penalties, Hessian-vector products) differentiates the eager block
-    instead, which autograd can differentiate again.
+    The forward runs the compiled block with autograd on detached copies of
+    its inputs and keeps that graph; the backward differentiates it (the
+    compiled backward), once, and lets it go. A backward that builds a graph
+    itself (``create_graph=True``: gradient penalties, Hessian-vector
+    products) differentiates the eager block instead, which autograd can
+    differentiate again: the compiled backward cannot be.
 
-    Why not keep the graph the forward's compiled call records: its backward
-    cannot be differentiated, and a checkpoint (``torch.utils.checkpoint``)
-    keeps the tensors it saves as placeholders that a backward pass of
-    their own would recompute the whole region for, for each block.
-    (``torch.func.vjp`` compiled as the backward would be one fused pass,
-    but it cannot be traced under saved-tensor hooks, which a checkpoint's
-    forward pass and a user's ``save_on_cpu`` are.)
+    Under saved-tensor hooks (a checkpoint's forward pass, ``save_on_cpu``)
+    the forward keeps only the block's inputs, and the backward runs the
+    block again to make that graph: the tensors a graph made in the forward
+    saved would be the checkpoint's placeholders, and a backward pass of our
+    own over them would recompute the checkpoint's whole region, for each
+    block. (``torch.func.vjp`` compiled as the backward would be one fused
+    pass, but it cannot be traced under saved-tensor hooks at all.)
     """
 
     @staticmethod
     def forward(ctx, compiled, *arrays):
         ctx.compiled = compiled
         ctx.save_for_backward(*arrays)
-        return tuple(compiled.forward(*arrays))
+        if _saved_tensor_hooks_active():
+            ctx.graph = None
+            return tuple(compiled.forward(*arrays))
+        ctx.graph = compiled.graph(arrays)
+        return tuple(out.detach() for out in ctx.graph[1])
 
     @staticmethod
     def backward(ctx, *grads):
         arrays = ctx.saved_tensors
+        graph, ctx.graph = ctx.graph, None  # used once; a second backward (retain_graph=True) makes it again
         needed = ctx.needs_input_grad[1:]
         if torch.is_grad_enabled():  # create_graph=True: a graph of these gradients is being built
             return (None, *_eager_gradients(arrays, grads, needed, create_graph=True))
-        return (None, *ctx.compiled.gradients(arrays, grads, needed))
+        return (None, *ctx.compiled.gradients(arrays, grads, needed, graph))
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are in force (True where this torch cannot say: the path safe under them)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
 
 
 def _eager_gradients(arrays, grads, needed, create_graph=False):
@@ -155,24 +165,29 @@ class _CompiledPair:
 
     def __init__(self, key):
         self.key = key
-        # One code object, two graphs: without autograd (the forward) and with it (the backward).
+        # One code object, two graphs: without autograd and with it.
         self.forward = torch.compile(_own_code(_flat_block), fullgraph=True, dynamic=False)
         self.checked = False
 
-    def _compiled_gradients(self, arrays, grads, needed):
+    def graph(self, arrays):
+        """``(inputs, outputs)``: the block on detached copies of ``arrays``, with autograd's graph."""
         with torch.enable_grad():
             inputs = [a.detach().requires_grad_() for a in arrays]  # all requiring grad: one graph per key
-            outputs = self.forward(*inputs)
-            wanted = [x for x, need in zip(inputs, needed) if need]
-            found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+            return inputs, tuple(self.forward(*inputs))
+
+    def _compiled_gradients(self, arrays, grads, needed, graph):
+        inputs, outputs = graph if graph is not None else self.graph(arrays)
+        wanted = [x for x, need in zip(inputs, needed) if need]
+        found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
         return [next(found) if need else None for need in needed]
 
-    def gradients(self, arrays, grads, needed):
+    def gradients(self, arrays, grads, needed, graph=None):
+        """The gradients of ``arrays`` (None where not ``needed``), through ``graph`` when the forward kept one."""
         compiler = block_compiler  # looked up now: the policy in force
         if self.key in compiler.failed_keys:
             return _eager_gradients(arrays, grads, needed)
         try:
-            found = self._compiled_gradients(arrays, grads, needed)
+            found = self._compiled_gradients(arrays, grads, needed, graph)
         except Exception as error:
             if not _is_compiler_failure(error):
                 raise
@@ -242,18 +257,27 @@ def scan_block(xs: torch.Tensor, d_state: int, compiled, method: str):
 # ----------------------------------------------------------------------------- the first call's check
 
 
-def _check_first_call(compiled, eager, args):
+def _check_first_call(compiled, eager, args, autograd=True):
     """None where ``compiled(*args)`` agrees with ``eager(*args)``, else why not (:func:`ssm_core.fused.disagreement`).
 
-    Outputs and states, without autograd (a block's gradients are checked at
-    its first backward, see :class:`_CompiledPair`), with autocast off for
-    the eager reference: it leaves no trace.
+    Outputs and states, through the compiled graph the call itself will run
+    (with autograd where it records and no saved-tensor hooks are in force,
+    see :class:`_CompiledBlock`; without, for ``autograd=False``), on
+    detached copies, with autocast off for the eager reference: it leaves
+    no trace. The gradients are checked at the first backward (:class:`_CompiledPair`).
     """
-    device = next(leaf for leaf in pytree.tree_leaves(args) if isinstance(leaf, torch.Tensor)).device.type
-    with torch.no_grad():
-        got = [o for o in pytree.tree_leaves(compiled(*args)) if o is not None]
-        with torch.autocast(device, enabled=False):
-            expected = [o for o in pytree.tree_leaves(eager(*args)) if o is not None]
+    leaves, spec = pytree.tree_flatten(args)
+    tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    grad = autograd and torch.is_grad_enabled() and any(leaves[i].requires_grad for i in tensors)
+    grad = grad and not _saved_tensor_hooks_active()  # under hooks, saving anything would count in them
+    copies = list(leaves)
+    for i in tensors:
+        copies[i] = leaves[i].detach().requires_grad_(grad and leaves[i].requires_grad)
+    inputs = pytree.tree_unflatten(copies, spec)
+    with torch.set_grad_enabled(grad):
+        got = [o.detach() for o in pytree.tree_leaves(compiled(*inputs)) if o is not None]
+    with torch.no_grad(), torch.autocast(copies[tensors[0]].device.type, enabled=False):
+        expected = [o for o in pytree.tree_leaves(eager(*inputs)) if o is not None]
     labels = ["outputs", *(["final state"] if len(got) == 2 else [f"final state {i}" for i in range(1, len(got))])]
     return fused.disagreement(got, expected, labels)
 
@@ -284,7 +308,8 @@ def _compile_step(key):
 
 
 step_compiler = BlockCompiler(
-    "the S6/Mamba step", "torch.compile", _compile_step, is_failure=_is_compiler_failure, check=_check_first_call
+    "the S6/Mamba step", "torch.compile", _compile_step, is_failure=_is_compiler_failure,
+    check=lambda compiled, eager, args: _check_first_call(compiled, eager, args, autograd=False),
 )
 
 
