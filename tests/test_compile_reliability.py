@@ -154,6 +154,31 @@ def test_double_backward_through_compiled_scans_equals_eager(name):
             assert _rel(got, expected) <= TOL64, index
 
 
+def test_second_backward_and_saved_tensor_hooks_give_eager_gradients():
+    """retain_graph=True backwards twice (the block's graph is made again); save_on_cpu puts hooks on every save."""
+    dtype = torch.float64
+    layer = _layer("S6", dtype)
+    xs = torch.randn(10, BATCH, N, dtype=dtype, generator=torch.Generator().manual_seed(13))
+
+    def grads_of(compiled, twice=False, hooks=False):
+        layer.zero_states()
+        layer.zero_grad()
+        x_leaf = xs.clone().requires_grad_()
+        with torch.autograd.graph.save_on_cpu() if hooks else torch.enable_grad():
+            loss = layer.scan(x_leaf, compiled=compiled).square().sum()
+            loss.backward(retain_graph=twice)
+            if twice:
+                loss.backward()
+        return [x_leaf.grad, *(p.grad.clone() for p in layer.parameters())]
+
+    eager = grads_of(False)
+    for twice, hooks in ((True, False), (False, True)):
+        got = grads_of(True, twice, hooks)
+        for a, b in zip(got, eager):
+            assert _rel(a, (2 if twice else 1) * b) <= TOL64, (twice, hooks)
+    _assert_ran_compiled(dtype)
+
+
 # ----------------------------------------------------------------------------- torch.func
 
 
