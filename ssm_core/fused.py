@@ -99,7 +99,7 @@ def disagreement(got, expected, labels=None) -> Optional[str]:
         label = labels[index] if labels is not None else f"result {index}"
         if a is None or b is None:
             if (a is None) != (b is None):
-                return f"{label}: {'none' if a is None else 'an array'} where the eager block has {'one' if a is None else 'none'}"
+                return f"{label}: {'missing' if a is None else 'present'}, unlike the eager block's"
             continue
         if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
             return f"{label}: {a.dtype} {tuple(a.shape)} where the eager block has {b.dtype} {tuple(b.shape)}"
@@ -117,8 +117,8 @@ def disagreement(got, expected, labels=None) -> Optional[str]:
         scale = float(xp.max(xp.abs(xp.where(finite, b, zero))))
         bound = math.sqrt(float(xp.finfo(b.dtype).eps))
         if error > bound * scale:
-            return f"{label}: differs by {error:.3g}, {error / scale if scale else math.inf:.3g} of its largest value " \
-                   f"(allowed {bound:.2g})"
+            relative = error / scale if scale else math.inf
+            return f"{label}: differs by {error:.3g}, {relative:.3g} of its largest value (allowed {bound:.2g})"
     return None
 
 
