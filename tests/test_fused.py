@@ -283,8 +283,11 @@ def test_exceptions_that_are_not_the_compilers_pass_through(monkeypatch, error):
 
         return block
 
-    monkeypatch.setattr(_fused, "block_compiler", _torch_compiler(compile_block))
-    monkeypatch.setattr(_fused.block_compiler, "_checked", {"key"})  # past the first call's check
+    compiler = fused.BlockCompiler(
+        "block", "torch.compile", compile_block, is_failure=_fused._is_compiler_failure,
+        check=lambda compiled, eager, args: None,  # the first call's check passed: a later call raises
+    )
+    monkeypatch.setattr(_fused, "block_compiler", compiler)
     block = _fused.block_compiler.select("key", 0, True, lambda *args: ran_eager.append(args))
     with pytest.raises(error):
         block(1)
