@@ -155,12 +155,16 @@ def _zoh_terms_from_exp(z, inv_A, xp):
     about 5 ulp (float32) and 2 ulp (float64) of ``expm1`` everywhere.
     """
     decay = xp.exp(z)  # [z shape]
+    small = xp.abs(z) < _SERIES_BOUND  # [z shape]
+    # The series sees z only where it is used, 0 elsewhere: its powers of a
+    # large z overflow, and the backward of `where` multiplies the lane it did
+    # not select by a zero gradient, which 0 * inf would make NaN.
+    z_small = xp.where(small, z, xp.zeros_like(z))  # [z shape]
     degree = _SERIES_DEGREE[64 if z.dtype == xp.float64 else 32]
     series = 1.0 / math.factorial(degree)
     for k in range(degree - 1, 0, -1):
-        series = series * z + 1.0 / math.factorial(k)  # Horner: [z shape]
-    small = xp.abs(z) < _SERIES_BOUND  # [z shape]
-    return decay, xp.where(small, z * series, decay - 1.0) * inv_A  # [z shape] x2
+        series = series * z_small + 1.0 / math.factorial(k)  # Horner: [z shape]
+    return decay, xp.where(small, z_small * series, decay - 1.0) * inv_A  # [z shape] x2
 
 
 def zoh_terms(z, inv_A, xp):

@@ -18,17 +18,32 @@ policy is the same everywhere, so it lives here, free of any array library:
   however many calls follow.
 
 A compiled block is made once per key (block shape, dtype, device) and kept.
-Where compiling fails (no C++ compiler, an unsupported platform), the block
-runs eagerly from then on, with the same numbers, after one warning.
+Its first call is checked against the eager block on the same inputs
+(outputs, final state, and gradients where autograd records): a compiler or
+its on-disk cache can be wrong without raising (a kernel cached for another
+CPU has given NaN), and a policy that compiles on its own initiative must not
+pass that on. Where compiling fails (no C++ compiler, an unsupported
+platform) or the check finds a difference, that key runs eagerly from then
+on, with the eager numbers, after one warning. Only the compiler's own
+failures count: an exception that is the caller's, or control flow of the
+library's (a checkpoint ending its recomputation early), passes through.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+import threading
 import warnings
 from typing import Callable, Optional
 
-__all__ = ["ENV_VAR", "AUTO_WORK", "TRAINING_WEIGHT", "CompileFallbackWarning", "compile_mode", "BlockCompiler"]
+from ._array import namespace
+
+__all__ = [
+    "ENV_VAR", "AUTO_WORK", "TRAINING_WEIGHT", "CompileFallbackWarning", "compile_mode", "disagreement",
+    "check_outputs", "BlockCompiler", "checkpoint_contexts", "replayed_choice", "record_choice",
+]
 
 ENV_VAR = "SSM_COMPILE"
 
@@ -51,7 +66,7 @@ _MODES = {
 
 
 class CompileFallbackWarning(RuntimeWarning):
-    """Compiling a scan block failed: scans run eagerly (same numbers, slower)."""
+    """A compiled block is not used (compiling it failed, or it disagreed with eager): it runs eagerly (slower)."""
 
 
 def compile_mode(compiled: Optional[bool] = None) -> str:
@@ -67,8 +82,53 @@ def compile_mode(compiled: Optional[bool] = None) -> str:
     return mode
 
 
+def disagreement(got, expected, labels=None) -> Optional[str]:
+    """Why the arrays ``got`` differ from ``expected`` beyond rounding, or None where they agree.
+
+    Pairs of arrays (None pairs with None) agree when they have the same
+    shape and dtype, NaN or infinity in the same places, and elsewhere
+    differ by at most ``sqrt(eps)`` of ``expected``'s largest magnitude
+    (3.5e-4 in float32, 1.5e-8 in float64). A reordered computation (a
+    compiler fusing and reassociating) differs by some ulp per operation,
+    growing with the square root of the terms a sum adds: orders of
+    magnitude below that bound for one block's results and gradients. What
+    the bound is meant to catch (a kernel built for another CPU, a wrong
+    lane, a wrong formula) gives NaN or errors of order one.
+    """
+    for index, (a, b) in enumerate(zip(got, expected)):
+        label = labels[index] if labels is not None else f"result {index}"
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                return f"{label}: {'missing' if a is None else 'present'}, unlike the eager block's"
+            continue
+        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            return f"{label}: {a.dtype} {tuple(a.shape)} where the eager block has {b.dtype} {tuple(b.shape)}"
+        if math.prod(a.shape) == 0:
+            continue
+        xp = namespace(a, b)
+        finite = xp.isfinite(b)  # [a shape]
+        differs = xp.isfinite(a) != finite  # [a shape]
+        if bool(xp.any(differs)):
+            count = int(xp.sum(xp.astype(differs, xp.int64)))
+            return f"{label}: NaN or infinity in {count} of {math.prod(a.shape)} places where the eager block's " \
+                   f"value is finite, or the other way round"
+        zero = xp.zeros_like(b)
+        error = float(xp.max(xp.abs(xp.where(finite, a - b, zero))))
+        scale = float(xp.max(xp.abs(xp.where(finite, b, zero))))
+        bound = math.sqrt(float(xp.finfo(b.dtype).eps))
+        if error > bound * scale:
+            relative = error / scale if scale else math.inf
+            return f"{label}: differs by {error:.3g}, {relative:.3g} of its largest value (allowed {bound:.2g})"
+    return None
+
+
+def check_outputs(compiled_block: Callable, eager: Callable, args) -> Optional[str]:
+    """The default first-call check: :func:`disagreement` of both blocks' results on ``args``."""
+    return disagreement(compiled_block(*args), eager(*args), ("outputs", "final state"))
+
+
 class BlockCompiler:
-    """Compiled block functions for one library, one per key, made on demand and kept.
+    """Compiled block functions for one library, one per key, made on demand, checked once and kept.
 
     Parameters
     ----------
@@ -79,25 +139,48 @@ class BlockCompiler:
     compile : callable or None
         ``compile(key)`` returns the compiled block for ``key``; None where the
         library has no compiler (``compiled=True`` then warns once and runs eagerly).
+        Any exception it raises is a compile failure.
     auto : bool, default True
         Whether the automatic policy may compile at all (False where
         compiling measured no faster, e.g. MLX on CPUs).
+    is_failure : callable, optional
+        ``is_failure(error)``: whether an exception raised by a compiled
+        block's call is the compiler's failure (the call then falls back to
+        eager). Any other exception passes through untouched: it is the
+        caller's, or the library's own control flow. Default: every
+        ``Exception`` (a library whose compiler raises no types of its own).
+    check : callable, optional
+        ``check(compiled_block, eager, args)``: None where the compiled block
+        agrees with the eager one on ``args``, else why not. It must leave
+        no trace (no autograd history, no state). Default :func:`check_outputs`.
     """
 
-    def __init__(self, what: str, library: str, compile: Optional[Callable], auto: bool = True):
+    def __init__(
+        self, what: str, library: str, compile: Optional[Callable], auto: bool = True, *,
+        is_failure: Optional[Callable] = None, check: Optional[Callable] = None,
+    ):
         self.what = what
         self.library = library
         self._compile = compile
         self.auto = auto
-        self.failed: Optional[str] = None  # why compiling is off for good in this process
+        self._is_failure = is_failure or (lambda error: True)
+        self._check = check or check_outputs
+        self.failed: Optional[str] = None  # why this library has no compiled blocks at all
+        self.failed_keys: dict = {}  # key -> why that key's block runs eagerly for good
         self._blocks: dict = {}
+        self._checked: set = set()
         self._work: dict = {}
+
+    def compiled_keys(self) -> list:
+        """The keys whose compiled block has passed its first-call check and runs."""
+        return [key for key in self._blocks if key in self._checked and key not in self.failed_keys]
 
     def select(self, key, work: float, compiled: Optional[bool], eager: Callable) -> Optional[Callable]:
         """The block function for a scan of ``work`` element-steps with block key ``key``.
 
         None means: run the eager block. ``eager`` is the eager block with the
-        compiled one's signature, which a failing compiled call falls back to.
+        compiled one's signature: the reference of the first-call check, and
+        what a failing compiled call falls back to.
         """
         mode = compile_mode(compiled)
         if mode == "eager":
@@ -106,6 +189,8 @@ class BlockCompiler:
             if mode == "always" and self.failed is None:
                 self._warn(f"{self.what} runs eagerly on {self.library}: compiled=True has no compiler to use there")
                 self.failed = "no compiler"
+            return None
+        if key in self.failed_keys:
             return None
         block = self._blocks.get(key)
         if block is not None:
@@ -118,44 +203,132 @@ class BlockCompiler:
                 return None
         try:
             compiled_block = self._compile(key)
-        except Exception as error:  # compiling may fail before the first call too
-            self._fail(f"{type(error).__name__}: {error}")
+        except Exception as error:  # making it is compiling: whatever fails there is the compiler's
+            self.fail(key, error)
             return None
-        block = self._blocks[key] = self._guard(compiled_block, eager)
+        block = self._blocks[key] = self._guard(key, compiled_block, eager)
         return block
 
-    def _guard(self, compiled_block: Callable, eager: Callable) -> Callable:
+    def _guard(self, key, compiled_block: Callable, eager: Callable) -> Callable:
         def block(*args):
-            if self.failed is None:
-                try:
-                    return compiled_block(*args)
-                except Exception as error:
-                    # Eager is the reference: if it fails too, the error is the caller's, not the compiler's.
-                    result = eager(*args)
-                    first_line = (str(error).strip().splitlines() or [""])[0]
-                    self._fail(f"{type(error).__name__}: {first_line}")
-                    return result
-            return eager(*args)
+            if key in self.failed_keys:
+                return eager(*args)
+            try:
+                if key not in self._checked:
+                    problem = self._check(compiled_block, eager, args)
+                    if problem is not None:
+                        self.fail(key, f"its first results differ from the eager block's, {problem}")
+                        return eager(*args)
+                    self._checked.add(key)
+                return compiled_block(*args)
+            except Exception as error:
+                if not self._is_failure(error):
+                    raise  # the caller's error, or control flow (a checkpoint's early stop): not ours to catch
+                # Eager is the reference: if it fails too, the error is the caller's, not the compiler's.
+                result = eager(*args)
+                self.fail(key, error)
+                return result
 
         return block
 
-    def _fail(self, reason: str) -> None:
-        first = self.failed is None
-        self.failed = reason
-        self._blocks.clear()
+    def fail(self, key, reason) -> None:
+        """Run ``key``'s block eagerly from now on, after one warning; ``reason`` (text, or the
+        exception) says why. Also for what the binding finds wrong outside a block's call (its backward)."""
+        if isinstance(reason, BaseException):
+            reason = f"compiling it failed: {type(reason).__name__}: {(str(reason).strip().splitlines() or [''])[0]}"
+        first = key not in self.failed_keys
+        self.failed_keys[key] = reason
+        self._blocks.pop(key, None)
         if first:
             self._warn(
-                f"compiling {self.what} with {self.library} failed ({reason}); it runs eagerly "
-                f"from now on, with the same results, more slowly. "
+                f"{self.what} compiled with {self.library} for {key} is not used ({reason}); that block "
+                f"runs eagerly from now on, with the eager results, more slowly. "
                 f"Set {ENV_VAR}=0 (or pass compiled=False) to skip compiling."
             )
 
     @staticmethod
     def _warn(message: str) -> None:
-        warnings.warn(message, CompileFallbackWarning, stacklevel=5)
+        warnings.warn(message, CompileFallbackWarning, stacklevel=_caller_stacklevel())
 
     def reset(self) -> None:
-        """Forget compiled blocks, work counts and failures (the next calls decide afresh)."""
+        """Forget compiled blocks, checks, work counts and failures (the next calls decide afresh)."""
         self.failed = None
+        self.failed_keys.clear()
         self._blocks.clear()
+        self._checked.clear()
         self._work.clear()
+
+
+# ----------------------------------------------------------------------------- a checkpoint's recomputation
+
+# A checkpoint's recomputation must save the tensors its forward pass saved,
+# and a compiled block saves other ones than the eager block: where the
+# automatic policy switched between a region's forward pass and its
+# recomputation (another region's forward pass in between), the
+# recomputation would differ. A checkpoint records the choices of its
+# forward pass, and its recomputation replays them.
+_pins = threading.local()
+
+
+class _Pinning:
+    """Entered around a checkpointed region's forward pass (``record``) or its recomputation (``replay``)."""
+
+    def __init__(self, kind: str, choices: list):
+        self.kind, self.choices = kind, choices
+
+    def __enter__(self):
+        entry = self.choices if self.kind == "record" else iter(self.choices)
+        _pins.__dict__.setdefault("stack", []).append((self.kind, entry))
+
+    def __exit__(self, *exc):
+        _pins.stack.pop()
+
+
+def checkpoint_contexts():
+    """``(forward, recompute)`` context managers: a recomputation chooses each block as its forward pass did.
+
+    A binding records each scan's choice with :func:`record_choice` and asks
+    :func:`replayed_choice` first. Both may be entered again (a second
+    backward with ``retain_graph=True`` recomputes again).
+    """
+    choices: list = []
+    return _Pinning("record", choices), _Pinning("replay", choices)
+
+
+def replayed_choice(default=(None, None)):
+    """In a recomputation, the choice its forward pass made at this point (``default`` past its end); else None."""
+    for kind, entry in reversed(_pins.__dict__.get("stack", ())):
+        if kind == "replay":
+            return next(entry, default)
+    return None
+
+
+def record_choice(choice) -> None:
+    """Record ``choice`` (any object but None) for every checkpointed forward pass this call is inside."""
+    for kind, entry in _pins.__dict__.get("stack", ()):
+        if kind == "record":
+            entry.append(choice)
+
+
+# Packages whose frames a warning skips to name the user's line: this
+# project's, and the libraries its calls pass through (nn.Module.__call__,
+# a checkpoint's recomputation inside autograd).
+_LIBRARY_PACKAGES = ("ssm_core", "tracetorch", "backends", "torch", "mlx", "array_api_compat", "contextlib")
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel``, from our caller, of the first frame outside :data:`_LIBRARY_PACKAGES`."""
+    prefixes = []
+    for name in _LIBRARY_PACKAGES:
+        module = sys.modules.get(name)  # a package not loaded has no frames on the stack
+        origin = getattr(module, "__file__", None)
+        if origin:
+            package = os.path.basename(origin) == "__init__.py"
+            prefixes.append(os.path.dirname(origin) + os.sep if package else origin)
+    prefixes = tuple(prefixes)
+    frame = sys._getframe(1)  # the frame that calls warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(prefixes):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -121,29 +121,28 @@ def selective_scan(
     block by block (``method`` as there).
 
     ``block_fn(u, dt, B, C, h, A, inv_A, D)``, when given, runs each block
-    instead: a compiled :func:`selective_block`. It always gets ``block``
-    steps (one shape to compile): the last block is padded with ``dt = 0``
-    and ``u = 0``, steps that leave the state exactly as it was, and their
-    outputs are dropped.
+    of ``block`` steps instead: a compiled :func:`selective_block`, so it
+    always sees one shape. A shorter last block runs the eager block: padding
+    it to ``block`` steps with ``dt = 0`` would meet ``A = -inf`` (an
+    ``A_log`` whose ``exp`` overflows) as ``0 * -inf``, a NaN state where
+    the steps themselves are finite.
     """
     T = u.shape[0]
     if T == 0:
         return D * u, h0
     A, inv_A = decay  # [N, d] x2
     dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], xp)
-    padded = block_fn is not None and T % block != 0
-    if block_fn is None:
-        def block_fn(u_t, dt_t, B_t, C_t, h, A, inv_A, D):
-            return selective_block(u_t, dt_t, B_t, C_t, h, A, inv_A, D, xp, method)
+
+    def eager_block(u_t, dt_t, B_t, C_t, h, A, inv_A, D):
+        return selective_block(u_t, dt_t, B_t, C_t, h, A, inv_A, D, xp, method)
 
     h = h0
     ys = []
-    pieces = (time_blocks(a, block, xp, pad_last=padded) for a in (u, dt, B, C))
-    for u_t, dt_t, B_t, C_t in zip(*pieces):
-        y, h = block_fn(u_t, dt_t, B_t, C_t, h, A, inv_A, D)  # [L, ..., N], [..., N, d]
+    for u_t, dt_t, B_t, C_t in zip(*(time_blocks(a, block, xp) for a in (u, dt, B, C))):
+        run_block = block_fn if block_fn is not None and u_t.shape[0] == block else eager_block
+        y, h = run_block(u_t, dt_t, B_t, C_t, h, A, inv_A, D)  # [L, ..., N], [..., N, d]
         ys.append(y)
-    ys = ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)  # [T (+ padding), ..., N]
-    return (ys[:T, ...] if ys.shape[0] != T else ys), h  # [T, ..., N], [..., N, d]
+    return (ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)), h  # [T, ..., N], [..., N, d]
 
 
 def causal_conv_scan(u, buffer, weights, bias, xp):

@@ -158,8 +158,9 @@ def test_compiled_backward_keeps_no_per_step_states():
             return t
 
         layer.zero_states()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer.scan(xs, compiled=compiled).sum().backward()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # what the forward pass keeps
+            ys = layer.scan(xs, compiled=compiled)
+        ys.sum().backward()  # (the backward recomputes one block at a time)
         saved[compiled] = sum(storages.values())
     states = xs.shape[0] * 6 * N * D_STATE * 4  # bytes of every step's state
     inputs = xs.shape[0] * 6 * (2 * N + 2 * D_STATE) * 4  # bytes of every step's u, dt, B, C
@@ -224,9 +225,15 @@ def test_environment_variable_and_automatic_policy_pick_the_block(monkeypatch):
 
 def _raising_compile(key):
     def block(*args):
-        raise RuntimeError("simulated: no working C++ compiler")
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        raise InvalidCxxCompiler()  # what inductor raises where no C++ compiler works
 
     return block
+
+
+def _torch_compiler(compile_block):
+    return fused.BlockCompiler("block", "torch.compile", compile_block, is_failure=_fused._is_compiler_failure)
 
 
 @pytest.mark.parametrize("failure", ["at-first-call", "at-compile"])
@@ -235,7 +242,7 @@ def test_fallback_warns_once_and_gives_eager_numbers(monkeypatch, failure):
         raise RuntimeError("simulated: inductor unavailable")
 
     compile_block = _raising_compile if failure == "at-first-call" else at_compile
-    monkeypatch.setattr(_fused, "block_compiler", fused.BlockCompiler("block", "torch.compile", compile_block))
+    monkeypatch.setattr(_fused, "block_compiler", _torch_compiler(compile_block))
     layer = _layer("Mamba", {}, torch.float64)
     xs = torch.randn(13, 6, N, dtype=torch.float64)
     with torch.no_grad():
@@ -252,16 +259,39 @@ def test_fallback_warns_once_and_gives_eager_numbers(monkeypatch, failure):
     fallbacks = [w for w in caught if issubclass(w.category, fused.CompileFallbackWarning)]
     assert len(fallbacks) == 1, [str(w.message) for w in caught]
     assert "runs eagerly" in str(fallbacks[0].message) and "SSM_COMPILE=0" in str(fallbacks[0].message)
+    assert fallbacks[0].filename == __file__  # the line that called scan(), not the library's
     for out in outs:
         assert torch.equal(out, eager)
 
 
 def test_errors_of_the_caller_are_not_taken_for_compiler_failures(monkeypatch):
-    monkeypatch.setattr(_fused, "block_compiler", fused.BlockCompiler("block", "torch.compile", _raising_compile))
+    monkeypatch.setattr(_fused, "block_compiler", _torch_compiler(_raising_compile))
     block = _fused.block_compiler.select("key", 0, True, lambda *args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         block()
-    assert _fused.block_compiler.failed is None
+    assert _fused.block_compiler.failed_keys == {}
+
+
+@pytest.mark.parametrize("error", [torch.utils.checkpoint._StopRecomputationError, MemoryError, RuntimeError])
+def test_exceptions_that_are_not_the_compilers_pass_through(monkeypatch, error):
+    """A checkpoint ends its recomputation with an exception raised inside the block: control flow, not a failure."""
+    ran_eager = []
+
+    def compile_block(key):
+        def block(*args):
+            raise error()
+
+        return block
+
+    compiler = fused.BlockCompiler(
+        "block", "torch.compile", compile_block, is_failure=_fused._is_compiler_failure,
+        check=lambda compiled, eager, args: None,  # the first call's check passed: a later call raises
+    )
+    monkeypatch.setattr(_fused, "block_compiler", compiler)
+    block = _fused.block_compiler.select("key", 0, True, lambda *args: ran_eager.append(args))
+    with pytest.raises(error):
+        block(1)
+    assert ran_eager == [] and _fused.block_compiler.failed_keys == {}
 
 
 def test_numpy_has_no_compiler_and_says_so_once(monkeypatch):

@@ -8,6 +8,8 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from ssm_core import fused
+
 from ._layer import _SEQUENCE_MODE, Layer
 from ._model import _walk
 
@@ -96,10 +98,14 @@ def checkpoint(function, *args, **kwargs):
             else:
                 layer.__dict__[_SEQUENCE_MODE] = mode
 
+    # The recomputation also runs each scan block compiled or eager as the forward pass did.
+    pinned_forward, pinned_recompute = fused.checkpoint_contexts()
+
     @contextmanager
     def forward_context():
         before[:] = held()
-        yield
+        with pinned_forward:
+            yield
 
     @contextmanager
     def recompute_context():
@@ -107,7 +113,8 @@ def checkpoint(function, *args, **kwargs):
         restore(before)
         token = _RESTORED_LAYERS.set(_RESTORED_LAYERS.get() | restored)
         try:
-            yield
+            with pinned_recompute:
+                yield
         finally:
             _RESTORED_LAYERS.reset(token)
             restore(after)

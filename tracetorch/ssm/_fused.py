@@ -3,7 +3,9 @@
 Both compile ``ssm_core``'s own functions, nothing written twice: the scan
 compiles :func:`ssm_core.selective_block` (C++/OpenMP through inductor on
 CPUs, Triton on CUDA GPUs), ``TTcompile()`` the layer's whole step. When to
-compile, and the eager fallback, is :mod:`ssm_core.fused`'s policy.
+compile, the first call's check against eager, and the eager fallback, is
+:mod:`ssm_core.fused`'s policy; what counts as a compiler's failure, and how
+a compiled block takes part in autograd, is torch's and lives here.
 
 Each key (shapes, dtype, device) gets a function with a code object of its
 own: dynamo keeps compiled graphs per code object, at most
@@ -14,16 +16,21 @@ eagerly past that in a model of many layer sizes.
 from __future__ import annotations
 
 import math
+import sys
 import types
 
 import array_api_compat.torch as xp_torch
 import torch
+import torch.utils._pytree as pytree
 
 import ssm_core
+from ssm_core import fused
 from ssm_core.fused import TRAINING_WEIGHT, BlockCompiler, compile_mode
 from ssm_core.selective import SCAN_BLOCK
 
-__all__ = ["FUSED_BLOCK", "scan_block", "step_function", "block_compiler", "step_compiler"]
+__all__ = [
+    "FUSED_BLOCK", "scan_block", "step_function", "block_compiler", "step_compiler",
+]
 
 # Steps per compiled block: the block is unrolled, so longer blocks compile
 # longer; 8 ran as fast as 16 and 32 and compiled in a third of 32's time (see the README).
@@ -33,6 +40,38 @@ FUSED_BLOCK = 8
 def _own_code(fn):
     """``fn`` with a code object of its own, so dynamo's cache for it is its own."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+# ----------------------------------------------------------------------------- what is torch's, not the compiler's
+
+
+def _is_compiler_failure(error: BaseException) -> bool:
+    """Whether ``error``, raised by a compiled function's call, is torch.compile's own failure.
+
+    Dynamo raises what fails while it traces and compiles as its own
+    exception types (``BackendCompilerFailed``, ``InductorError``,
+    ``Unsupported``, ...), and inductor's C++ toolchain errors are inductor's
+    types. Anything else is the caller's, or torch's own control flow
+    (``torch.utils.checkpoint`` ends a recomputation early with an exception),
+    and is not ours to catch.
+    """
+    failures = []
+    dynamo_exc = sys.modules.get("torch._dynamo.exc")  # loaded by any compile: nothing to import here
+    if dynamo_exc is not None:
+        failures.append(dynamo_exc.TorchDynamoException)
+    inductor_exc = sys.modules.get("torch._inductor.exc")
+    if inductor_exc is not None:
+        failures += [
+            value for value in vars(inductor_exc).values()
+            if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == inductor_exc.__name__
+        ]
+    return isinstance(error, tuple(failures))
+
+
+def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, jvp, vmap, ...) is running: it transforms the eager code."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 # ----------------------------------------------------------------------------- the scan's block
@@ -48,44 +87,199 @@ def _flat_block(u, dt, B, C, h, A, inv_A, D):
     return ys.reshape(u.shape), h_L.reshape(h.shape)  # [L, ..., N], [..., N, d]
 
 
+class _CompiledBlock(torch.autograd.Function):
+    """A compiled block in autograd's graph, differentiable to any order.
+
+    The forward runs the compiled block with autograd on detached copies of
+    its inputs and keeps that graph; the backward differentiates it (the
+    compiled backward), once, and lets it go. A backward that builds a graph
+    itself (``create_graph=True``: gradient penalties, Hessian-vector
+    products) differentiates the eager block instead, which autograd can
+    differentiate again: the compiled backward cannot be.
+
+    Under saved-tensor hooks (a checkpoint's forward pass, ``save_on_cpu``)
+    the forward keeps only the block's inputs, and the backward runs the
+    block again to make that graph: the tensors a graph made in the forward
+    saved would be the checkpoint's placeholders, and a backward pass of our
+    own over them would recompute the checkpoint's whole region, for each
+    block. (``torch.func.vjp`` compiled as the backward would be one fused
+    pass, but it cannot be traced under saved-tensor hooks at all.)
+    """
+
+    @staticmethod
+    def forward(ctx, compiled, *arrays):
+        ctx.compiled = compiled
+        ctx.save_for_backward(*arrays)
+        if _saved_tensor_hooks_active():
+            ctx.graph = None
+            return tuple(compiled.forward(*arrays))
+        ctx.graph = compiled.graph(arrays)
+        return tuple(out.detach() for out in ctx.graph[1])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        arrays = ctx.saved_tensors
+        graph, ctx.graph = ctx.graph, None  # used once; a second backward (retain_graph=True) makes it again
+        needed = ctx.needs_input_grad[1:]
+        if torch.is_grad_enabled():  # create_graph=True: a graph of these gradients is being built
+            return (None, *_eager_gradients(arrays, grads, needed, create_graph=True))
+        return (None, *ctx.compiled.gradients(arrays, grads, needed, graph))
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are in force (True where this torch cannot say: the path safe under them)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _eager_gradients(arrays, grads, needed, create_graph=False):
+    """The gradients of :func:`_flat_block`'s ``arrays`` for ``grads`` of its outputs (None where not ``needed``).
+
+    With ``create_graph`` the arrays are the graph's own, and a graph of the
+    gradients is built; else detached copies. Either way the graph
+    differentiated here is this block's alone.
+    """
+    with torch.enable_grad():
+        if create_graph:
+            # Aliases in the graph: a gradient taken at an input itself would also
+            # count the paths from one input to another (inv_A is made of A).
+            arrays = [a.view_as(a) for a in arrays]
+        else:
+            arrays = [a.detach().requires_grad_(need) for a, need in zip(arrays, needed)]
+        wanted = [a for a, need in zip(arrays, needed) if need]
+        found = iter(torch.autograd.grad(
+            _flat_block(*arrays), wanted, grads, create_graph=create_graph, allow_unused=True
+        ))
+    return [next(found) if need else None for need in needed]
+
+
+_BLOCK_INPUTS = ("u", "dt", "B", "C", "h", "A", "inv_A", "D")
+
+
+class _CompiledPair:
+    """One key's compiled block, its gradients, and the first backward's check against eager.
+
+    The first forward call is checked by the :class:`~ssm_core.fused.BlockCompiler`,
+    the first backward here.
+    """
+
+    def __init__(self, key):
+        self.key = key
+        # One code object, two graphs: without autograd and with it.
+        self.forward = torch.compile(_own_code(_flat_block), fullgraph=True, dynamic=False)
+        self.checked = False
+
+    def graph(self, arrays):
+        """``(inputs, outputs)``: the block on detached copies of ``arrays``, with autograd's graph."""
+        with torch.enable_grad():
+            inputs = [a.detach().requires_grad_() for a in arrays]  # all requiring grad: one graph per key
+            return inputs, tuple(self.forward(*inputs))
+
+    def _compiled_gradients(self, arrays, grads, needed, graph):
+        inputs, outputs = graph if graph is not None else self.graph(arrays)
+        wanted = [x for x, need in zip(inputs, needed) if need]
+        found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+        return [next(found) if need else None for need in needed]
+
+    def gradients(self, arrays, grads, needed, graph=None):
+        """The gradients of ``arrays`` (None where not ``needed``), through ``graph`` when the forward kept one."""
+        compiler = block_compiler  # looked up now: the policy in force
+        if self.key in compiler.failed_keys:
+            return _eager_gradients(arrays, grads, needed)
+        try:
+            found = self._compiled_gradients(arrays, grads, needed, graph)
+        except Exception as error:
+            if not _is_compiler_failure(error):
+                raise
+            compiler.fail(self.key, error)
+            return _eager_gradients(arrays, grads, needed)
+        if not self.checked:
+            expected = _eager_gradients(arrays, grads, needed)
+            problem = fused.disagreement(found, expected, [f"gradient of {name}" for name in _BLOCK_INPUTS])
+            if problem is not None:
+                compiler.fail(self.key, f"its first gradients differ from the eager block's, {problem}")
+                return expected
+            self.checked = True
+        return found
+
+
 def _compile_block(key):
-    compiled = torch.compile(_own_code(_flat_block), fullgraph=True, dynamic=False)
+    compiled = _CompiledPair(key)
 
     def block(*arrays):
-        # Dynamo specialises a graph on its inputs' strides and on which of
-        # them require grad. Contiguous inputs, and under autograd all inputs
-        # requiring grad (a detached copy where one does not: its gradient is
-        # dropped), make one graph without autograd and one with it per key,
-        # whether the sequence was padded, the state is fresh or the input a leaf.
-        arrays = [a.contiguous() for a in arrays]  # shapes unchanged
+        # Dynamo specialises a graph on its inputs' strides: contiguous inputs
+        # make one graph without autograd and one with it per key.
+        arrays = tuple(a.contiguous() for a in arrays)  # shapes unchanged
         if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
-            arrays = [a if a.requires_grad else a.detach().requires_grad_() for a in arrays]
-        return compiled(*arrays)
+            return _CompiledBlock.apply(compiled, *arrays)
+        return compiled.forward(*arrays)
 
     return block
 
 
-block_compiler = BlockCompiler("the S6/Mamba scan block", "torch.compile", _compile_block)
+block_compiler = BlockCompiler(
+    "the S6/Mamba scan block", "torch.compile", _compile_block, is_failure=_is_compiler_failure,
+    check=lambda compiled, eager, args: _check_first_call(compiled, eager, args),
+)
 
 
 def scan_block(xs: torch.Tensor, d_state: int, compiled, method: str):
     """``(block_fn, block)`` for :func:`ssm_core.selective_scan` on ``xs`` ``[T, ..., N]``.
 
     ``block_fn`` is None (the eager block; ``block`` the eager length) unless
-    the policy picks the compiled one; ``method`` is the eager block's, which
-    a failing compiled block falls back to. Inside someone else's
-    ``torch.compile`` the eager code is what gets traced: their compile fuses it.
+    the policy picks the compiled one; ``method`` is the eager block's, the
+    first call's reference and what a failing compiled block falls back to.
+    Inside someone else's ``torch.compile`` the eager code is what gets
+    traced (their compile fuses it), and under a ``torch.func`` transform it
+    is what gets transformed. A checkpoint's recomputation (``tt.checkpoint``)
+    makes the choices its forward pass made (:func:`ssm_core.fused.checkpoint_contexts`).
     """
     if torch.compiler.is_compiling() or xs.device.type not in ("cpu", "cuda") or xs.shape[0] == 0:
         return None, SCAN_BLOCK
+    if _functorch_active():
+        return None, SCAN_BLOCK
+    pinned = fused.replayed_choice((None, SCAN_BLOCK))
+    if pinned is not None:
+        return pinned
     batch = math.prod(xs.shape[1:-1])
     key = (FUSED_BLOCK, batch, xs.shape[-1], d_state, xs.dtype, xs.device)
     work = xs.shape[0] * batch * xs.shape[-1] * d_state * (TRAINING_WEIGHT if torch.is_grad_enabled() else 1)
+
     def eager(u, dt, B, C, h, A, inv_A, D):
         return ssm_core.selective_block(u, dt, B, C, h, A, inv_A, D, xp_torch, method)
 
     block_fn = block_compiler.select(key, work, compiled, eager)
-    return block_fn, (SCAN_BLOCK if block_fn is None else FUSED_BLOCK)
+    choice = block_fn, (SCAN_BLOCK if block_fn is None else FUSED_BLOCK)
+    fused.record_choice(choice)
+    return choice
+
+
+# ----------------------------------------------------------------------------- the first call's check
+
+
+def _check_first_call(compiled, eager, args, autograd=True):
+    """None where ``compiled(*args)`` agrees with ``eager(*args)``, else why not (:func:`ssm_core.fused.disagreement`).
+
+    Outputs and states, through the compiled graph the call itself will run
+    (with autograd where it records and no saved-tensor hooks are in force,
+    see :class:`_CompiledBlock`; without, for ``autograd=False``), on
+    detached copies, with autocast off for the eager reference: it leaves
+    no trace. The gradients are checked at the first backward (:class:`_CompiledPair`).
+    """
+    leaves, spec = pytree.tree_flatten(args)
+    tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    grad = autograd and torch.is_grad_enabled() and any(leaves[i].requires_grad for i in tensors)
+    grad = grad and not _saved_tensor_hooks_active()  # under hooks, saving anything would count in them
+    copies = list(leaves)
+    for i in tensors:
+        copies[i] = leaves[i].detach().requires_grad_(grad and leaves[i].requires_grad)
+    inputs = pytree.tree_unflatten(copies, spec)
+    with torch.set_grad_enabled(grad):
+        got = [o.detach() for o in pytree.tree_leaves(compiled(*inputs)) if o is not None]
+    with torch.no_grad(), torch.autocast(copies[tensors[0]].device.type, enabled=False):
+        expected = [o for o in pytree.tree_leaves(eager(*inputs)) if o is not None]
+    labels = ["outputs", *(["final state"] if len(got) == 2 else [f"final state {i}" for i in range(1, len(got))])]
+    return fused.disagreement(got, expected, labels)
 
 
 # ----------------------------------------------------------------------------- TTcompile's step
@@ -99,21 +293,42 @@ def _step_of(spec):
 
 
 def _compile_step(key):
-    return torch.compile(_own_code(_step_of(ssm_core.LAYERS[key[0]])), fullgraph=True, dynamic=False)
+    eager = _step_of(ssm_core.LAYERS[key[0]])
+    compiled = torch.compile(_own_code(eager), fullgraph=True, dynamic=False)
+
+    def step(x, state, params, decay):
+        # TTcompile freezes the weights (buffers, no gradient) for inference.
+        # Where autograd records through the input or the states anyway, the
+        # eager step runs: differentiable to any order, and no backward graph to compile.
+        if torch.is_grad_enabled() and (x.requires_grad or any(s is not None and s.requires_grad for s in state)):
+            return eager(x, state, params, decay)
+        return compiled(x, state, params, decay)
+
+    return step
 
 
-step_compiler = BlockCompiler("the S6/Mamba step", "torch.compile", _compile_step)
+step_compiler = BlockCompiler(
+    "the S6/Mamba step", "torch.compile", _compile_step, is_failure=_is_compiler_failure,
+    check=lambda compiled, eager, args: _check_first_call(compiled, eager, args, autograd=False),
+)
 
 
 def step_function(spec, config, x: torch.Tensor):
     """``step(x, state, params, decay)`` for ``TTcompile()``: compiled, unless ``SSM_COMPILE=0`` or compiling failed.
 
     One per layer kind, config, input shape, dtype and device; layers of one
-    kind and size share it (the weights are arguments, not constants).
+    kind and size share it (the weights are arguments, not constants). Under
+    a ``torch.func`` transform a step runs eagerly.
     """
     eager = _step_of(spec)
     if torch.compiler.is_compiling():
         return eager
     key = (spec.name, config, tuple(x.shape), x.dtype, x.device)
-    step = step_compiler.select(key, 0, compile_mode() != "eager", eager)
-    return eager if step is None else step
+    compiled = step_compiler.select(key, 0, compile_mode() != "eager", eager)
+    if compiled is None:
+        return eager
+
+    def step(x, state, params, decay):
+        return (eager if _functorch_active() else compiled)(x, state, params, decay)
+
+    return step

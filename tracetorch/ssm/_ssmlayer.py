@@ -509,9 +509,13 @@ class SelectiveLayer(Layer):
         unchanged, and ``.to()`` moves the copies. ``scan`` is not affected: it
         follows the parameters (and its own ``compiled=`` switch).
 
-        The outputs are eager stepping's, to rounding. ``SSM_COMPILE=0`` keeps
+        The outputs are eager stepping's, to rounding: the first step of each
+        input shape is checked against the eager step. ``SSM_COMPILE=0`` keeps
         the step eager (the weights are still frozen); where compiling fails,
-        the step runs eagerly after one warning.
+        or the check finds a difference, the step runs eagerly after one
+        warning. So does a step that autograd records (an input or a state
+        that requires grad: differentiable to any order), and a step under a
+        ``torch.func`` transform.
         """
         super().TTcompile()
         params = self._core_params()
