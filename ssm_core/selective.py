@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._array import linear, muladd, namespace, readout, silu, softplus
+from ._array import linear, moveaxis, muladd, namespace, readout, silu, softplus, unstack
 from .checks import check_axis, check_int
 from .discretize import decay_rates, zoh
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
@@ -93,7 +93,7 @@ def selective_block(u, dt, B, C, h, A, inv_A, D, xp, method="loop"):
     """
     if method == "loop":
         ys = []
-        for u_t, dt_t, B_t, C_t in zip(*(xp.unstack(a, axis=0) for a in (u, dt, B, C))):
+        for u_t, dt_t, B_t, C_t in zip(*(unstack(a, 0, xp) for a in (u, dt, B, C))):
             y_t, h = _selective_update(u_t, dt_t, B_t, C_t, h, A, inv_A, xp)  # [..., N], [..., N, d]
             ys.append(y_t)
         ys = xp.stack(ys, axis=0)  # [L, ..., N]
@@ -154,12 +154,12 @@ def causal_conv_scan(u, buffer, weights, bias, xp):
     T, K = u.shape[0], buffer.shape[-1]
     if T == 0:
         return u, buffer
-    inputs = xp.concat((xp.moveaxis(buffer[..., 1:], -1, 0), u), axis=0)  # [K-1+T, ..., N]
+    inputs = xp.concat((moveaxis(buffer[..., 1:], -1, 0, xp), u), axis=0)  # [K-1+T, ..., N]
     # K shifted multiply-adds over time: the [T, ..., N, K] windows would cost a copy and a reduction.
     out = inputs[:T, ...] * weights[:, 0]  # [T, ..., N]
     for k in range(1, K):
         out = muladd(inputs[k : k + T, ...], weights[:, k], out, xp)  # [T, ..., N]
-    return out + bias, xp.moveaxis(inputs[-K:, ...], 0, -1)  # [T, ..., N], [..., N, K]
+    return out + bias, moveaxis(inputs[-K:, ...], 0, -1, xp)  # [T, ..., N], [..., N, K]
 
 
 def causal_conv_step(u, buffer, weights, bias, xp):
