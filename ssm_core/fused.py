@@ -82,7 +82,7 @@ def compile_mode(compiled: Optional[bool] = None) -> str:
     return mode
 
 
-def disagreement(got, expected, labels=None) -> Optional[str]:
+def disagreement(got, expected, labels=None, precision=None) -> Optional[str]:
     """Why the arrays ``got`` differ from ``expected`` beyond rounding, or None where they agree.
 
     Pairs of arrays (None pairs with None) agree when they have the same
@@ -93,7 +93,9 @@ def disagreement(got, expected, labels=None) -> Optional[str]:
     growing with the square root of the terms a sum adds: orders of
     magnitude below that bound for one block's results and gradients. What
     the bound is meant to catch (a kernel built for another CPU, a wrong
-    lane, a wrong formula) gives NaN or errors of order one.
+    lane, a wrong formula) gives NaN or errors of order one. ``precision``:
+    the dtype whose ``eps`` sets the bound where the computation rounds to a
+    narrower one than its results' (autocast's matrix products).
     """
     for index, (a, b) in enumerate(zip(got, expected)):
         label = labels[index] if labels is not None else f"result {index}"
@@ -115,7 +117,7 @@ def disagreement(got, expected, labels=None) -> Optional[str]:
         zero = xp.zeros_like(b)
         error = float(xp.max(xp.abs(xp.where(finite, a - b, zero))))
         scale = float(xp.max(xp.abs(xp.where(finite, b, zero))))
-        bound = math.sqrt(float(xp.finfo(b.dtype).eps))
+        bound = math.sqrt(float(xp.finfo(b.dtype if precision is None else precision).eps))
         if error > bound * scale:
             relative = error / scale if scale else math.inf
             return f"{label}: differs by {error:.3g}, {relative:.3g} of its largest value (allowed {bound:.2g})"

@@ -42,7 +42,7 @@ def _short_blocks(monkeypatch):
 
 
 def _key(dtype):
-    return (BLOCK, BATCH, N, D_STATE, dtype, torch.device("cpu"))
+    return (BLOCK, BATCH, N, D_STATE, dtype, torch.device("cpu"), None)  # None: autocast off
 
 
 def _assert_ran_compiled(dtype, compiler=None):
@@ -358,7 +358,7 @@ def test_a_failure_turns_off_its_own_key_only(monkeypatch):
             layer.scan(torch.randn(8, batch, N, dtype=torch.float64), compiled=True)
     assert len([w for w in caught if issubclass(w.category, fused.CompileFallbackWarning)]) == 1
     assert list(compiler.failed_keys) == [_key(torch.float64)]
-    assert compiler.compiled_keys() == [(BLOCK, BATCH + 1, N, D_STATE, torch.float64, torch.device("cpu"))]
+    assert compiler.compiled_keys() == [(BLOCK, BATCH + 1, N, D_STATE, torch.float64, torch.device("cpu"), None)]
 
 
 # ----------------------------------------------------------------------------- accuracy where dt * A is small
@@ -408,7 +408,7 @@ def test_ttcompiled_float32_steps_are_accurate_where_dt_times_A_is_small(name):
     with torch.no_grad():
         ys = torch.stack([layer(x) for x in xs])
         reference_ys = torch.stack([reference(x.double()) for x in xs])
-    key = (name, layer.config, (BATCH, N), dtype, torch.device("cpu"))
+    key = (name, layer.config, (BATCH, N), dtype, torch.device("cpu"), None)  # None: autocast off
     assert key in _fused.step_compiler.compiled_keys(), _fused.step_compiler.failed_keys
     assert _rel(_state_of(layer), _state_of(reference)) <= T * EPS[dtype]
     if name == "S6":

@@ -242,7 +242,7 @@ def scan_block(xs: torch.Tensor, d_state: int, compiled, method: str):
     if pinned is not None:
         return pinned
     batch = math.prod(xs.shape[1:-1])
-    key = (FUSED_BLOCK, batch, xs.shape[-1], d_state, xs.dtype, xs.device)
+    key = (FUSED_BLOCK, batch, xs.shape[-1], d_state, xs.dtype, xs.device, _autocast_state(xs.device))
     work = xs.shape[0] * batch * xs.shape[-1] * d_state * (TRAINING_WEIGHT if torch.is_grad_enabled() else 1)
 
     def eager(u, dt, B, C, h, A, inv_A, D):
@@ -257,14 +257,23 @@ def scan_block(xs: torch.Tensor, d_state: int, compiled, method: str):
 # ----------------------------------------------------------------------------- the first call's check
 
 
+def _autocast_state(device: torch.device):
+    """The dtype ``torch.autocast`` lowers to on ``device``, or None where it is off: part of a compiled key."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 def _check_first_call(compiled, eager, args, autograd=True):
     """None where ``compiled(*args)`` agrees with ``eager(*args)``, else why not (:func:`ssm_core.fused.disagreement`).
 
     Outputs and states, through the compiled graph the call itself will run
     (with autograd where it records and no saved-tensor hooks are in force,
     see :class:`_CompiledBlock`; without, for ``autograd=False``), on
-    detached copies, with autocast off for the eager reference: it leaves
-    no trace. The gradients are checked at the first backward (:class:`_CompiledPair`).
+    detached copies, with the eager reference under the autocast state the
+    compiled graph was traced in (its key's) and the bound of the autocast
+    dtype there: it leaves no trace. The gradients are checked at the first
+    backward (:class:`_CompiledPair`).
     """
     leaves, spec = pytree.tree_flatten(args)
     tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
@@ -276,10 +285,10 @@ def _check_first_call(compiled, eager, args, autograd=True):
     inputs = pytree.tree_unflatten(copies, spec)
     with torch.set_grad_enabled(grad):
         got = [o.detach() for o in pytree.tree_leaves(compiled(*inputs)) if o is not None]
-    with torch.no_grad(), torch.autocast(copies[tensors[0]].device.type, enabled=False):
+    with torch.no_grad():
         expected = [o for o in pytree.tree_leaves(eager(*inputs)) if o is not None]
     labels = ["outputs", *(["final state"] if len(got) == 2 else [f"final state {i}" for i in range(1, len(got))])]
-    return fused.disagreement(got, expected, labels)
+    return fused.disagreement(got, expected, labels, precision=_autocast_state(copies[tensors[0]].device))
 
 
 # ----------------------------------------------------------------------------- TTcompile's step
@@ -323,7 +332,7 @@ def step_function(spec, config, x: torch.Tensor):
     eager = _step_of(spec)
     if torch.compiler.is_compiling():
         return eager
-    key = (spec.name, config, tuple(x.shape), x.dtype, x.device)
+    key = (spec.name, config, tuple(x.shape), x.dtype, x.device, _autocast_state(x.device))
     compiled = step_compiler.select(key, 0, compile_mode() != "eager", eager)
     if compiled is None:
         return eager

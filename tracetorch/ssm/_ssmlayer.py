@@ -486,7 +486,7 @@ class SelectiveLayer(Layer):
 
         params = type(params)(*(None if f is None else frozen_value(f) for f in frozen))
         decay = (frozen_value("A"), frozen_value("inv_A"))
-        key = (tuple(x.shape), dtype, x.device)
+        key = (tuple(x.shape), dtype, x.device, _autocast_dtype(x.device.type))  # a graph per autocast state
         cached = self.__dict__.get("_compiled_step")
         if cached is None or cached[0] != key:
             step = _fused.step_function(self.spec, self._config(), x)
