@@ -1,9 +1,13 @@
-"""What differs between the torch releases this package supports, in one place.
+"""The torch features that differ between the releases this package supports, looked up once.
 
-The floor is ``MIN_TORCH`` (``pyproject.toml`` says the same; CI runs the
-parity, step and scan tests on it). Features of newer releases are looked up
-here once, and where an older torch lacks one the layers still run: eagerly,
-or with a clear error naming the release that is needed.
+The oldest release is ``MIN_TORCH``: ``pyproject.toml`` says the same, and CI
+runs the parity, step and scan tests on it (``.ci/oldest``). On older releases
+importing ``tracetorch`` fails with a message that says so. What newer
+releases add is looked up here, with what stands in for it before them.
+Measured on the oldest release: compiled scans and ``TTcompile()`` give the
+eager numbers; ``torch.export`` captures the stateless form with
+``strict=False`` (its default from torch 2.8 on; the strict mode of earlier
+releases cannot trace the layers' class attributes).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import re
 
 import torch
 
-__all__ = ["TORCH_VERSION", "MIN_TORCH", "is_exporting"]
+__all__ = ["TORCH_VERSION", "MIN_TORCH", "is_exporting", "is_autocast_available"]
 
 
 def _release(version: str) -> tuple:
@@ -22,7 +26,14 @@ def _release(version: str) -> tuple:
 
 
 TORCH_VERSION = _release(torch.__version__)
+# The oldest release that runs the layers: 2.3 lacks the per-device autocast
+# queries (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype).
 MIN_TORCH = (2, 4)
+if TORCH_VERSION < MIN_TORCH:
+    raise ImportError(
+        f"tracetorch needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, found torch {torch.__version__}; "
+        "upgrade it (pip install -U torch), or use the NumPy, CuPy or MLX backends, which do not need torch"
+    )
 
 # torch.compiler.is_exporting is new in torch 2.7.
 _is_exporting = getattr(torch.compiler, "is_exporting", None)
