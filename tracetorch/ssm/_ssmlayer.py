@@ -21,6 +21,7 @@ from ssm_core.checks import check_axis, check_loaded_state, check_loaded_states_
 from ssm_core.layout import StateArguments, compute_dtype, run, zero_states
 from ssm_core.scan import default_scan_method
 
+from .. import _compat
 from ..core import Layer as BaseLayer
 from ..core._checkpoint import check_not_recomputed_unrestored
 from ..core._layer import _SEQUENCE_MODE
@@ -37,7 +38,7 @@ _STATELESS_HINT = (
 
 def _autocast_dtype(device_type: str):
     """The dtype ``torch.autocast`` lowers to on ``device_type``, or None when autocast is off there."""
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if not _compat.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
@@ -260,7 +261,7 @@ class Layer(BaseLayer):
         return {slot.name: getattr(self, slot.name) for slot in self._slots}
 
     def _refuse_export(self) -> None:
-        if torch.compiler.is_exporting():
+        if _compat.is_exporting():
             raise RuntimeError(_STATELESS_HINT.format(layer=type(self).__name__, what="torch.export"))
 
     def __prepare_scriptable__(self):

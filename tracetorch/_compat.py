@@ -1,0 +1,61 @@
+"""The torch features that differ between the releases this package supports, looked up once.
+
+The oldest release is ``MIN_TORCH``: ``pyproject.toml`` says the same, and CI
+runs the parity, step and scan tests on it (``.ci/oldest``). On older releases
+importing ``tracetorch`` fails with a message that says so. What newer
+releases add is looked up here, with what stands in for it before them.
+Measured on the oldest release: compiled scans and ``TTcompile()`` give the
+eager numbers; ``torch.export`` captures the stateless form with
+``strict=False`` (its default from torch 2.8 on; the strict mode of earlier
+releases cannot trace the layers' class attributes).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["TORCH_VERSION", "MIN_TORCH", "is_exporting", "is_autocast_available"]
+
+
+def _release(version: str) -> tuple:
+    """``(major, minor)`` of a version string: ``"2.4.1+cu121"`` -> ``(2, 4)``."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+TORCH_VERSION = _release(torch.__version__)
+# The oldest release that runs the layers: 2.3 lacks the per-device autocast
+# queries (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype).
+MIN_TORCH = (2, 4)
+if TORCH_VERSION < MIN_TORCH:
+    raise ImportError(
+        f"tracetorch needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, found torch {torch.__version__}; "
+        "upgrade it (pip install -U torch), or use the NumPy, CuPy or MLX backends, which do not need torch"
+    )
+
+# torch.compiler.is_exporting is new in torch 2.7.
+_is_exporting = getattr(torch.compiler, "is_exporting", None)
+
+
+def is_exporting() -> bool:
+    """Whether ``torch.export`` is tracing the calling code.
+
+    Before torch 2.7, ``torch.export`` alone sets ``torch.compiler``'s compiling
+    flag (``torch.compile`` leaves it False), around the tracing that runs this
+    code as Python: the non-strict mode. Strict mode (the default before
+    torch 2.8) traces with the compiler, which reads the flag as False there;
+    it stops earlier on those releases in any case (an unsupported attribute).
+    """
+    if _is_exporting is not None:
+        return _is_exporting()
+    return getattr(torch.compiler, "_is_compiling_flag", False)
+
+
+def is_autocast_available(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available``, which torch.compile before 2.7 cannot trace (a graph break).
+
+    CPU and CUDA always have autocast, so for them the answer needs no call.
+    """
+    return device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
