@@ -16,7 +16,7 @@ import re
 
 import torch
 
-__all__ = ["TORCH_VERSION", "MIN_TORCH", "is_exporting", "is_autocast_available"]
+__all__ = ["TORCH_VERSION", "MIN_TORCH", "is_exporting", "is_autocast_available", "autocast_dtype"]
 
 
 def _release(version: str) -> tuple:
@@ -59,3 +59,10 @@ def is_autocast_available(device_type: str) -> bool:
     CPU and CUDA always have autocast, so for them the answer needs no call.
     """
     return device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+
+
+def autocast_dtype(device_type: str):
+    """The dtype ``torch.autocast`` lowers to on ``device_type``, or None when autocast is off there."""
+    if not is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)

@@ -28,6 +28,8 @@ from ssm_core import fused
 from ssm_core.fused import TRAINING_WEIGHT, BlockCompiler, compile_mode
 from ssm_core.selective import SCAN_BLOCK
 
+from .. import _compat
+
 __all__ = [
     "FUSED_BLOCK", "scan_block", "step_function", "block_compiler", "step_compiler",
 ]
@@ -242,7 +244,7 @@ def scan_block(xs: torch.Tensor, d_state: int, compiled, method: str):
     if pinned is not None:
         return pinned
     batch = math.prod(xs.shape[1:-1])
-    key = (FUSED_BLOCK, batch, xs.shape[-1], d_state, xs.dtype, xs.device, _autocast_state(xs.device))
+    key = (FUSED_BLOCK, batch, xs.shape[-1], d_state, xs.dtype, xs.device, _compat.autocast_dtype(xs.device.type))
     work = xs.shape[0] * batch * xs.shape[-1] * d_state * (TRAINING_WEIGHT if torch.is_grad_enabled() else 1)
 
     def eager(u, dt, B, C, h, A, inv_A, D):
@@ -255,13 +257,6 @@ def scan_block(xs: torch.Tensor, d_state: int, compiled, method: str):
 
 
 # ----------------------------------------------------------------------------- the first call's check
-
-
-def _autocast_state(device: torch.device):
-    """The dtype ``torch.autocast`` lowers to on ``device``, or None where it is off: part of a compiled key."""
-    if not torch.is_autocast_enabled(device.type):
-        return None
-    return torch.get_autocast_dtype(device.type)
 
 
 def _check_first_call(compiled, eager, args, autograd=True):
@@ -288,7 +283,7 @@ def _check_first_call(compiled, eager, args, autograd=True):
     with torch.no_grad():
         expected = [o for o in pytree.tree_leaves(eager(*inputs)) if o is not None]
     labels = ["outputs", *(["final state"] if len(got) == 2 else [f"final state {i}" for i in range(1, len(got))])]
-    return fused.disagreement(got, expected, labels, precision=_autocast_state(copies[tensors[0]].device))
+    return fused.disagreement(got, expected, labels, precision=_compat.autocast_dtype(copies[tensors[0]].device.type))
 
 
 # ----------------------------------------------------------------------------- TTcompile's step
@@ -332,7 +327,7 @@ def step_function(spec, config, x: torch.Tensor):
     eager = _step_of(spec)
     if torch.compiler.is_compiling():
         return eager
-    key = (spec.name, config, tuple(x.shape), x.dtype, x.device, _autocast_state(x.device))
+    key = (spec.name, config, tuple(x.shape), x.dtype, x.device, _compat.autocast_dtype(x.device.type))
     compiled = step_compiler.select(key, 0, compile_mode() != "eager", eager)
     if compiled is None:
         return eager

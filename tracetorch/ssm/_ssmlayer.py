@@ -36,13 +36,6 @@ _STATELESS_HINT = (
 )
 
 
-def _autocast_dtype(device_type: str):
-    """The dtype ``torch.autocast`` lowers to on ``device_type``, or None when autocast is off there."""
-    if not _compat.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 def _autocast_off(x: torch.Tensor):
     """A context that turns ``torch.autocast`` off on ``x``'s device for the math inside, where it is on.
 
@@ -52,7 +45,7 @@ def _autocast_off(x: torch.Tensor):
     state after 2000 steps). S4/S5 have no projections around the recurrence
     that autocast could lower, so all of their math runs in float32.
     """
-    if _autocast_dtype(x.device.type) is None:
+    if _compat.autocast_dtype(x.device.type) is None:
         return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
 
@@ -214,7 +207,7 @@ class Layer(BaseLayer):
         if not x.is_floating_point():
             raise TypeError(f"{layer}: expected a real floating-point input, got dtype {x.dtype}")
         reference = self._parameters["A_log"]
-        autocast = _autocast_dtype(x.device.type) if reference.dtype == torch.float32 else None
+        autocast = _compat.autocast_dtype(x.device.type) if reference.dtype == torch.float32 else None
         if x.dtype != reference.dtype and x.dtype != autocast:
             allowed = f"{reference.dtype}" + ("" if autocast is None else f" or {autocast} (autocast)")
             raise TypeError(
@@ -487,7 +480,7 @@ class SelectiveLayer(Layer):
 
         params = type(params)(*(None if f is None else frozen_value(f) for f in frozen))
         decay = (frozen_value("A"), frozen_value("inv_A"))
-        key = (tuple(x.shape), dtype, x.device, _autocast_dtype(x.device.type))  # a graph per autocast state
+        key = (tuple(x.shape), dtype, x.device, _compat.autocast_dtype(x.device.type))  # a graph per autocast state
         cached = self.__dict__.get("_compiled_step")
         if cached is None or cached[0] != key:
             step = _fused.step_function(self.spec, self._config(), x)
