@@ -16,7 +16,7 @@ import re
 
 import torch
 
-__all__ = ["TORCH_VERSION", "MIN_TORCH", "is_exporting", "is_autocast_available", "autocast_dtype"]
+__all__ = ["TORCH_VERSION", "MIN_TORCH", "is_exporting", "is_autocast_available", "autocast_dtype", "inductor_options"]
 
 
 def _release(version: str) -> tuple:
@@ -66,3 +66,22 @@ def autocast_dtype(device_type: str):
     if not is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def inductor_options() -> dict:
+    """``torch.compile`` options that key inductor's on-disk cache by the vector instructions it compiles for.
+
+    Inductor picks its vector ISA from the CPU and ``ATEN_CPU_CAPABILITY``,
+    but its cache does not tell them apart: a kernel built for AVX-512 and
+    loaded under ``ATEN_CPU_CAPABILITY=avx2`` (or on another machine sharing
+    the cache directory) crashed the process or gave NaN (torch 2.13). Naming
+    the vector width it picks anyway (0: none) changes no kernel and makes it
+    part of the cache key. Empty where that choice cannot be asked for.
+    """
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        isa = cpu_vec_isa.pick_vec_isa()
+        return {"cpp.simdlen": isa.bit_width() if isa else 0}
+    except Exception:  # a private module: another release may lay it out differently
+        return {}

@@ -168,7 +168,9 @@ class _CompiledPair:
     def __init__(self, key):
         self.key = key
         # One code object, two graphs: without autograd and with it.
-        self.forward = torch.compile(_own_code(_flat_block), fullgraph=True, dynamic=False)
+        self.forward = torch.compile(
+            _own_code(_flat_block), fullgraph=True, dynamic=False, options=_compat.inductor_options()
+        )
         self.checked = False
 
     def graph(self, arrays):
@@ -298,7 +300,7 @@ def _step_of(spec):
 
 def _compile_step(key):
     eager = _step_of(ssm_core.LAYERS[key[0]])
-    compiled = torch.compile(_own_code(eager), fullgraph=True, dynamic=False)
+    compiled = torch.compile(_own_code(eager), fullgraph=True, dynamic=False, options=_compat.inductor_options())
 
     def step(x, state, params, decay):
         # TTcompile freezes the weights (buffers, no gradient) for inference.
