@@ -363,7 +363,8 @@ class S5Config:
 
     @classmethod
     def from_params(cls, params: S5Params) -> S5Config:
-        """The config of the layer whose parameters are ``params``: ``B`` is ``[num_neurons, .]``, ``A_log`` ``[d_state]``."""
+        """The config of the layer whose parameters are ``params``: ``B`` is ``[num_neurons, .]``,
+        ``A_log`` ``[d_state]``."""
         return cls(num_neurons=params.B.shape[0], d_state=params.A_log.shape[0])
 
     def param_shapes(self) -> dict:

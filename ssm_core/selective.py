@@ -315,10 +315,11 @@ class MambaConfig:
     @classmethod
     def from_params(cls, params: MambaParams) -> MambaConfig:
         """The config of the layer whose parameters are ``params``: ``A_log`` is ``[num_neurons, d_state]``,
-        ``dt_proj_weight`` ``[., dt_rank]``, ``conv_weights`` ``[., conv_kernel]`` (None: a kernel of 1, no convolution)."""
+        ``dt_proj_weight`` ``[., dt_rank]``, ``conv_weights`` ``[., conv_kernel]`` (None: a kernel of 1,
+        no convolution)."""
         num_neurons, d_state = params.A_log.shape
         conv_kernel = 1 if params.conv_weights is None else params.conv_weights.shape[1]
-        return cls(num_neurons=num_neurons, d_state=d_state, dt_rank=params.dt_proj_weight.shape[1], conv_kernel=conv_kernel)
+        return cls(num_neurons, d_state, dt_rank=params.dt_proj_weight.shape[1], conv_kernel=conv_kernel)
 
     @property
     def has_conv(self) -> bool:
