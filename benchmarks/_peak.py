@@ -1,7 +1,7 @@
 """Peak memory and first-call time of one sequence run, in a fresh process.
 
 ``python -m benchmarks._peak JOB`` (``JOB``: JSON naming a device, layer,
-``T``, batch, mode and contender, see ``benchmarks.scan.build``) builds the
+``T``, batch, mode and contender, see ``benchmarks._contenders.build``) builds the
 contender, runs the sequence once and prints one JSON line: ``peak_mib``,
 the highest resident memory during the run above the resident memory before
 it (on CUDA: ``torch.cuda.max_memory_allocated`` above what setup left
@@ -50,7 +50,7 @@ def run(job: dict, timeout_s: float, cache_dir: str) -> dict:
 def _run_here(job: dict) -> dict:
     import torch
 
-    from .scan import build
+    from ._contenders import build
 
     torch.set_num_threads(job["threads"])
     cuda = job["device"] == "cuda"

@@ -5,8 +5,9 @@
 and dtypes (no array work): input, states and parameters are arrays of one
 library and share one dtype, the input is floating, each parameter has
 exactly the shape the layer gives it (its sizes read from ``A_log`` and the
-other parameters that fix them), each state's batch shape is the input's,
-the feature size is the parameters', and a sequence has a time axis. A mistake
+other parameters that fix them, by the config's ``from_params``), each
+state's batch shape is the input's, the feature size is the parameters', and
+a sequence has a time axis. A mistake
 raises ``TypeError``/``ValueError`` naming the function instead of
 broadcasting or promoting silently. The stateful bindings check their inputs
 themselves and call the unchecked functions of the ``LayerSpec`` records.
@@ -19,30 +20,10 @@ import functools
 from array_api_compat import array_namespace
 
 from ._array import namespace
-from .lti import S4, S4Config, S5, S5Config
-from .selective import S6, Mamba, MambaConfig, S6Config
+from .lti import S4, S5
+from .selective import S6, Mamba, MambaConfig
 
 __all__ = ["s4_step", "s4_scan", "s5_step", "s5_scan", "s6_step", "s6_scan", "mamba_step", "mamba_scan"]
-
-
-# Per layer: its config type, the parameters its sizes are read from (with their
-# number of axes), and {config field: (parameter, axis)}. The config these sizes
-# make gives every parameter's exact shape (``param_shapes``) and the states' shapes.
-_SIZES = {
-    "s4": (S4Config, {"A_log": 2}, {"num_neurons": ("A_log", 0), "d_state": ("A_log", 1)}),
-    "s5": (S5Config, {"B": 2, "A_log": 1}, {"num_neurons": ("B", 0), "d_state": ("A_log", 0)}),
-    "s6": (
-        S6Config, {"A_log": 2, "dt_proj_weight": 2},
-        {"num_neurons": ("A_log", 0), "d_state": ("A_log", 1), "dt_rank": ("dt_proj_weight", 1)},
-    ),
-    "mamba": (
-        MambaConfig, {"A_log": 2, "dt_proj_weight": 2, "conv_weights": 2},
-        {
-            "num_neurons": ("A_log", 0), "d_state": ("A_log", 1), "dt_rank": ("dt_proj_weight", 1),
-            "conv_kernel": ("conv_weights", 1),
-        },
-    ),
-}
 
 
 def _library(value) -> str:
@@ -71,16 +52,16 @@ def _check_library(function: str, x, what: str, value) -> None:
         )
 
 
-def _config(function: str, layer: str, params):
-    """The config ``params`` imply, and the words saying where its sizes come from."""
-    config_type, ranks, sources = _SIZES[layer]
-    if layer == "mamba" and (params.conv_weights is None) != (params.conv_bias is None):
+def _config(function: str, config_type, params):
+    """The config ``params`` imply (``config_type.from_params``), and the words saying where its sizes come from."""
+    if config_type is MambaConfig and (params.conv_weights is None) != (params.conv_bias is None):
         given, missing = ("conv_bias", "conv_weights") if params.conv_weights is None else ("conv_weights", "conv_bias")
         raise TypeError(
             f"{function}: parameter {given} is given but {missing} is None; pass both (a causal convolution) "
             "or neither (no convolution)"
         )
-    for name, ndim in ranks.items():
+    sources = {}  # the parameters the sizes are read from: {name: shape}
+    for name, ndim in config_type.SIZED_BY.items():
         value = getattr(params, name)
         if value is None and name == "conv_weights":
             continue
@@ -91,21 +72,16 @@ def _config(function: str, layer: str, params):
                 f"{function}: parameter {name} must have {ndim} {'axis' if ndim == 1 else 'axes'}, "
                 f"got shape {tuple(value.shape)}"
             )
-    sizes = {
-        field: getattr(params, name).shape[axis]
-        for field, (name, axis) in sources.items()
-        if getattr(params, name) is not None
-    }
-    used = dict.fromkeys(name for field, (name, _) in sources.items() if field in sizes)
-    origin = ", ".join(f"{name} {tuple(getattr(params, name).shape)}" for name in used)
-    described = ", ".join(f"{field}={size}" for field, size in sizes.items())
-    if layer == "mamba" and params.conv_weights is None:
-        sizes["conv_kernel"] = 1  # no convolution
+        sources[name] = tuple(value.shape)
+    origin = ", ".join(f"{name} {shape}" for name, shape in sources.items())
+    if len(sources) < len(config_type.SIZED_BY):
         origin += ", no conv_weights"
     try:
-        config = config_type(**sizes)
+        config = config_type.from_params(params)
     except (TypeError, ValueError) as error:  # a size of 0
-        raise ValueError(f"{function}: the parameters give no layer ({described} from {origin}): {error}") from None
+        raise ValueError(f"{function}: the parameters give no layer (from {origin}): {error}") from None
+    sizes = {name: value for name, value in vars(config).items() if name != "dim"}
+    described = ", ".join(f"{name}={size}" for name, size in sizes.items())
     return config, f"{described} from {origin}"
 
 
@@ -128,7 +104,7 @@ def _check_param_shapes(function: str, config, origin: str, params) -> None:
             )
 
 
-def check_arguments(function: str, layer: str, spec, x, state, params, xp, sequence: bool) -> None:
+def check_arguments(function: str, spec, x, state, params, xp, sequence: bool) -> None:
     """Raise ``TypeError``/``ValueError`` naming ``function`` unless its arguments fit together."""
     if not isinstance(state, spec.state):
         raise TypeError(f"{function}: expected state of type {spec.state.__name__}, got {type(state).__name__}")
@@ -142,7 +118,7 @@ def check_arguments(function: str, layer: str, spec, x, state, params, xp, seque
             _check_library(function, x, f"state {name}", value)
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{function}: expected a real floating-point input, got dtype {x.dtype}")
-    config, origin = _config(function, layer, params)
+    config, origin = _config(function, spec.config, params)
     N = config.num_neurons
     if x.ndim < (2 if sequence else 1):
         what = f"a sequence [T, ..., {N}]" if sequence else f"an input [..., {N}]"
@@ -175,23 +151,23 @@ def check_arguments(function: str, layer: str, spec, x, state, params, xp, seque
             )
 
 
-def _checked(unchecked, layer: str, spec, sequence: bool):
+def _checked(unchecked, spec, sequence: bool):
     function = unchecked.__name__
 
     @functools.wraps(unchecked)
     def checked(x, state, params, xp=None, **options):
         xp = namespace(x, xp=xp)
-        check_arguments(function, layer, spec, x, state, params, xp, sequence)
+        check_arguments(function, spec, x, state, params, xp, sequence)
         return unchecked(x, state, params, xp, **options)
 
     return checked
 
 
-s4_step = _checked(S4.step, "s4", S4, sequence=False)
-s4_scan = _checked(S4.scan, "s4", S4, sequence=True)
-s5_step = _checked(S5.step, "s5", S5, sequence=False)
-s5_scan = _checked(S5.scan, "s5", S5, sequence=True)
-s6_step = _checked(S6.step, "s6", S6, sequence=False)
-s6_scan = _checked(S6.scan, "s6", S6, sequence=True)
-mamba_step = _checked(Mamba.step, "mamba", Mamba, sequence=False)
-mamba_scan = _checked(Mamba.scan, "mamba", Mamba, sequence=True)
+s4_step = _checked(S4.step, S4, sequence=False)
+s4_scan = _checked(S4.scan, S4, sequence=True)
+s5_step = _checked(S5.step, S5, sequence=False)
+s5_scan = _checked(S5.scan, S5, sequence=True)
+s6_step = _checked(S6.step, S6, sequence=False)
+s6_scan = _checked(S6.scan, S6, sequence=True)
+mamba_step = _checked(Mamba.step, Mamba, sequence=False)
+mamba_scan = _checked(Mamba.scan, Mamba, sequence=True)

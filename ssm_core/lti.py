@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from ._array import at_least, muladd, namespace, unstack
 from .checks import check_axis, check_int
@@ -49,11 +49,19 @@ class S4Config:
     num_neurons: int
     d_state: int = 64
     dim: int = -1
+    # The parameters whose axes give the sizes (see from_params), with their number of axes.
+    SIZED_BY: ClassVar[dict] = {"A_log": 2}
 
     def __post_init__(self):
         check_int("S4", "num_neurons", self.num_neurons, 1)
         check_int("S4", "d_state", self.d_state, 1)
         check_axis("S4", "dim", self.dim)
+
+    @classmethod
+    def from_params(cls, params: S4Params) -> S4Config:
+        """The config of the layer whose parameters are ``params``: ``A_log`` is ``[num_neurons, d_state]``."""
+        num_neurons, d_state = params.A_log.shape
+        return cls(num_neurons=num_neurons, d_state=d_state)
 
     def param_shapes(self) -> dict:
         """``{state_dict key: shape}`` of the layer's parameters."""
@@ -345,11 +353,19 @@ class S5Config:
     num_neurons: int
     d_state: int = 64
     dim: int = -1
+    # The parameters whose axes give the sizes (see from_params), with their number of axes.
+    SIZED_BY: ClassVar[dict] = {"B": 2, "A_log": 1}
 
     def __post_init__(self):
         check_int("S5", "num_neurons", self.num_neurons, 1)
         check_int("S5", "d_state", self.d_state, 1)
         check_axis("S5", "dim", self.dim)
+
+    @classmethod
+    def from_params(cls, params: S5Params) -> S5Config:
+        """The config of the layer whose parameters are ``params``: ``B`` is ``[num_neurons, .]``,
+        ``A_log`` ``[d_state]``."""
+        return cls(num_neurons=params.B.shape[0], d_state=params.A_log.shape[0])
 
     def param_shapes(self) -> dict:
         """``{state_dict key: shape}`` of the layer's parameters."""

@@ -79,22 +79,21 @@ def contiguous(x, xp):
     return xp.reshape(xp.reshape(x, (-1,)), tuple(x.shape))
 
 
-def time_blocks(x, block: int, xp, pad_last: bool = False) -> list:
+def time_blocks(x, block: int, xp) -> list:
     """``x`` ``[T, ...]`` cut along time into arrays of ``block`` steps (the last one shorter).
 
     One reshape and unstack rather than ``T / block`` slices: under autograd
-    each slice's gradient is a zero-filled array of the whole ``x``. With
-    ``pad_last`` every block has ``block`` steps, the last one padded with zeros.
+    each slice's gradient is a zero-filled array of the whole ``x``.
     """
     T = x.shape[0]
     count = -(-T // block)
-    pad = count * block - T
-    if count <= 1 and not (pad and pad_last):
+    if count <= 1:
         return [x]
+    pad = count * block - T  # zeros that make the reshape whole, cut off the last block again
     if pad:
         zeros = xp.zeros((pad,) + tuple(x.shape[1:]), dtype=x.dtype, device=getattr(x, "device", None))
         x = xp.concat((x, zeros), axis=0)  # [count * block, ...]
-    blocks = unstack(xp.reshape(x, (count, block) + tuple(x.shape[1:])), 0, xp)  # count x [block, ...]
-    if pad and not pad_last:
-        blocks = [*blocks[:-1], blocks[-1][: block - pad, ...]]
-    return list(blocks)
+    blocks = list(unstack(xp.reshape(x, (count, block) + tuple(x.shape[1:])), 0, xp))  # count x [block, ...]
+    if pad:
+        blocks[-1] = blocks[-1][: block - pad, ...]  # [block - pad, ...]
+    return blocks

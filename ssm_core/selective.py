@@ -9,7 +9,7 @@ stores them, ``[out, in]``, and applied as ``x @ W.T``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from ._array import linear, moveaxis, muladd, namespace, readout, silu, softplus, unstack
 from .checks import check_axis, check_int
@@ -182,12 +182,21 @@ class S6Config:
     d_state: int = 16
     dt_rank: int = -1
     dim: int = -1
+    # The parameters whose axes give the sizes (see from_params), with their number of axes.
+    SIZED_BY: ClassVar[dict] = {"A_log": 2, "dt_proj_weight": 2}
 
     def __post_init__(self):
         check_int("S6", "num_neurons", self.num_neurons, 1)
         check_int("S6", "d_state", self.d_state, 1)
         check_axis("S6", "dim", self.dim)
         object.__setattr__(self, "dt_rank", _resolve_dt_rank("S6", self.dt_rank, self.num_neurons))
+
+    @classmethod
+    def from_params(cls, params: S6Params) -> S6Config:
+        """The config of the layer whose parameters are ``params``: ``A_log`` is ``[num_neurons, d_state]``,
+        ``dt_proj_weight`` ``[., dt_rank]``."""
+        num_neurons, d_state = params.A_log.shape
+        return cls(num_neurons=num_neurons, d_state=d_state, dt_rank=params.dt_proj_weight.shape[1])
 
     def param_shapes(self) -> dict:
         """``{state_dict key: shape}`` of the layer's parameters."""
@@ -292,6 +301,9 @@ class MambaConfig:
     dim: int = -1
     dt_rank: int = -1
     conv_kernel: int = 4
+    # The parameters whose axes give the sizes (see from_params), with their number of axes;
+    # conv_weights may be None: no convolution.
+    SIZED_BY: ClassVar[dict] = {"A_log": 2, "dt_proj_weight": 2, "conv_weights": 2}
 
     def __post_init__(self):
         check_int("Mamba", "num_neurons", self.num_neurons, 1)
@@ -299,6 +311,15 @@ class MambaConfig:
         check_axis("Mamba", "dim", self.dim)
         check_int("Mamba", "conv_kernel", self.conv_kernel, 0)
         object.__setattr__(self, "dt_rank", _resolve_dt_rank("Mamba", self.dt_rank, self.num_neurons))
+
+    @classmethod
+    def from_params(cls, params: MambaParams) -> MambaConfig:
+        """The config of the layer whose parameters are ``params``: ``A_log`` is ``[num_neurons, d_state]``,
+        ``dt_proj_weight`` ``[., dt_rank]``, ``conv_weights`` ``[., conv_kernel]`` (None: a kernel of 1,
+        no convolution)."""
+        num_neurons, d_state = params.A_log.shape
+        conv_kernel = 1 if params.conv_weights is None else params.conv_weights.shape[1]
+        return cls(num_neurons, d_state, dt_rank=params.dt_proj_weight.shape[1], conv_kernel=conv_kernel)
 
     @property
     def has_conv(self) -> bool:

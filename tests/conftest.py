@@ -13,7 +13,7 @@
   keyed like ``state_dict()``): the init recipes plus noise, so no default
   value hides a bug.
 - for the torch-only tests: :func:`make_layer` (a layer's own init, perturbed by
-  :func:`perturb_`), :func:`run_steps`, :func:`snapshot`, :func:`assert_states_equal`.
+  :func:`perturb_`), :func:`run_steps`, :func:`cloned_states`, :func:`assert_states_equal`.
 - ``rel_err``, ``state_names`` and ``FIXTURE_DIR`` come from ``numpy_oracle``.
 """
 
@@ -424,7 +424,7 @@ def held_states(layer) -> dict:
     return {name: getattr(layer, name) for name in sorted(layer._state_names)}
 
 
-def snapshot(layer) -> dict:
+def cloned_states(layer) -> dict:
     """Detached clones of a torch layer's hidden states (None stays None)."""
     return {k: (None if v is None else v.detach().clone()) for k, v in held_states(layer).items()}
 

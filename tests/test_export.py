@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from conftest import ALL, ONE_OF_EACH, assert_states_equal, cases, make_layer, snapshot
+from conftest import ALL, ONE_OF_EACH, assert_states_equal, cases, cloned_states, make_layer
 
 STEPS, BATCH = 5, 3
 
@@ -58,7 +58,7 @@ def test_stateless_form_leaves_the_layer_states_alone(case):
     layer = make_layer(cls_name, kwargs)
     x = _inputs(kwargs)
     layer(x)
-    before = snapshot(layer)
+    before = cloned_states(layer)
     y, *states = layer.stateless()(x, *layer.initial_states(x))
     assert_states_equal(layer, before)
     layer.zero_states()

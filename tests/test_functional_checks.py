@@ -9,6 +9,7 @@ without a time axis.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -171,3 +172,13 @@ def test_mamba_without_convolution_takes_no_conv_buffer(mode):
     buffer = np.zeros((BATCH, N, 4))
     with pytest.raises(ValueError, match=rf"mamba_{mode}: state conv_buffer is given \(shape \(5, 8, 4\)\), but the layer"):
         _call(spec, name, mode, _input(mode, (BATCH, N)), state._replace(conv_buffer=buffer), params)
+
+
+@pytest.mark.parametrize("key", list(LAYERS))
+def test_config_from_params_gives_back_the_layers_config(key):
+    # Sizes other than the defaults, so that each is read from the parameters and not defaulted.
+    cls, spec, kwargs = LAYERS[key]
+    extra = {"s6": dict(dt_rank=2), "mamba": dict(dt_rank=3, conv_kernel=3)}.get(key, {})
+    layer = cls(N, dtype=np.float32, seed=0, **kwargs, **extra)
+    params = spec.params_from_mapping(layer.state_dict())
+    assert spec.config.from_params(params) == dataclasses.replace(layer.config, dim=-1)

@@ -65,3 +65,21 @@ def test_published_path_loads_in_a_fresh_interpreter(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "tracetorch.ssm._layers"
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (tt.ssm.S4, dict(d_state=3, dim=0)), (tt.ssm.S5, dict(d_state=3)), (tt.ssm.S6, dict(d_state=3, dt_rank=2)),
+    (tt.ssm.Mamba, dict(d_state=3, dt_rank=3, conv_kernel=3)), (tt.ssm.Mamba, dict(d_state=3, conv_kernel=1)),
+])
+def test_layer_keeps_its_config_and_a_published_pickle_finds_it(cls, kwargs):
+    torch.manual_seed(0)
+    layer = cls(4, **kwargs).double()
+    assert layer.config is layer.config  # built once, in __init__, and kept
+    x = torch.randn(4, 2, dtype=torch.float64) if kwargs.get("dim") == 0 else torch.randn(2, 4, dtype=torch.float64)
+    # A layer pickled by traceTorch 0.19.2 holds its attributes and parameters, not the config nor the slots.
+    old = pickle.loads(pickle.dumps(layer))
+    for name in ("_ssm_config", "_state_slots"):
+        old.__dict__.pop(name, None)
+    assert old.config == layer.config
+    with torch.no_grad():
+        assert torch.equal(old(x), layer(x))

@@ -3,7 +3,7 @@
 The step functions give the float64 oracle's numbers on the plain arrays of
 torch, NumPy, array-api-strict, MLX (once ``backends.mlx`` completed its
 namespace; a clear error before) and CuPy, and every binding's layer steps
-exactly as they do; every scan method (loop, parallel, FFT) equals stepping;
+exactly as they do; every scan method (loop, parallel, chunked) equals stepping;
 the linear recurrence and the decay powers at their edges.
 """
 
@@ -155,3 +155,11 @@ def test_every_scan_method_equals_stepping_on_array_api_strict(name, kwargs):
         for a, b in zip(final, stepped_state):
             if a is not None:
                 assert rel_err(np.from_dlpack(a), np.from_dlpack(b)) <= TOL["float64"], method
+
+
+@pytest.mark.parametrize("T, block, lengths", [(3, 4, [3]), (4, 4, [4]), (8, 4, [4, 4]), (10, 4, [4, 4, 2]), (9, 1, [1] * 9)])
+def test_time_blocks_cut_the_sequence_in_order(T, block, lengths):
+    xs = np.arange(T * 2, dtype=np.float64).reshape(T, 2)
+    blocks = ssm_core.time_blocks(xs, block, np)
+    assert [b.shape[0] for b in blocks] == lengths
+    np.testing.assert_array_equal(np.concatenate(blocks), xs)  # every step once, no padding left in

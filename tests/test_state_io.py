@@ -24,8 +24,8 @@ from torch import nn
 
 import tracetorch as tt
 from conftest import (
-    ALL, D_STATE, FIVE, LTI, N, ONE_OF_EACH, OneLayerModel, assert_states_equal, held_states, make_layer, perturb_,
-    rel_err, run_steps, snapshot, state_names,
+    ALL, D_STATE, FIVE, LTI, N, ONE_OF_EACH, OneLayerModel, assert_states_equal, cloned_states, held_states, make_layer,
+    perturb_, rel_err, run_steps, state_names,
 )
 
 DT = torch.float64
@@ -584,7 +584,7 @@ def _pair_states(batch):
 def test_a_partial_load_must_agree_with_the_states_kept():
     model = _Pair()
     model(torch.randn(4, N))
-    before = snapshot(model.net[0])
+    before = cloned_states(model.net[0])
     states = {"net.0.ssm_state": _pair_states(2)["net.0.ssm_state"]}
     with pytest.raises(ValueError, match=r"held conv_buffer"):
         model.load_states(states, strict=False)

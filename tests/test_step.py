@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tracetorch as tt
-from conftest import ALL, N, TOL, assert_states_equal, copy_params, make_layer, rel_err, snapshot, state_names
+from conftest import ALL, N, TOL, assert_states_equal, cloned_states, copy_params, make_layer, rel_err, state_names
 
 T = 4
 BATCH_SHAPES = [(), (2,), (2, 3, 5)]
@@ -152,7 +152,7 @@ def test_dtype_conversion_while_states_are_held(case):
     layer = make_layer(cls_name, kwargs)
     layer(torch.randn(2, N, dtype=torch.float64))
     layer.to(torch.float32)
-    snap = snapshot(layer)
+    snap = cloned_states(layer)
     with pytest.raises(TypeError) as error:
         layer(torch.randn(2, N, dtype=torch.float32))
     message = str(error.value)
@@ -161,7 +161,7 @@ def test_dtype_conversion_while_states_are_held(case):
     assert_states_equal(layer, snap)
     layer.zero_states()
     assert layer(torch.randn(2, N, dtype=torch.float32)).dtype == torch.float32  # after the reset it steps
-    snap = snapshot(layer)
+    snap = cloned_states(layer)
     with pytest.raises(TypeError, match=rf"^{cls_name}: expected input of dtype torch\.float32 .* got torch\.float64"):
         layer(torch.randn(2, N, dtype=torch.float64))
     assert_states_equal(layer, snap)

@@ -4,7 +4,7 @@ A compiled layer or model gives the plain layer's outputs and states, keeps
 its ``state_dict`` keys (so its checkpoints load anywhere), compiles again
 from new parameters, survives a dtype conversion, and trains again once
 decompiled. That a compiled layer keeps the weights it was compiled with is
-``test_weight_freshness.py``; ``torch.compile`` is ``test_fast_paths.py``.
+``test_weight_freshness.py``; ``torch.compile`` of a step is ``test_fused.py``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from torch import nn
 from ssm_core import fused
 
 from ._layer import _SEQUENCE_MODE, Layer
-from ._model import _walk
+from ._walk import _walk
 
 __all__ = ["checkpoint"]
 

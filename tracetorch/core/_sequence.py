@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from ._layer import _SEQUENCE_MODE, Layer
-from ._model import _walk
+from ._walk import _walk
 
 __all__ = ["sequence_mode"]
 

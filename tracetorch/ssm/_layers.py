@@ -58,12 +58,9 @@ class S4(TimeInvariantLayer):
 
     def __init__(self, num_neurons: int, d_state: int = 64, dim: int = -1):
         config = ssm_core.S4Config(num_neurons, d_state, dim)
-        super().__init__(num_neurons, dim, d_state=d_state)
+        super().__init__(config.num_neurons, config.dim, d_state=config.d_state)
         self._init_parameters(config)
         self._initialize_state("state")
-
-    def _config(self):
-        return ssm_core.S4Config(self.num_neurons, self.d_state, self.dim)
 
 
 class S5(TimeInvariantLayer):
@@ -110,13 +107,9 @@ class S5(TimeInvariantLayer):
 
     def __init__(self, num_neurons: int, d_state: int = 64, dim: int = -1):
         config = ssm_core.S5Config(num_neurons, d_state, dim)
-        super().__init__(num_neurons, dim, d_state=1)
-        self.d_state = d_state
+        super().__init__(config.num_neurons, config.dim, d_state=config.d_state)
         self._init_parameters(config)
         self._initialize_state("global_state")
-
-    def _config(self):
-        return ssm_core.S5Config(self.num_neurons, self.d_state, self.dim)
 
     def _ensure_state(self, state_name, reference_tensor):
         r"""Create ``global_state`` as zeros: the input's shape with ``d_state`` at ``dim``."""
@@ -173,15 +166,12 @@ class S6(SelectiveLayer):
 
     def __init__(self, num_neurons: int, d_state: int = 16, dt_rank: int = -1, dim: int = -1):
         config = ssm_core.S6Config(num_neurons, d_state, dt_rank, dim)
-        super().__init__(num_neurons, dim, d_state=d_state)
+        super().__init__(config.num_neurons, config.dim, d_state=config.d_state)
         self.dt_rank = config.dt_rank
-        self.x_proj = _linear(num_neurons, config.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = _linear(config.dt_rank, num_neurons, bias=True)
+        self.x_proj = _linear(config.num_neurons, config.dt_rank + 2 * config.d_state, bias=False)
+        self.dt_proj = _linear(config.dt_rank, config.num_neurons, bias=True)
         self._init_parameters(config)
         self._initialize_state("state")
-
-    def _config(self):
-        return ssm_core.S6Config(self.num_neurons, self.d_state, self.dt_proj.in_features, self.dim)
 
 
 class Mamba(SelectiveLayer):
@@ -240,20 +230,18 @@ class Mamba(SelectiveLayer):
 
     def __init__(self, num_neurons: int, d_state: int = 16, dim: int = -1, dt_rank: int = -1, conv_kernel: int = 4):
         config = ssm_core.MambaConfig(num_neurons, d_state, dim, dt_rank, conv_kernel)
-        super().__init__(num_neurons, dim, d_state=d_state)
-        self.conv_kernel = conv_kernel
+        super().__init__(config.num_neurons, config.dim, d_state=config.d_state)
+        self.conv_kernel = config.conv_kernel
         self.dt_rank = config.dt_rank
-        self.in_proj = _linear(num_neurons, 2 * num_neurons, bias=False)
-        self.out_proj = _linear(num_neurons, num_neurons, bias=False)
-        self.ssm_proj = _linear(num_neurons, config.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = _linear(config.dt_rank, num_neurons, bias=True)
+        N, R, d = config.num_neurons, config.dt_rank, config.d_state
+        self.in_proj = _linear(N, 2 * N, bias=False)
+        self.out_proj = _linear(N, N, bias=False)
+        self.ssm_proj = _linear(N, R + 2 * d, bias=False)
+        self.dt_proj = _linear(R, N, bias=True)
         self._init_parameters(config)
         if config.has_conv:
             self._initialize_state("conv_buffer")
         self._initialize_state("ssm_state")
-
-    def _config(self):
-        return ssm_core.MambaConfig(self.num_neurons, self.d_state, self.dim, self.dt_proj.in_features, self.conv_kernel)
 
     def _ensure_state(self, state_name, reference_tensor):
         r"""Create a state as zeros; ``conv_buffer`` gets ``conv_kernel`` as its trailing axis."""

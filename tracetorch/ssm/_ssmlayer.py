@@ -9,6 +9,7 @@ layers of the user's own: ``_ensure_state`` with a trailing ``d_state`` axis,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import ClassVar, Literal, Optional
 
@@ -156,13 +157,14 @@ class Layer(BaseLayer):
 
     # ------------------------------------------------------------- binding to ssm_core
 
-    def _config(self):
-        raise NotImplementedError
-
     @property
     def config(self):
-        """The constructor arguments as an ``ssm_core`` config (``ssm_core.S6Config`` ...)."""
-        return self._config()
+        """The constructor arguments as an ``ssm_core`` config (``ssm_core.S6Config`` ...), kept since construction."""
+        config = self.__dict__.get("_ssm_config")
+        if config is None:  # a layer unpickled from traceTorch 0.19.2: its sizes are its parameters'
+            config = dataclasses.replace(self.spec.config.from_params(self._core_params()), dim=self.dim)
+            self.__dict__["_ssm_config"] = config
+        return config
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -183,11 +185,13 @@ class Layer(BaseLayer):
     def _slots(self) -> tuple:
         slots = self.__dict__.get("_state_slots")
         if slots is None:  # also a layer unpickled from traceTorch 0.19.2
-            slots = self.__dict__["_state_slots"] = self._config().state_slots()
+            slots = self.__dict__["_state_slots"] = self.config.state_slots()
         return slots
 
     def _init_parameters(self, config) -> None:
-        """Draw the parameters with ``ssm_core``'s init formulas and register them under their traceTorch names."""
+        """Keep ``config`` as the layer's, draw the parameters with ``ssm_core``'s init formulas and register them
+        under their traceTorch names."""
+        self.__dict__["_ssm_config"] = config
         params = self.spec.init(config, _draws(torch.get_default_dtype()))
         for key, value in self.spec.params_to_mapping(params).items():
             owner_name, _, attr = key.rpartition(".")
@@ -483,7 +487,7 @@ class SelectiveLayer(Layer):
         key = (tuple(x.shape), dtype, x.device, _compat.autocast_dtype(x.device.type))  # a graph per autocast state
         cached = self.__dict__.get("_compiled_step")
         if cached is None or cached[0] != key:
-            step = _fused.step_function(self.spec, self._config(), x)
+            step = _fused.step_function(self.spec, self.config, x)
             cached = self.__dict__["_compiled_step"] = (key, step)
         return cached[1](x, state, params, decay)
 
