@@ -7,7 +7,7 @@
   ``dt`` and ``A_log``, with ``A`` underflowed, and in half precision (states
   in float32), stepping and scanning;
 - NaN/Inf inputs propagate forward in time within their batch element, never
-  hidden, never backwards (also through the FFT scan);
+  hidden, never backwards (also through the chunked scan);
 - 100,000 steps with large ``dt`` stay finite, scan equal to stepping; a long
   float32 scan stays within float32 drift of float64.
 """
