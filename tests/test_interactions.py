@@ -143,6 +143,16 @@ def _cotangent(shape, dtype):
     return torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
 
 
+def _assert_same_gradients(ys, ys_ref, runner, reference, xs, tol):
+    """The gradients of a weighted sum of ``ys`` (input and trained parameters) against the reference's."""
+    w = _cotangent(xs.shape, torch.float32 if ys.dtype != torch.float64 else torch.float64)
+    params, params_ref = _trained(runner, reference)
+    grads = torch.autograd.grad((ys.to(w.dtype) * w).sum(), [xs, *params])
+    grads_ref = torch.autograd.grad((ys_ref.to(w.dtype) * w).sum(), [xs, *params_ref])
+    for got, want in zip(grads, grads_ref, strict=True):
+        _assert_close(got, want, tol, "gradient")
+
+
 # ----------------------------------------------------------------------------- the cells
 
 
@@ -151,17 +161,11 @@ def _cotangent(shape, dtype):
 def test_checkpoint(name, path, monkeypatch):
     runner, reference = _runner(name, path, monkeypatch)
     xs = _inputs(requires_grad=True)
-    w = _cotangent(xs.shape, xs.dtype)
-    params, params_ref = _trained(runner, reference)
     ys = torch.cat([call(runner, chunk, checkpointed=True) for chunk in xs.split(4)])  # 3 chunks
-    grads = torch.autograd.grad((ys * w).sum(), [xs, *params])
-
     ys_ref = stepped(reference, xs)
-    grads_ref = torch.autograd.grad((ys_ref * w).sum(), [xs, *params_ref])
     _assert_close(ys, ys_ref, TOL64, "outputs")
     _assert_same_states(runner.layer, reference, TOL64)
-    for got, want in zip(grads, grads_ref, strict=True):
-        _assert_close(got, want, TOL64, "gradient")
+    _assert_same_gradients(ys, ys_ref, runner, reference, xs, TOL64)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -239,12 +243,7 @@ def test_cpu_autocast(name, path, monkeypatch):
     for name_, value in _states(runner.layer).items():
         assert value.dtype == torch.float32, f"{name_} is {value.dtype}: states stay float32 under autocast"
     _assert_same_states(runner.layer, reference, TOL_BF16)
-    w = _cotangent(xs.shape, torch.float32)
-    params, params_ref = _trained(runner, reference)
-    grads = torch.autograd.grad((ys.float() * w).sum(), [xs, *params])
-    grads_ref = torch.autograd.grad((ys_ref.float() * w).sum(), [xs, *params_ref])
-    for got, want in zip(grads, grads_ref, strict=True):
-        _assert_close(got, want, TOL_BF16, "gradient")
+    _assert_same_gradients(ys, ys_ref, runner, reference, xs, TOL_BF16)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
