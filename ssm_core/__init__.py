@@ -29,15 +29,16 @@ layer's config, parameter and state containers and functions together, e.g.
 are the unchecked functions, for bindings that check their inputs themselves.
 
 Modules: ``lti`` (S4, S5), ``selective`` (S6, Mamba), ``functional`` (their
-steps and scans behind the argument checks), ``discretize`` (the zero-order
-hold), ``scan`` (sequence primitives), ``init`` (initialisation formulas),
-``spec`` (the per-layer records), ``layout`` (between the user's feature axis
-and the features-last layout used here), ``checks`` (argument errors),
+steps and scans behind the argument checks), ``discretize`` (``A`` from
+``A_log`` and the zero-order hold), ``scan`` (sequence primitives), ``init``
+(initialisation formulas), ``spec`` (the per-layer records), ``layout``
+(between the user's feature axis and the features-last layout used here),
+``checks`` (argument errors),
 ``_array`` (namespaces and the operations with a native fast path).
 """
 
-from ._array import namespace, phi1, register_namespace, silu, softplus
-from .discretize import decay_rates, zoh
+from ._array import namespace, register_namespace, silu, softplus
+from .discretize import decay_rates, decay_rates_from_log, phi1, zoh
 from .init import Draws
 from .lti import (
     S4, S5,
@@ -58,7 +59,7 @@ LAYERS = {spec.name: spec for spec in (S4, S5, S6, Mamba)}
 
 __all__ = [
     "LAYERS", "LayerSpec", "StateSlot", "Draws",
-    "namespace", "phi1", "softplus", "silu", "zoh", "decay_rates", "register_namespace",
+    "namespace", "phi1", "softplus", "silu", "zoh", "decay_rates", "decay_rates_from_log", "register_namespace",
     "S4", "S4Config", "S4Params", "S4State", "S4Dynamics",
     "s4_init", "s4_discretize", "s4_step", "s4_scan",
     "S5", "S5Config", "S5Params", "S5State", "S5Dynamics",

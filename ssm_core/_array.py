@@ -2,23 +2,23 @@
 
 Every public function of ``ssm_core`` resolves its namespace once, with
 :func:`namespace`, and then uses only ``xp.*``, operators and the functions
-here. ``softplus``, ``silu`` and ``phi1`` are not in the standard; ``linear``,
-``muladd`` and ``zoh_terms`` are short compositions of standard functions that
+here. ``softplus`` and ``silu`` are not in the standard; ``linear``,
+``muladd`` and ``readout`` are short compositions of standard functions that
 torch has faster kernels for. Each function is the standard form, with an
 explicit ``if _is_torch(xp):`` branch where torch's own kernel is faster and
-gives the same numbers.
+gives the same numbers; ``expm1_*`` say where the zero-order hold
+(:mod:`.discretize`) takes another form of ``expm1``.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 
 from array_api_compat import array_namespace
 
 __all__ = [
-    "namespace", "register_namespace", "softplus", "silu", "phi1", "linear", "muladd", "at_least", "zoh_terms", "readout",
-    "moveaxis", "unstack",
+    "namespace", "register_namespace", "softplus", "silu", "linear", "muladd", "at_least", "readout",
+    "moveaxis", "unstack", "expm1_lowered_to_exp", "expm1_slower_than_tanh",
 ]
 
 
@@ -140,58 +140,14 @@ def readout(h, C, xp):
     return (h @ C[..., None])[..., 0]  # [..., N]
 
 
-# expm1(z) = z * sum_k z**k / (k+1)!, k < degree, for |z| < _SERIES_BOUND: the
-# truncation stays below half an ulp there (degree 6 in float32, 12 in float64).
-_SERIES_BOUND = 0.25
-_SERIES_DEGREE = {32: 6, 64: 12}
+def expm1_lowered_to_exp(z, xp) -> bool:
+    """Whether ``expm1(z)`` compiles to ``exp(z) - 1``, inaccurate near 0: inductor's C++ does, its Triton not."""
+    return _torch_compiling(xp) and not z.is_cuda
 
 
-def _zoh_terms_from_exp(z, inv_A, xp):
-    """``(exp(z), expm1(z) * inv_A)`` from one ``exp``: ``exp(z) - 1``, or a short series near 0.
+def expm1_slower_than_tanh(z, xp) -> bool:
+    """Whether ``expm1(z)`` takes longer than ``exp`` and ``tanh``: torch's CPU one is not vectorised (6x exp).
 
-    For compilers that lower ``expm1`` to ``exp(z) - 1`` (inductor's C++ does),
-    which loses all accuracy as ``z`` -> 0, and whose ``tanh`` is a slow
-    library call. Both branches are elementwise chains, so it fuses; within
-    about 5 ulp (float32) and 2 ulp (float64) of ``expm1`` everywhere.
+    On GPUs expm1 is fast; under autograd the tanh form costs more in its backward than it saves (measured on CPU).
     """
-    decay = xp.exp(z)  # [z shape]
-    small = xp.abs(z) < _SERIES_BOUND  # [z shape]
-    # The series sees z only where it is used, 0 elsewhere: its powers of a
-    # large z overflow, and the backward of `where` multiplies the lane it did
-    # not select by a zero gradient, which 0 * inf would make NaN.
-    z_small = xp.where(small, z, xp.zeros_like(z))  # [z shape]
-    degree = _SERIES_DEGREE[64 if z.dtype == xp.float64 else 32]
-    series = 1.0 / math.factorial(degree)
-    for k in range(degree - 1, 0, -1):
-        series = series * z_small + 1.0 / math.factorial(k)  # Horner: [z shape]
-    return decay, xp.where(small, z_small * series, decay - 1.0) * inv_A  # [z shape] x2
-
-
-def zoh_terms(z, inv_A, xp):
-    """``(exp(z), expm1(z) * inv_A)``: the two terms of a zero-order hold with ``z = dt * A``."""
-    if _torch_compiling(xp) and not z.is_cuda:
-        # Inductor's C++ turns expm1 into exp(z) - 1; its Triton keeps an accurate expm1.
-        return _zoh_terms_from_exp(z, inv_A, xp)
-    if _is_torch(xp) and not (z.is_cuda or z.requires_grad):
-        # torch's CPU expm1 is not vectorised (about 6x exp's time): use
-        # expm1(z) = tanh(z/2) * (exp(z) + 1), exact to a few ulp, from two
-        # vectorised kernels. On GPUs expm1 is fast; under autograd this form
-        # costs more in its backward than it saves (measured on CPU).
-        torch = sys.modules["torch"]
-        decay = torch.exp(z)
-        return decay, torch.tanh(z * 0.5) * torch.addcmul(inv_A, decay, inv_A)
-    decay_minus_one = xp.expm1(z)
-    return decay_minus_one + 1.0, decay_minus_one * inv_A
-
-
-def phi1(z, xp=None):
-    """``expm1(z) / z`` with its limit ``phi1(0) = 1``, elementwise.
-
-    Accurate for small ``|z|`` (no ``exp(z) - 1`` cancellation) and finite at
-    ``z == 0``, where a zero-order hold with ``A`` underflowed to zero lands.
-    ``phi1(-inf) = 0``.
-    """
-    xp = namespace(z, xp=xp)
-    is_zero = z == 0
-    safe_z = xp.where(is_zero, 1.0, z)
-    return xp.where(is_zero, 1.0, xp.expm1(safe_z) / safe_z)
+    return _is_torch(xp) and not (z.is_cuda or z.requires_grad)

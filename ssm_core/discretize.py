@@ -1,16 +1,28 @@
-"""Zero-order-hold discretization of a diagonal continuous-time system."""
+"""Discretization of a diagonal system ``h' = A h + B x``, ``A = -exp(A_log)``: the one module for it.
+
+:func:`decay_rates_from_log` makes ``(A, 1 / A)`` for S4, S5, S6 and Mamba alike; :func:`zoh` is the
+zero-order hold over a step ``dt``, in the form of ``expm1`` that :mod:`._array` finds best for the call.
+"""
 
 from __future__ import annotations
 
-from ._array import namespace, zoh_terms
+import math
 
-__all__ = ["zoh", "decay_rates"]
+from ._array import expm1_lowered_to_exp, expm1_slower_than_tanh, muladd, namespace
+
+__all__ = ["zoh", "zoh_terms", "decay_rates", "decay_rates_from_log", "phi1"]
+
+
+def decay_rates_from_log(A_log, xp=None):
+    """``(A, 1 / A)`` for ``A = -exp(A_log)``, kept off zero as :func:`decay_rates` does; ``A_log``'s shape."""
+    xp = namespace(A_log, xp=xp)
+    return decay_rates(-xp.exp(A_log), xp)  # [parameter shape] x2
 
 
 def decay_rates(A, xp=None):
     """``(A, 1 / A)`` with ``A`` kept at least a tiny floor away from zero (see :func:`zoh`)."""
     xp = namespace(A, xp=xp)
-    floor, shift = _floor(xp, A.dtype)
+    floor, shift = _rate_floor(xp, A.dtype)
     # A shift is one operator (and traces under torch.compile); it moves only
     # |A| below about 1e-154 (float64) or 1e-19 (float32). float16's floor is
     # too large for that: there A is clamped instead.
@@ -55,17 +67,73 @@ def zoh(dt, A, xp=None, inv_A=None):
     return zoh_terms(dt * A, inv_A, xp)  # [broadcast shape] x2
 
 
-_FLOORS: dict = {}
+def zoh_terms(z, inv_A, xp):
+    """``(exp(z), expm1(z) * inv_A)``: the two terms of a zero-order hold with ``z = dt * A``."""
+    if expm1_lowered_to_exp(z, xp):
+        return _zoh_terms_from_exp(z, inv_A, xp)
+    if expm1_slower_than_tanh(z, xp):
+        # expm1(z) = tanh(z/2) * (exp(z) + 1), exact to a few ulp, from two vectorised kernels.
+        decay = xp.exp(z)  # [z shape]
+        return decay, xp.tanh(z * 0.5) * muladd(decay, inv_A, inv_A, xp)  # [z shape] x2
+    decay_minus_one = xp.expm1(z)  # [z shape]
+    return decay_minus_one + 1.0, decay_minus_one * inv_A  # [z shape] x2
 
 
-def _floor(xp, dtype) -> tuple:
-    """``(floor, shift)``: how far ``A`` stays from zero, and whether shifting by it is harmless."""
+# expm1(z) = z * sum_k z**k / (k+1)!, k < degree, for |z| < _SERIES_BOUND: the
+# truncation stays below half an ulp there (degree 6 in float32, 12 in float64).
+_SERIES_BOUND = 0.25
+_SERIES_DEGREE = {32: 6, 64: 12}
+
+
+def _zoh_terms_from_exp(z, inv_A, xp):
+    """``(exp(z), expm1(z) * inv_A)`` from one ``exp``: ``exp(z) - 1``, or a short series near 0.
+
+    For compilers that lower ``expm1`` to ``exp(z) - 1`` (inductor's C++ does),
+    which loses all accuracy as ``z`` -> 0, and whose ``tanh`` is a slow
+    library call. Both branches are elementwise chains, so it fuses; within
+    about 5 ulp (float32) and 2 ulp (float64) of ``expm1`` everywhere.
+    """
+    decay = xp.exp(z)  # [z shape]
+    small = xp.abs(z) < _SERIES_BOUND  # [z shape]
+    # The series sees z only where it is used, 0 elsewhere: its powers of a
+    # large z overflow, and the backward of `where` multiplies the lane it did
+    # not select by a zero gradient, which 0 * inf would make NaN.
+    z_small = xp.where(small, z, xp.zeros_like(z))  # [z shape]
+    degree = _SERIES_DEGREE[64 if z.dtype == xp.float64 else 32]
+    series = 1.0 / math.factorial(degree)
+    for k in range(degree - 1, 0, -1):
+        series = series * z_small + 1.0 / math.factorial(k)  # Horner: [z shape]
+    return decay, xp.where(small, z_small * series, decay - 1.0) * inv_A  # [z shape] x2
+
+
+def phi1(z, xp=None):
+    """``expm1(z) / z`` with its limit ``phi1(0) = 1``, elementwise.
+
+    Accurate for small ``|z|`` (no ``exp(z) - 1`` cancellation) and finite at
+    ``z == 0``, where a zero-order hold with ``A`` underflowed to zero lands.
+    ``phi1(-inf) = 0``.
+    """
+    xp = namespace(z, xp=xp)
+    is_zero = z == 0
+    safe_z = xp.where(is_zero, 1.0, z)
+    return xp.where(is_zero, 1.0, xp.expm1(safe_z) / safe_z)
+
+
+_RATE_FLOORS: dict = {}
+
+
+def _rate_floor(xp, dtype) -> tuple:
+    """``(floor, shift)``: how far ``A`` stays from zero (``1 / A`` finite), and whether shifting by it is harmless.
+
+    Not the floor of the chunked scans' decay powers (``lti._power_floor``):
+    that one keeps products of powers off subnormal numbers, for speed.
+    """
     key = (getattr(xp, "__name__", None) or id(xp), str(dtype))
-    floor = _FLOORS.get(key)
+    floor = _RATE_FLOORS.get(key)
     if floor is None:
         info = xp.finfo(dtype)
         tiny = float(info.smallest_normal)
         # The square root keeps dt * A a normal number for any dt > sqrt(tiny);
         # float16's range is too narrow for that margin.
-        floor = _FLOORS[key] = (tiny**0.5, True) if info.bits >= 32 else (tiny, False)
+        floor = _RATE_FLOORS[key] = (tiny**0.5, True) if info.bits >= 32 else (tiny, False)
     return floor

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ._array import at_least, muladd, namespace, unstack
 from .checks import check_axis, check_int
-from .discretize import zoh
+from .discretize import decay_rates_from_log, zoh
 from .scan import contiguous
 from .init import Draws, log_uniform_log_dt, s4d_real_A_log
 from .spec import LayerSpec, StateSlot, params_to_mapping, params_type
@@ -117,9 +117,8 @@ def s4_init(config: S4Config, draws: Draws) -> S4Params:
 def s4_discretize(params: S4Params, xp=None) -> S4Dynamics:
     """Zero-order hold of S4's parameters; depends on no input."""
     xp = namespace(params.A_log, xp=xp)
-    dt = xp.exp(params.log_dt)[:, None]  # [N, 1]
-    A = -xp.exp(params.A_log)  # [N, d]
-    A_bar, gain = zoh(dt, A, xp)  # [N, d], [N, d]
+    A, inv_A = decay_rates_from_log(params.A_log, xp)  # [N, d] x2
+    A_bar, gain = zoh(xp.exp(params.log_dt)[:, None], A, xp, inv_A)  # [N, d] x2
     return S4Dynamics(A_bar, gain * params.B, params.C, params.D)
 
 
@@ -234,13 +233,15 @@ def _causal_toeplitz(kernel, xp):
     return entries * xp.astype(causal, kernel.dtype)  # [..., L, L]
 
 
-def _decay_floor(dtype, xp) -> float:
+def _power_floor(dtype, xp) -> float:
     """Where decay powers are clipped: ``2**-42`` in float32, ``2**-341`` in float64.
 
     Far below any sum's rounding, and a power of two above the cube root of
     the smallest normal number: neither a power nor its product with a
     coefficient above the floor is subnormal, which x86 CPUs multiply up to a
-    hundred times slower than normal numbers.
+    hundred times slower than normal numbers. A speed floor, on ``A_bar``'s
+    powers: not the discretization's floor on ``A`` (``discretize._rate_floor``),
+    which keeps ``1 / A`` finite.
     """
     info = xp.finfo(dtype)
     if info.bits < 32:  # too narrow a range for that margin
@@ -252,9 +253,9 @@ def _decay_powers(decay, count: int, axis: int, xp):
     """``decay**j`` for ``j = 0..count-1`` along a new axis ``axis``, for ``0 <= decay <= 1``.
 
     ``exp(j * log(decay))``: non-positive exponents only, nothing grows;
-    clipped at :func:`_decay_floor`.
+    clipped at :func:`_power_floor`.
     """
-    floor = _decay_floor(decay.dtype, xp)
+    floor = _power_floor(decay.dtype, xp)
     axis = axis % (decay.ndim + 1)
     log_decay = xp.expand_dims(xp.log(at_least(decay, floor, xp)), axis=axis)  # decay's shape with 1 at axis
     j = xp.arange(count, dtype=decay.dtype, **_device(decay))  # [count]
@@ -264,7 +265,7 @@ def _decay_powers(decay, count: int, axis: int, xp):
 
 def _decay_power(decay, n: int, xp):
     """``decay**n`` (``n >= 0``) as :func:`_decay_powers` makes it: decay's shape."""
-    floor = _decay_floor(decay.dtype, xp)
+    floor = _power_floor(decay.dtype, xp)
     return xp.exp(at_least(n * xp.log(at_least(decay, floor, xp)), math.log(floor), xp))  # decay's shape
 
 
@@ -309,7 +310,7 @@ def _s4_chunked_scan(xs, state: S4State, dynamics: S4Dynamics, xp):
     kernel = xp.concat((kernel[:, :1] + D[:, None], kernel[:, 1:]), axis=1)  # [N, L]: D x joins lag 0
     within = _causal_toeplitz(kernel, xp)  # [N, L, L]
     to_end = xp.flip(powers, axis=1) * B_bar[:, None, :]  # [N, L, d]: A_bar**(L-1-j) B_bar
-    step_readout = at_least(A_bar, _decay_floor(A_bar.dtype, xp), xp) * C  # [N, d]: C A_bar
+    step_readout = at_least(A_bar, _power_floor(A_bar.dtype, xp), xp) * C  # [N, d]: C A_bar
     readout = xp.permute_dims(powers * step_readout[:, None, :], (0, 2, 1))  # [N, d, L]: C A_bar**(t+1)
 
     x = _pad_time(xp.reshape(xs, (T, M, N)), count * L, xp)  # [count * L, M, N]
@@ -404,9 +405,8 @@ def s5_init(config: S5Config, draws: Draws) -> S5Params:
 def s5_discretize(params: S5Params, xp=None) -> S5Dynamics:
     """Zero-order hold of S5's parameters; depends on no input."""
     xp = namespace(params.A_log, xp=xp)
-    dt = xp.exp(params.log_dt)  # [1]
-    A = -xp.exp(params.A_log)  # [d]
-    A_bar, gain = zoh(dt, A, xp)  # [d], [d]
+    A, inv_A = decay_rates_from_log(params.A_log, xp)  # [d] x2
+    A_bar, gain = zoh(xp.exp(params.log_dt), A, xp, inv_A)  # [d] x2
     return S5Dynamics(A_bar, params.B * gain, params.C, params.D)
 
 
@@ -459,7 +459,7 @@ def _s5_chunked_scan(xs, state: S5State, dynamics: S5Dynamics, xp):
     count, L = _chunks(T, min(S5_CHUNK, max(MIN_CHUNK, math.isqrt(4 * T * M))))
     powers = _decay_powers(A_bar, L, 1, xp)  # [d, L]: A_bar**j
     within = _causal_toeplitz(powers, xp)  # [d, L, L]
-    from_start = powers * at_least(A_bar, _decay_floor(A_bar.dtype, xp), xp)[:, None]  # [d, L]: A_bar**(t+1)
+    from_start = powers * at_least(A_bar, _power_floor(A_bar.dtype, xp), xp)[:, None]  # [d, L]: A_bar**(t+1)
 
     x = xp.reshape(xs, (T * M, N))  # [T * M, N]: one product, not T small ones
     u = _pad_time(xp.reshape(x @ B_bar, (T, M, d)), count * L, xp)  # [count * L, M, d]

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ._array import linear, moveaxis, muladd, namespace, readout, silu, softplus, unstack
 from .checks import check_axis, check_int
-from .discretize import decay_rates, zoh
+from .discretize import decay_rates_from_log, zoh
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
 from .scan import linear_recurrence, time_blocks
 from .spec import LayerSpec, StateSlot, params_to_mapping, params_type
@@ -51,10 +51,8 @@ def _selective_update(u, dt, B, C, h, A, inv_A, xp):
     return readout(h, C, xp), h  # [..., N], [..., N, d]
 
 
-def selective_decay(A_log, xp=None):
-    """``(A, 1/A)`` for ``A = -exp(A_log)`` ``[N, d]``: what the selective layers need of ``A_log``."""
-    xp = namespace(A_log, xp=xp)
-    return decay_rates(-xp.exp(A_log), xp)
+# ``(A, 1/A)`` for ``A = -exp(A_log)`` ``[N, d]``: what the selective layers need of ``A_log``.
+selective_decay = decay_rates_from_log
 
 
 def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp):

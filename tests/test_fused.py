@@ -22,7 +22,7 @@ import backends
 import ssm_core
 import tracetorch as tt
 from ssm_core import fused
-from ssm_core._array import _zoh_terms_from_exp
+from ssm_core.discretize import _zoh_terms_from_exp
 from conftest import random_weights
 from tracetorch.ssm import _fused
 

@@ -115,6 +115,36 @@ def test_zoh_with_A_underflowed_to_zero_is_an_integrator(binding, dtype):
     assert (np.abs(gain - dt) / dt).max() <= 2 * eps
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_layer_takes_A_from_A_log_by_one_rule(binding, dtype):
+    """S4, S5 and S6/Mamba make ``(A, 1/A)`` from ``A_log`` alike: ``-exp(A_log)``, kept off zero.
+
+    Where ``exp(A_log)`` underflows, ``A`` is a tiny negative floor and ``1/A``
+    finite; elsewhere ``A == -exp(A_log)``. S4's and S5's dynamics are the
+    zero-order hold of that pair, bit for bit.
+    """
+    b = binding
+    A_log = b.asarray(np.array([[-1000.0, -20.0, 0.0, 1.0, 3.0, 5.0]] * 2, dtype))
+    xp = ssm_core.namespace(A_log)
+    A, inv_A = ssm_core.decay_rates_from_log(A_log)
+    A_np, inv_np = b.to_numpy(A), b.to_numpy(inv_A)
+    assert (A_np < 0).all() and np.isfinite(inv_np).all()
+    np.testing.assert_array_equal(A_np[:, 1:], b.to_numpy(-xp.exp(A_log))[:, 1:])
+    A6, inv6 = ssm_core.selective_decay(A_log)  # S6 and Mamba
+    np.testing.assert_array_equal(b.to_numpy(A6), A_np)
+    np.testing.assert_array_equal(b.to_numpy(inv6), inv_np)
+    B = np.random.default_rng(0).standard_normal((2, 6)).astype(dtype)
+    log_dt, ones = b.asarray(np.array([-3.0, -1.0], dtype)), b.asarray(np.ones(2, dtype))
+    s4 = ssm_core.s4_discretize(ssm_core.S4Params(A_log, b.asarray(B), b.asarray(B), log_dt, ones))
+    A_bar, gain = ssm_core.zoh(xp.exp(log_dt)[:, None], A, inv_A=inv_A)
+    np.testing.assert_array_equal(b.to_numpy(s4.A_bar), b.to_numpy(A_bar))
+    np.testing.assert_array_equal(b.to_numpy(s4.B_bar), b.to_numpy(gain) * B)
+    s5 = ssm_core.s5_discretize(ssm_core.S5Params(A_log[0, ...], b.asarray(B), b.asarray(B.T), ones, log_dt[:1]))
+    A_bar, gain = ssm_core.zoh(xp.exp(log_dt[:1]), A[0, ...], inv_A=inv_A[0, ...])
+    np.testing.assert_array_equal(b.to_numpy(s5.A_bar), b.to_numpy(A_bar))
+    np.testing.assert_array_equal(b.to_numpy(s5.B_bar), B * b.to_numpy(gain))
+
+
 # ----------------------------------------------------------------------------- the layers against the oracle
 
 
