@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import ssm_core
 from ssm_core.checks import check_axis, check_loaded_state, check_loaded_states_agree
-from ssm_core.layout import compute_dtype, run
+from ssm_core.layout import compute_dtype, in_compute_dtype, run
 from ssm_core.scan import default_scan_method
 
 __all__ = ["Layer", "bind", "is_torch_bfloat16"]
@@ -127,11 +127,10 @@ class Layer:
     # ------------------------------------------------------------- parameters
 
     def _set_params(self, params) -> None:
-        xp = self.backend.xp
+        """Hold ``params``, of the layer's dtype ``self.dtype``."""
         self.params = params
         # Half-precision layers compute, and keep their states, in float32.
-        dtype = params.A_log.dtype
-        self._compute_dtype = compute_dtype(dtype, xp)
+        self._compute_dtype = compute_dtype(self.dtype, self.backend.xp)
         self._device = getattr(params.A_log, "device", None)
 
     def _compute_params(self):
@@ -140,8 +139,7 @@ class Layer:
         Nothing derived from them is kept between calls: ``state_dict()`` hands
         out the live arrays, and an in-place edit of one must reach the next step.
         """
-        xp, dtype = self.backend.xp, self._compute_dtype
-        return type(self.params)(*(None if p is None else xp.astype(p, dtype, copy=False) for p in self.params))
+        return in_compute_dtype(self.params, self.backend.xp)[0]
 
     def state_dict(self) -> dict:
         """``{traceTorch state_dict key: array}``, as ``torch_layer.state_dict()`` names them."""
@@ -177,10 +175,11 @@ class Layer:
         if not self._fixed_dtype and loaded:
             dtype = next(iter(loaded.values())).dtype
         merged = {**self.state_dict(), **loaded}
-        self._set_params(self.spec.params_from_mapping({k: xp.astype(v, dtype) for k, v in merged.items()}))
-        if dtype != self.dtype:
+        params = self.spec.params_from_mapping({k: xp.astype(v, dtype) for k, v in merged.items()})
+        dtype_changed, self.dtype = dtype != self.dtype, dtype
+        self._set_params(params)
+        if dtype_changed:
             self._states = {k: None if v is None else xp.astype(v, self._compute_dtype) for k, v in self._states.items()}
-            self.dtype = dtype
 
     def _convert(self, value, key):
         if is_torch_bfloat16(value) and not _has_bfloat16(self.backend):

@@ -20,7 +20,7 @@ from .checks import check_dim, check_step_input, expected_state_shape
 
 __all__ = [
     "enter_step", "leave_step", "enter_scan", "leave_scan", "ScanAxes", "run", "zero_states", "compute_dtype",
-    "StateArguments",
+    "in_compute_dtype", "StateArguments",
 ]
 
 
@@ -40,6 +40,17 @@ def compute_dtype(dtype, xp):
     which half precision would round away. Every other dtype is its own.
     """
     return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def in_compute_dtype(params, xp) -> tuple:
+    """``(params, dtype)``: a layer's parameters (a ``spec.params`` record) in its compute dtype, and that dtype.
+
+    The dtype is :func:`compute_dtype` of the parameters' (a layer's
+    parameters share one). Absent parameters stay None; those already in the
+    compute dtype are passed on, not copied.
+    """
+    dtype = compute_dtype(next(p for p in params if p is not None).dtype, xp)
+    return type(params)(*(p if p is None or p.dtype == dtype else xp.astype(p, dtype) for p in params)), dtype
 
 
 def _feature_axis(slot) -> int:

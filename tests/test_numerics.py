@@ -145,6 +145,21 @@ def test_every_layer_takes_A_from_A_log_by_one_rule(binding, dtype):
     np.testing.assert_array_equal(b.to_numpy(s5.B_bar), B * b.to_numpy(gain))
 
 
+@pytest.mark.parametrize("binding", ["numpy", "torch"], indirect=True)
+def test_in_compute_dtype_lifts_half_precision_parameters_only(binding):
+    """Half-precision parameters come back in float32; others as they are (the same arrays); absent ones None."""
+    b = binding
+    xp = ssm_core.namespace(b.asarray(np.zeros(1)))
+    half = ssm_core.S6Params(*(b.asarray(np.full((2, 3), 0.1, np.float16)) for _ in range(4)), None)
+    params, dtype = ssm_core.layout.in_compute_dtype(half, xp)
+    assert dtype == xp.float32
+    assert all(p.dtype == xp.float32 for p in params[:4]) and params[4] is None
+    np.testing.assert_array_equal(b.to_numpy(params[0]), np.full((2, 3), 0.1, np.float16).astype(np.float32))
+    single = ssm_core.S6Params(*(b.asarray(np.zeros((2, 3), np.float32)) for _ in range(5)))
+    params, dtype = ssm_core.layout.in_compute_dtype(single, xp)
+    assert dtype == xp.float32 and all(p is q for p, q in zip(params, single))
+
+
 # ----------------------------------------------------------------------------- the layers against the oracle
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import ssm_core
 from ssm_core.checks import check_axis, check_loaded_state, check_loaded_states_agree
-from ssm_core.layout import StateArguments, compute_dtype, run, zero_states
+from ssm_core.layout import StateArguments, compute_dtype, in_compute_dtype, run, zero_states
 from ssm_core.scan import default_scan_method
 
 from .. import _compat
@@ -210,7 +210,7 @@ class Layer(BaseLayer):
             raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{layer}: expected a real floating-point input, got dtype {x.dtype}")
-        reference = self._parameters["A_log"]
+        reference = self._reference_param()
         autocast = _compat.autocast_dtype(x.device.type) if reference.dtype == torch.float32 else None
         if x.dtype != reference.dtype and x.dtype != autocast:
             allowed = f"{reference.dtype}" + ("" if autocast is None else f" or {autocast} (autocast)")
@@ -225,13 +225,13 @@ class Layer(BaseLayer):
             )
         return x.dtype if autocast is None else autocast
 
+    def _reference_param(self) -> torch.Tensor:
+        """``A_log``, which every layer has: the layer's parameters share its dtype and device."""
+        return self._parameters["A_log"]
+
     def _compute_inputs(self, x):
         """``x`` and the parameters in the compute dtype: the layer's, float32 for a half-precision layer."""
-        params = self._core_params()
-        param_dtype = params.A_log.dtype
-        compute = compute_dtype(param_dtype, xp_torch)
-        if compute != param_dtype:
-            params = type(params)(*(None if p is None else p.to(compute) for p in params))
+        params, compute = in_compute_dtype(self._core_params(), xp_torch)
         return (x if x.dtype == compute else x.to(compute)), params
 
     def _run(self, x, held: dict, time_dim, compiled: Optional[bool] = None):
@@ -365,7 +365,7 @@ class Layer(BaseLayer):
         super()._check_loaded_state(state_name, value, key)
         if self.spec is None:  # a layer of the user's own on this base: its states are its business
             return
-        param_dtype = self._parameters["A_log"].dtype
+        param_dtype = self._reference_param().dtype
         state_dtype = compute_dtype(param_dtype, xp_torch)
         if value.dtype != state_dtype:
             raise ValueError(
@@ -416,10 +416,7 @@ class TimeInvariantLayer(Layer):
     def TTcompile(self) -> None:
         r"""Discretize the system once for fast inference steps; the weights are frozen until ``TTdecompile()``."""
         super().TTcompile()
-        params = self._core_params()
-        compute = compute_dtype(params.A_log.dtype, xp_torch)
-        if compute != params.A_log.dtype:
-            params = type(params)(*(p.to(compute) for p in params))
+        params, _ = in_compute_dtype(self._core_params(), xp_torch)
         with torch.no_grad():
             dynamics = self.spec.prepare(params, xp_torch)
         for field, value in zip(dynamics._fields, dynamics):
@@ -516,11 +513,8 @@ class SelectiveLayer(Layer):
         ``torch.func`` transform.
         """
         super().TTcompile()
-        params = self._core_params()
-        compute = compute_dtype(params.A_log.dtype, xp_torch)
         with torch.no_grad():
-            if compute != params.A_log.dtype:
-                params = type(params)(*(None if p is None else p.to(compute) for p in params))
+            params, _ = in_compute_dtype(self._core_params(), xp_torch)
             A, inv_A = self.spec.prepare(params, xp_torch)
             for field, value in (*zip(params._fields, params), ("A", A), ("inv_A", inv_A)):
                 if value is not None:
