@@ -61,7 +61,13 @@ def _import_graph(packages):
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
         return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
-    sources = {module_name(p): p for package in packages for p in (ROOT / package).rglob("*.py")}
+    # Hidden folders hold no code of the project's: benchmarks/.published is the published 0.19.2, installed apart.
+    sources = {
+        module_name(p): p
+        for package in packages
+        for p in (ROOT / package).rglob("*.py")
+        if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
+    }
     graph = {}
     for name, path in sources.items():
         # the package a relative import starts from: the module's own for __init__.py, its parent's otherwise
