@@ -16,7 +16,7 @@ any DLPack-capable array, keeping its dtype), ``to_numpy(array)``,
 :class:`ssm_core.Draws`), ``finish(arrays)`` (make a step's results usable:
 MLX evaluates them) and ``synchronize()``. The pipeline of a call (checks,
 features-last, step or scan, back) is :func:`ssm_core.layout.run`, shared with
-the torch layers; the scan method is :func:`ssm_core.scan.default_scan_method`'s.
+the torch layers; how each call runs is the backend's :meth:`ssm_core.backend.Backend.plan`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import ClassVar
 import ssm_core
 from ssm_core.checks import check_axis, check_loaded_state, check_loaded_states_agree
 from ssm_core.layout import compute_dtype, in_compute_dtype, run
-from ssm_core.scan import default_scan_method
 
 __all__ = ["Layer", "bind", "is_torch_bfloat16"]
 
@@ -277,18 +276,14 @@ class Layer:
 
     def _run(self, x, time_dim, compiled=None):
         self._check_input(x)
-        xp, spec, params = self.backend.xp, self.spec, self._compute_params()
-        if time_dim is None:
-            core = lambda x_last, state: spec.step(x_last, state, params, xp=xp)  # noqa: E731
-        elif spec.time_invariant:
-            method = default_scan_method(spec.time_invariant, x, xp)
-            core = lambda x_last, state: spec.scan(x_last, state, params, xp=xp, method=method)  # noqa: E731
-        else:
-            method = default_scan_method(spec.time_invariant, x, xp)
+        backend, spec, params = self.backend, self.spec, self._compute_params()
+        xp, sequence = backend.xp, time_dim is not None
+        run_core = spec.scan if sequence else spec.step
 
-            def core(x_last, state):  # S6/Mamba: the compiled block where the policy picks it
-                block_fn, block = self.backend.scan_block(x_last, self.d_state, compiled, method)
-                return spec.scan(x_last, state, params, xp=xp, method=method, block=block, block_fn=block_fn)
+        def core(x_last, state):
+            plan = backend.plan(spec, x_last, params, sequence, compiled)
+            return run_core(x_last, state, params, xp=xp, plan=plan)
+
         y, states = run(
             self._error_name(), spec, self._slots, self.dim, self.num_neurons, self._to_compute(x), self._states,
             core, xp, time_dim,

@@ -15,7 +15,7 @@ import numpy as np
 
 import ssm_core
 
-from ._backend import Backend
+from ssm_core.backend import Backend
 from ._host import to_host
 from ._layer import bind
 

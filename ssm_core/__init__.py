@@ -20,7 +20,10 @@ These check their arguments first (shapes and dtypes, no array work; see
 
 Each also takes ``prepared=``: what it needs of the parameters alone
 (``S6.prepare(params, xp)``; for S4/S5 the discretized system), for a caller
-that keeps it while the weights do not change.
+that keeps it while the weights do not change; and ``plan=``, a :class:`Plan`
+of how to run it (scan method, time blocks, the forms of operations whose
+best form depends on the library), which a binding's backend makes
+(:mod:`ssm_core.backend`). A scan's ``method=`` is short for ``plan=Plan(method=...)``.
 
 ``ssm_core.S4`` ... ``ssm_core.Mamba`` are :class:`LayerSpec` records tying each
 layer's config, parameter and state containers and functions together, e.g.
@@ -30,7 +33,9 @@ are the unchecked functions, for bindings that check their inputs themselves.
 
 Modules: ``lti`` (S4, S5), ``selective`` (S6, Mamba), ``functional`` (their
 steps and scans behind the argument checks), ``discretize`` (``A`` from
-``A_log`` and the zero-order hold), ``scan`` (sequence primitives), ``init``
+``A_log`` and the zero-order hold), ``scan`` (sequence primitives), ``plan``
+(how one call runs), ``backend`` (the base of the bindings' backends, which
+make the plans), ``fused`` (when a compiled block runs), ``init``
 (initialisation formulas), ``spec`` (the per-layer records), ``layout``
 (between the user's feature axis and the features-last layout used here),
 ``checks`` (argument errors),
@@ -40,6 +45,7 @@ steps and scans behind the argument checks), ``discretize`` (``A`` from
 from ._array import namespace, register_namespace, silu, softplus
 from .discretize import decay_rates, decay_rates_from_log, phi1, zoh
 from .init import Draws
+from .plan import Plan
 from .lti import (
     S4, S5,
     S4Config, S4Dynamics, S4Params, S4State, s4_discretize, s4_init,
@@ -49,7 +55,7 @@ from .selective import (
     S6, Mamba,
     MambaConfig, MambaParams, MambaState, mamba_init,
     S6Config, S6Params, S6State, s6_init,
-    causal_conv_scan, causal_conv_step, selective_block, selective_decay, selective_scan, selective_step,
+    BlockInputs, causal_conv_scan, causal_conv_step, selective_block, selective_decay, selective_scan, selective_step,
 )
 from .functional import mamba_scan, mamba_step, s4_scan, s4_step, s5_scan, s5_step, s6_scan, s6_step
 from .scan import linear_recurrence, time_blocks
@@ -58,7 +64,7 @@ from .spec import LayerSpec, StateSlot
 LAYERS = {spec.name: spec for spec in (S4, S5, S6, Mamba)}
 
 __all__ = [
-    "LAYERS", "LayerSpec", "StateSlot", "Draws",
+    "LAYERS", "LayerSpec", "StateSlot", "Draws", "Plan", "BlockInputs",
     "namespace", "phi1", "softplus", "silu", "zoh", "decay_rates", "decay_rates_from_log", "register_namespace",
     "S4", "S4Config", "S4Params", "S4State", "S4Dynamics",
     "s4_init", "s4_discretize", "s4_step", "s4_scan",

@@ -6,8 +6,8 @@ here. ``softplus`` and ``silu`` are not in the standard; ``linear``,
 ``muladd`` and ``readout`` are short compositions of standard functions that
 torch has faster kernels for. Each function is the standard form, with an
 explicit ``if _is_torch(xp):`` branch where torch's own kernel is faster and
-gives the same numbers; ``expm1_*`` say where the zero-order hold
-(:mod:`.discretize`) takes another form of ``expm1``.
+gives the same numbers. Which form of an operation a call takes (``readout``'s)
+is its plan's choice (:mod:`.plan`), not decided here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from array_api_compat import array_namespace
 
 __all__ = [
     "namespace", "register_namespace", "softplus", "silu", "linear", "muladd", "at_least", "readout",
-    "moveaxis", "unstack", "expm1_lowered_to_exp", "expm1_slower_than_tanh",
+    "moveaxis", "unstack",
 ]
 
 
@@ -127,27 +127,14 @@ def at_least(x, floor: float, xp):
     return xp.maximum(x, floor)
 
 
-def _torch_compiling(xp) -> bool:
-    return _is_torch(xp) and sys.modules["torch"].compiler.is_compiling()
+def readout(h, C, xp, form="matmul"):
+    """``sum(h * C[..., None, :], -1)``: a state ``h`` ``[..., N, d]`` read out by ``C`` ``[..., d]``, ``[..., N]``.
 
-
-def readout(h, C, xp):
-    """``sum(h * C[..., None, :], -1)``: a state ``h`` ``[..., N, d]`` read out by ``C`` ``[..., d]``, ``[..., N]``."""
-    if _torch_compiling(xp):
-        # A multiply and a sum fuse into the chain that makes h; a product would be a kernel of its own.
-        return xp.sum(h * C[..., None, :], axis=-1)  # [..., N]
-    # Eager, one batched product beats a multiply and a sum (2x in torch, 10x in NumPy at [32, 256, 16]).
-    return (h @ C[..., None])[..., 0]  # [..., N]
-
-
-def expm1_lowered_to_exp(z, xp) -> bool:
-    """Whether ``expm1(z)`` compiles to ``exp(z) - 1``, inaccurate near 0: inductor's C++ does, its Triton not."""
-    return _torch_compiling(xp) and not z.is_cuda
-
-
-def expm1_slower_than_tanh(z, xp) -> bool:
-    """Whether ``expm1(z)`` takes longer than ``exp`` and ``tanh``: torch's CPU one is not vectorised (6x exp).
-
-    On GPUs expm1 is fast; under autograd the tanh form costs more in its backward than it saves (measured on CPU).
+    ``form`` (:data:`~ssm_core.plan.READOUT_FORMS`): eager, one batched product
+    beats a multiply and a sum (2x in torch, 10x in NumPy at ``[32, 256, 16]``);
+    where a compiler fuses the multiply and the sum into the chain that makes
+    ``h``, ``"sum"`` does, as the product would be a kernel of its own.
     """
-    return _is_torch(xp) and not (z.is_cuda or z.requires_grad)
+    if form == "sum":
+        return xp.sum(h * C[..., None, :], axis=-1)  # [..., N]
+    return (h @ C[..., None])[..., 0]  # [..., N]

@@ -1,14 +1,15 @@
 """Discretization of a diagonal system ``h' = A h + B x``, ``A = -exp(A_log)``: the one module for it.
 
 :func:`decay_rates_from_log` makes ``(A, 1 / A)`` for S4, S5, S6 and Mamba alike; :func:`zoh` is the
-zero-order hold over a step ``dt``, in the form of ``expm1`` that :mod:`._array` finds best for the call.
+zero-order hold over a step ``dt``, in the form of ``expm1`` the call's plan names (:data:`~ssm_core.plan.EXPM1_FORMS`).
 """
 
 from __future__ import annotations
 
 import math
 
-from ._array import expm1_lowered_to_exp, expm1_slower_than_tanh, muladd, namespace
+from ._array import muladd, namespace
+from .plan import EXPM1_FORMS
 
 __all__ = ["zoh", "zoh_terms", "decay_rates", "decay_rates_from_log", "phi1"]
 
@@ -30,7 +31,7 @@ def decay_rates(A, xp=None):
     return A, 1.0 / A
 
 
-def zoh(dt, A, xp=None, inv_A=None):
+def zoh(dt, A, xp=None, inv_A=None, expm1="expm1"):
     """Discretize ``h' = A h + B x`` over a step ``dt`` with a zero-order hold.
 
     Parameters
@@ -42,6 +43,9 @@ def zoh(dt, A, xp=None, inv_A=None):
     inv_A : array, optional
         ``1 / A`` when ``(A, inv_A)`` come from :func:`decay_rates` already
         (reused across steps); otherwise computed here.
+    expm1 : str, default "expm1"
+        The form of ``expm1`` (:data:`~ssm_core.plan.EXPM1_FORMS`): the same
+        numbers to a few ulp, at speeds that depend on the library and device.
 
     Returns
     -------
@@ -64,17 +68,19 @@ def zoh(dt, A, xp=None, inv_A=None):
     xp = namespace(dt, A, xp=xp)
     if inv_A is None:
         A, inv_A = decay_rates(A, xp)  # [parameter shape] x2
-    return zoh_terms(dt * A, inv_A, xp)  # [broadcast shape] x2
+    return zoh_terms(dt * A, inv_A, xp, expm1)  # [broadcast shape] x2
 
 
-def zoh_terms(z, inv_A, xp):
+def zoh_terms(z, inv_A, xp, expm1="expm1"):
     """``(exp(z), expm1(z) * inv_A)``: the two terms of a zero-order hold with ``z = dt * A``."""
-    if expm1_lowered_to_exp(z, xp):
+    if expm1 == "exp":
         return _zoh_terms_from_exp(z, inv_A, xp)
-    if expm1_slower_than_tanh(z, xp):
+    if expm1 == "tanh":
         # expm1(z) = tanh(z/2) * (exp(z) + 1), exact to a few ulp, from two vectorised kernels.
         decay = xp.exp(z)  # [z shape]
         return decay, xp.tanh(z * 0.5) * muladd(decay, inv_A, inv_A, xp)  # [z shape] x2
+    if expm1 != "expm1":
+        raise ValueError(f"zoh: expm1 must be one of {EXPM1_FORMS}, got {expm1!r}")
     decay_minus_one = xp.expm1(z)  # [z shape]
     return decay_minus_one + 1.0, decay_minus_one * inv_A  # [z shape] x2
 

@@ -17,11 +17,13 @@ from typing import Any, ClassVar, NamedTuple
 from ._array import at_least, muladd, namespace, unstack
 from .checks import check_axis, check_int
 from .discretize import decay_rates_from_log, zoh
+from .plan import Plan, with_method
 from .scan import contiguous
 from .init import Draws, log_uniform_log_dt, s4d_real_A_log
 from .spec import LayerSpec, StateSlot, params_to_mapping, params_type
 
 LTI_SCAN_METHODS = ("auto", "chunked", "loop")
+_DEFAULT_PLAN = Plan()
 # "auto" steps shorter sequences: below these lengths T plain steps take no
 # longer than the chunked form's fixed cost (measured on CPU, batch 8, 256 features).
 S4_CHUNKED_FROM = 32
@@ -114,11 +116,11 @@ def s4_init(config: S4Config, draws: Draws) -> S4Params:
     )
 
 
-def s4_discretize(params: S4Params, xp=None) -> S4Dynamics:
-    """Zero-order hold of S4's parameters; depends on no input."""
+def s4_discretize(params: S4Params, xp=None, plan: Plan | None = None) -> S4Dynamics:
+    """Zero-order hold of S4's parameters (in ``plan``'s form of expm1); depends on no input."""
     xp = namespace(params.A_log, xp=xp)
     A, inv_A = decay_rates_from_log(params.A_log, xp)  # [N, d] x2
-    A_bar, gain = zoh(xp.exp(params.log_dt)[:, None], A, xp, inv_A)  # [N, d] x2
+    A_bar, gain = zoh(xp.exp(params.log_dt)[:, None], A, xp, inv_A, (plan or _DEFAULT_PLAN).expm1)  # [N, d] x2
     return S4Dynamics(A_bar, gain * params.B, params.C, params.D)
 
 
@@ -134,13 +136,14 @@ def s4_step_discrete(x, state: S4State, dynamics: S4Dynamics, xp=None):
     return y, S4State(h)
 
 
-def s4_step(x, state: S4State, params: S4Params, xp=None, prepared: S4Dynamics | None = None):
+def s4_step(x, state: S4State, params: S4Params, xp=None, prepared: S4Dynamics | None = None, plan=None):
     """One S4 step: ``h = A_bar h + B_bar x``, ``y = sum(C h) + D x``; returns ``(y, new_state)``.
 
-    ``prepared``: ``s4_discretize(params)`` when the caller keeps it across steps.
+    ``prepared``: ``s4_discretize(params)`` when the caller keeps it across
+    steps; ``plan``: how to run it (a :class:`~ssm_core.plan.Plan`).
     """
     xp = namespace(x, xp=xp)
-    return s4_step_discrete(x, state, s4_discretize(params, xp) if prepared is None else prepared, xp)
+    return s4_step_discrete(x, state, s4_discretize(params, xp, plan) if prepared is None else prepared, xp)
 
 
 def _scan_method(method: str, xs, xp, chunked_from: int) -> str:
@@ -161,13 +164,13 @@ def _all_finite(x, xp) -> bool:
     return bool(xp.all(xp.isfinite(extremes)))
 
 
-def _lti_scan(xs, state, params, xp, method, prepared, discretize, step_discrete, chunked_scan, chunked_from):
+def _lti_scan(xs, state, params, xp, plan, prepared, discretize, step_discrete, chunked_scan, chunked_from):
     """The scan of a time-invariant layer: steps, or the chunked form (see ``_scan_method``)."""
     xp = namespace(xs, xp=xp)
     if xs.shape[0] == 0:
         return xs, state
-    dynamics = discretize(params, xp) if prepared is None else prepared
-    if _scan_method(method, xs, xp, chunked_from) == "loop":
+    dynamics = discretize(params, xp, plan) if prepared is None else prepared
+    if _scan_method(plan.method or "auto", xs, xp, chunked_from) == "loop":
         return _step_loop(step_discrete, xs, state, dynamics, xp)
     return chunked_scan(xs, state, dynamics, xp)
 
@@ -269,7 +272,7 @@ def _decay_power(decay, n: int, xp):
     return xp.exp(at_least(n * xp.log(at_least(decay, floor, xp)), math.log(floor), xp))  # decay's shape
 
 
-def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto", prepared: S4Dynamics | None = None):
+def s4_scan(xs, state: S4State, params: S4Params, xp=None, method=None, prepared: S4Dynamics | None = None, plan=None):
     """S4 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`s4_step`, to rounding. The
@@ -278,10 +281,12 @@ def s4_scan(xs, state: S4State, params: S4Params, xp=None, method: str = "auto",
     :func:`_s4_chunked_scan`), with a loop over chunks, not steps; ``"loop"``
     steps; ``"auto"`` takes the chunks from ``S4_CHUNKED_FROM`` steps on, for
     finite inputs (a NaN or Inf would reach its chunk's earlier outputs: such
-    sequences step). ``prepared`` as in :func:`s4_step`.
+    sequences step); ``method`` is short for ``plan=Plan(method=...)``.
+    ``prepared`` and ``plan`` as in :func:`s4_step`.
     """
     return _lti_scan(
-        xs, state, params, xp, method, prepared, s4_discretize, s4_step_discrete, _s4_chunked_scan, S4_CHUNKED_FROM
+        xs, state, params, xp, with_method(plan, method), prepared, s4_discretize, s4_step_discrete, _s4_chunked_scan,
+        S4_CHUNKED_FROM,
     )
 
 
@@ -402,11 +407,11 @@ def s5_init(config: S5Config, draws: Draws) -> S5Params:
     )
 
 
-def s5_discretize(params: S5Params, xp=None) -> S5Dynamics:
-    """Zero-order hold of S5's parameters; depends on no input."""
+def s5_discretize(params: S5Params, xp=None, plan: Plan | None = None) -> S5Dynamics:
+    """Zero-order hold of S5's parameters (in ``plan``'s form of expm1); depends on no input."""
     xp = namespace(params.A_log, xp=xp)
     A, inv_A = decay_rates_from_log(params.A_log, xp)  # [d] x2
-    A_bar, gain = zoh(xp.exp(params.log_dt), A, xp, inv_A)  # [d] x2
+    A_bar, gain = zoh(xp.exp(params.log_dt), A, xp, inv_A, (plan or _DEFAULT_PLAN).expm1)  # [d] x2
     return S5Dynamics(A_bar, params.B * gain, params.C, params.D)
 
 
@@ -418,26 +423,27 @@ def s5_step_discrete(x, state: S5State, dynamics: S5Dynamics, xp=None):
     return y, S5State(g)
 
 
-def s5_step(x, state: S5State, params: S5Params, xp=None, prepared: S5Dynamics | None = None):
+def s5_step(x, state: S5State, params: S5Params, xp=None, prepared: S5Dynamics | None = None, plan=None):
     """One S5 step: ``g = A_bar g + B_bar^T x``, ``y = C^T g + D x``; returns ``(y, new_state)``.
 
-    ``prepared``: ``s5_discretize(params)`` when the caller keeps it across steps.
+    ``prepared`` and ``plan`` as in :func:`s4_step`.
     """
     xp = namespace(x, xp=xp)
-    return s5_step_discrete(x, state, s5_discretize(params, xp) if prepared is None else prepared, xp)
+    return s5_step_discrete(x, state, s5_discretize(params, xp, plan) if prepared is None else prepared, xp)
 
 
-def s5_scan(xs, state: S5State, params: S5Params, xp=None, method: str = "auto", prepared: S5Dynamics | None = None):
+def s5_scan(xs, state: S5State, params: S5Params, xp=None, method=None, prepared: S5Dynamics | None = None, plan=None):
     """S5 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`s5_step`, to rounding.
     ``method="chunked"`` projects all inputs at once and runs the recurrence
     a chunk at a time (see :func:`_s5_chunked_scan`); ``"loop"`` steps;
     ``"auto"`` chooses as :func:`s4_scan` does, from ``S5_CHUNKED_FROM`` steps
-    on. ``prepared`` as in :func:`s5_step`.
+    on. ``method``, ``prepared`` and ``plan`` as in :func:`s4_scan`.
     """
     return _lti_scan(
-        xs, state, params, xp, method, prepared, s5_discretize, s5_step_discrete, _s5_chunked_scan, S5_CHUNKED_FROM
+        xs, state, params, xp, with_method(plan, method), prepared, s5_discretize, s5_step_discrete, _s5_chunked_scan,
+        S5_CHUNKED_FROM,
     )
 
 

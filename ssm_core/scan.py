@@ -1,44 +1,19 @@
-"""Sequence primitives: the diagonal linear recurrence, cutting time into blocks, the scan-method policy.
+"""Sequence primitives: the diagonal linear recurrence, and cutting time into blocks.
 
 Time is axis 0 here, and everything is written against the array API
-standard. The recurrence has a sequential and a parallel (log-depth) form,
-chosen by :func:`default_scan_method`, because which one is faster depends on
-the hardware: on a few CPU cores the sequential form over precomputed
-coefficients wins, on a GPU the parallel one.
+standard. The recurrence has a sequential and a parallel (log-depth) form;
+which one is faster depends on the hardware (on a few CPU cores the
+sequential form, on a GPU the parallel one), so a binding's backend chooses
+(:meth:`ssm_core.backend.Backend.scan_method`).
 """
 
 from __future__ import annotations
 
-import sys
-
 from ._array import muladd, unstack
 
-__all__ = ["default_scan_method", "linear_recurrence", "contiguous", "time_blocks", "RECURRENCE_METHODS"]
+__all__ = ["linear_recurrence", "contiguous", "time_blocks", "RECURRENCE_METHODS"]
 
 RECURRENCE_METHODS = ("loop", "parallel")
-
-
-def default_scan_method(time_invariant: bool, xs, xp) -> str:
-    """The ``method`` a binding's ``scan`` uses for ``xs``: one policy for every binding.
-
-    S4/S5 (``time_invariant``): ``"auto"``, the chunked matrix-product form
-    (stepping short or non-finite sequences), except on MLX's CPU-only build:
-    it links the reference BLAS (``[8192, 256] x [256, 64]`` takes about
-    230 ms there, 3 ms in torch), where the chunked form is no faster than
-    stepping (measured: S4 slower up to T = 256, S5 even), so they step.
-    S6/Mamba: the log-depth ``"parallel"`` recurrence on a GPU (CuPy, CUDA
-    torch), the blocked ``"loop"`` on CPU cores, where it is faster.
-    """
-    name = getattr(xp, "__name__", "")
-    torch = sys.modules.get("torch") if "torch" in name else None
-    if time_invariant and torch is not None and torch.compiler.is_compiling():
-        # A traced graph (torch.compile, torch.export) cannot branch on the data:
-        # the chunked form always, where a NaN or Inf reaches its chunk's earlier outputs too.
-        return "chunked"
-    if time_invariant:
-        mlx = sys.modules.get("mlx.core") if "mlx" in name else None
-        return "loop" if mlx is not None and not mlx.metal.is_available() else "auto"
-    return "parallel" if "cupy" in name or getattr(xs, "is_cuda", False) else "loop"
 
 
 def linear_recurrence(a, b, h0, xp, method: str = "loop"):

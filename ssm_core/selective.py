@@ -15,13 +15,14 @@ from ._array import linear, moveaxis, muladd, namespace, readout, silu, softplus
 from .checks import check_axis, check_int
 from .discretize import decay_rates_from_log, zoh
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
+from .plan import SCAN_BLOCK, Plan, with_method
 from .scan import linear_recurrence, time_blocks
 from .spec import LayerSpec, StateSlot, params_to_mapping, params_type
 
 __all__ = [
     "S6Config", "S6Params", "S6State", "s6_init", "s6_step", "s6_scan",
     "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
-    "selective_decay", "selective_step", "selective_block", "selective_scan",
+    "selective_decay", "selective_step", "BlockInputs", "selective_block", "selective_scan",
     "causal_conv_step", "causal_conv_scan", "SCAN_BLOCK",
     "S6", "Mamba",
 ]
@@ -40,41 +41,58 @@ def _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, d, xp):
     return dt, proj[..., rank : rank + d], proj[..., rank + d :]
 
 
-def _selective_update(u, dt, B, C, h, A, inv_A, xp):
+_DEFAULT_PLAN = Plan()
+
+
+class BlockInputs(NamedTuple):
+    """What one time block of the S6 recurrence takes (:func:`selective_block`).
+
+    ``u``, ``dt`` ``[L, ..., N]`` and ``B``, ``C`` ``[L, ..., d]``: the
+    block's inputs (the projections are made for the whole sequence before);
+    ``h`` ``[..., N, d]``: the state before it; ``A``, ``inv_A`` ``[N, d]``
+    from :func:`selective_decay`; ``D`` ``[N]``: the skip weights.
+    """
+
+    u: Any
+    dt: Any
+    B: Any
+    C: Any
+    h: Any
+    A: Any
+    inv_A: Any
+    D: Any
+
+
+def _selective_update(u, dt, B, C, h, A, inv_A, xp, plan):
     """One step of the S6 recurrence; returns ``(sum(h * C, -1), h)`` (no skip term).
 
     ``u``, ``dt`` ``[..., N]``; ``B``, ``C`` ``[..., d]``; ``h`` ``[..., N, d]``;
     ``A``, ``inv_A`` ``[N, d]``.
     """
-    decay, gain = zoh(dt[..., None], A, xp, inv_A)  # [..., N, d] x2
+    decay, gain = zoh(dt[..., None], A, xp, inv_A, plan.expm1)  # [..., N, d] x2
     h = muladd(decay, h, (gain * B[..., None, :]) * u[..., None], xp)  # [..., N, d]
-    return readout(h, C, xp), h  # [..., N], [..., N, d]
+    return readout(h, C, xp, plan.readout), h  # [..., N], [..., N, d]
 
 
 # ``(A, 1/A)`` for ``A = -exp(A_log)`` ``[N, d]``: what the selective layers need of ``A_log``.
 selective_decay = decay_rates_from_log
 
 
-def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp):
+def selective_step(u, h, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp, plan=_DEFAULT_PLAN):
     """The S6 core on ``u`` ``[..., N]`` and state ``h`` ``[..., N, d]``; returns ``(y, h)``.
 
     ``proj_weight`` ``[R + 2d, N]`` maps ``u`` to the low-rank ``dt`` features,
     ``B`` and ``C``; ``dt = softplus(dt_proj(dt_low))`` is one step per
-    feature; ``decay`` is ``selective_decay(A_log)``.
+    feature; ``decay`` is ``selective_decay(A_log)``; ``plan`` a :class:`~ssm_core.plan.Plan`.
     """
     A, inv_A = decay  # [N, d] x2
     dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], xp)
-    y, h = _selective_update(u, dt, B, C, h, A, inv_A, xp)  # [..., N], [..., N, d]
+    y, h = _selective_update(u, dt, B, C, h, A, inv_A, xp, plan)  # [..., N], [..., N, d]
     return y + D * u, h  # two operations, not muladd: see s4_step_discrete
 
 
-def selective_block(u, dt, B, C, h, A, inv_A, D, xp, method="loop"):
-    """The S6 recurrence over one time block; returns ``(ys [L, ..., N], h_L [..., N, d])``.
-
-    ``u``, ``dt`` ``[L, ..., N]`` and ``B``, ``C`` ``[L, ..., d]`` are the
-    block's inputs (the projections are made for the whole sequence before),
-    ``h`` ``[..., N, d]`` the state before it, ``A``, ``inv_A`` ``[N, d]``
-    from :func:`selective_decay`, ``D`` ``[N]`` the skip weights.
+def selective_block(inputs: BlockInputs, xp, plan=_DEFAULT_PLAN):
+    """The S6 recurrence over one time block of :class:`BlockInputs`; returns ``(ys [L, ..., N], h_L [..., N, d])``.
 
     This is the unit a compiler fuses (``torch.compile``, ``mx.compile``), so
     ``method="loop"`` is written in the form they fuse: per step, elementwise
@@ -85,42 +103,35 @@ def selective_block(u, dt, B, C, h, A, inv_A, D, xp, method="loop"):
     inputs and recomputes the rest. Eager libraries run the same code, with
     the arithmetic of ``L`` calls of :func:`selective_step`.
 
-    ``method="parallel"`` discretizes the whole block at once and combines
+    ``plan.method="parallel"`` discretizes the whole block at once and combines
     the steps in ``log2(L)`` rounds (:func:`~ssm_core.scan.linear_recurrence`):
     fewer, larger operations, which pays on a GPU without a compiler.
     """
+    u, dt, B, C, h, A, inv_A, D = inputs
+    method = plan.method or "loop"
     if method == "loop":
         ys = []
         for u_t, dt_t, B_t, C_t in zip(*(unstack(a, 0, xp) for a in (u, dt, B, C))):
-            y_t, h = _selective_update(u_t, dt_t, B_t, C_t, h, A, inv_A, xp)  # [..., N], [..., N, d]
+            y_t, h = _selective_update(u_t, dt_t, B_t, C_t, h, A, inv_A, xp, plan)  # [..., N], [..., N, d]
             ys.append(y_t)
         ys = xp.stack(ys, axis=0)  # [L, ..., N]
     else:
-        decay, gain = zoh(dt[..., None], A, xp, inv_A)  # [L, ..., N, d] x2
+        decay, gain = zoh(dt[..., None], A, xp, inv_A, plan.expm1)  # [L, ..., N, d] x2
         hs = linear_recurrence(decay, (gain * B[..., None, :]) * u[..., None], h, xp, method)  # [L, ..., N, d]
         h = hs[-1, ...]  # [..., N, d]
-        ys = readout(hs, C, xp)  # [L, ..., N]
+        ys = readout(hs, C, xp, plan.readout)  # [L, ..., N]
     return muladd(D, u, ys, xp), h  # [L, ..., N], [..., N, d]
 
 
-# Steps per block of the sequence scan. Eager, the loop form runs step by step
-# either way and the parallel form makes [L, ..., N, d] arrays per block: 16-64
-# measured best on CPU. Compiled blocks are unrolled: their length is the binding's.
-SCAN_BLOCK = 32
-
-
-def selective_scan(
-    u, h0, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp, *, block=SCAN_BLOCK, method="loop", block_fn=None
-):
+def selective_scan(u, h0, proj_weight, dt_proj_weight, dt_proj_bias, decay, D, xp, plan=_DEFAULT_PLAN):
     """The S6 core over ``u`` ``[T, ..., N]`` from ``h0`` ``[..., N, d]``; returns ``(ys, h_T)``.
 
     The same arithmetic as ``T`` calls of :func:`selective_step`: all
     projections in one matrix product over time, then :func:`selective_block`
-    block by block (``method`` as there).
+    block by block, ``plan.block`` steps each (``plan.method`` as there).
 
-    ``block_fn(u, dt, B, C, h, A, inv_A, D)``, when given, runs each block
-    of ``block`` steps instead: a compiled :func:`selective_block`, so it
-    always sees one shape. A shorter last block runs the eager block: padding
+    ``plan.block_fn(inputs)``, when given, runs each block of ``plan.block``
+    steps instead: a compiled :func:`selective_block`, so it always sees one shape. A shorter last block runs the eager block: padding
     it to ``block`` steps with ``dt = 0`` would meet ``A = -inf`` (an
     ``A_log`` whose ``exp`` overflows) as ``0 * -inf``, a NaN state where
     the steps themselves are finite.
@@ -130,15 +141,15 @@ def selective_scan(
         return D * u, h0
     A, inv_A = decay  # [N, d] x2
     dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], xp)
-
-    def eager_block(u_t, dt_t, B_t, C_t, h, A, inv_A, D):
-        return selective_block(u_t, dt_t, B_t, C_t, h, A, inv_A, D, xp, method)
-
+    block, block_fn = plan.block, plan.block_fn
     h = h0
     ys = []
     for u_t, dt_t, B_t, C_t in zip(*(time_blocks(a, block, xp) for a in (u, dt, B, C))):
-        run_block = block_fn if block_fn is not None and u_t.shape[0] == block else eager_block
-        y, h = run_block(u_t, dt_t, B_t, C_t, h, A, inv_A, D)  # [L, ..., N], [..., N, d]
+        inputs = BlockInputs(u_t, dt_t, B_t, C_t, h, A, inv_A, D)
+        if block_fn is not None and u_t.shape[0] == block:
+            y, h = block_fn(inputs)  # [L, ..., N], [..., N, d]
+        else:
+            y, h = selective_block(inputs, xp, plan)  # [L, ..., N], [..., N, d]
         ys.append(y)
     return (ys[0] if len(ys) == 1 else xp.concat(ys, axis=0)), h  # [T, ..., N], [..., N, d]
 
@@ -241,40 +252,39 @@ def s6_init(config: S6Config, draws: Draws) -> S6Params:
     )
 
 
-def s6_step(x, state: S6State, params: S6Params, xp=None, prepared=None):
+def s6_step(x, state: S6State, params: S6Params, xp=None, prepared=None, plan=None):
     """One S6 step on ``x`` ``[..., N]``; returns ``(y, new_state)``.
 
-    ``prepared``: ``selective_decay(params.A_log)`` when the caller keeps it across steps.
+    ``prepared``: ``selective_decay(params.A_log)`` when the caller keeps it
+    across steps; ``plan``: how to run it (a :class:`~ssm_core.plan.Plan`).
     """
     xp = namespace(x, xp=xp)
     p = params
     decay = selective_decay(p.A_log, xp) if prepared is None else prepared
-    y, h = selective_step(x, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp)
+    y, h = selective_step(
+        x, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp, plan or _DEFAULT_PLAN
+    )
     return y, S6State(h)
 
 
-def s6_scan(
-    xs, state: S6State, params: S6Params, xp=None, method: str = "loop", block: int = SCAN_BLOCK, prepared=None,
-    block_fn=None,
-):
+def s6_scan(xs, state: S6State, params: S6Params, xp=None, method=None, prepared=None, plan=None):
     """S6 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`s6_step`; ``method`` is
-    ``"loop"`` (fastest on CPUs) or ``"parallel"`` (log-depth, for GPUs);
-    ``prepared`` as in :func:`s6_step`; ``block_fn``: a compiled
-    :func:`selective_block` (see :func:`selective_scan`).
+    ``"loop"`` (the default, fastest on CPUs) or ``"parallel"`` (log-depth,
+    for GPUs), short for ``plan=Plan(method=...)``; ``prepared`` as in
+    :func:`s6_step`; ``plan``'s block and compiled block as in :func:`selective_scan`.
     """
     xp = namespace(xs, xp=xp)
     p = params
     decay = selective_decay(p.A_log, xp) if prepared is None else prepared
     ys, h = selective_scan(
-        xs, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp,
-        block=block, method=method, block_fn=block_fn,
+        xs, state.state, p.x_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp, with_method(plan, method)
     )
     return ys, S6State(h)
 
 
-def _prepare_decay(params, xp):
+def _prepare_decay(params, xp=None, plan=None):
     return selective_decay(params.A_log, xp)
 
 
@@ -386,13 +396,13 @@ def mamba_init(config: MambaConfig, draws: Draws) -> MambaParams:
     )
 
 
-def mamba_step(x, state: MambaState, params: MambaParams, xp=None, prepared=None):
+def mamba_step(x, state: MambaState, params: MambaParams, xp=None, prepared=None, plan=None):
     """One Mamba block step on ``x`` ``[..., N]``; returns ``(y, new_state)``.
 
     ``in_proj`` splits into a main and a gate branch; the main branch goes
     through the causal conv (when present), SiLU and the selective core, is
     gated by ``silu(gate)``, projected by ``out_proj`` and added to ``x``.
-    ``prepared``: ``selective_decay(params.A_log)`` when the caller keeps it across steps.
+    ``prepared`` and ``plan`` as in :func:`s6_step`.
     """
     xp = namespace(x, xp=xp)
     p = params
@@ -404,21 +414,19 @@ def mamba_step(x, state: MambaState, params: MambaParams, xp=None, prepared=None
         u, buffer = causal_conv_step(u, buffer, p.conv_weights, p.conv_bias, xp)  # [..., N], [..., N, K]
     u = silu(u, xp)  # [..., N]
     decay = selective_decay(p.A_log, xp) if prepared is None else prepared
-    y, h = selective_step(u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp)
+    y, h = selective_step(
+        u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp, plan or _DEFAULT_PLAN
+    )
     y = linear(y * silu(gate, xp), p.out_proj_weight, None, xp) + x  # [..., N]
     return y, MambaState(h, buffer)
 
 
-def mamba_scan(
-    xs, state: MambaState, params: MambaParams, xp=None, method: str = "loop", block: int = SCAN_BLOCK, prepared=None,
-    block_fn=None,
-):
+def mamba_scan(xs, state: MambaState, params: MambaParams, xp=None, method=None, prepared=None, plan=None):
     """The Mamba block over a whole sequence ``xs`` ``[T, ..., N]``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`mamba_step`: the projections run
     over all of ``xs`` at once, the causal conv takes the held buffer as left
-    context, and the selective core scans as :func:`s6_scan` (``block_fn`` as there). ``prepared`` as in
-    :func:`mamba_step`.
+    context, and the selective core scans as :func:`s6_scan` (``method``, ``prepared`` and ``plan`` as there).
     """
     xp = namespace(xs, xp=xp)
     p = params
@@ -432,7 +440,7 @@ def mamba_scan(
     decay = selective_decay(p.A_log, xp) if prepared is None else prepared
     ys, h = selective_scan(
         u, state.ssm_state, p.ssm_proj_weight, p.dt_proj_weight, p.dt_proj_bias, decay, p.D, xp,
-        block=block, method=method, block_fn=block_fn,
+        with_method(plan, method),
     )
     ys = linear(ys * silu(gate, xp), p.out_proj_weight, None, xp) + xs  # [T, ..., N]
     return ys, MambaState(h, buffer)

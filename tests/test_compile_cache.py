@@ -21,8 +21,8 @@ from conftest import ROOT
 SCRIPT = """
 import sys, torch
 import tracetorch as tt
-from tracetorch.ssm import _fused
-_fused.FUSED_BLOCK = 4
+from tracetorch.ssm import _backend, _fused
+_backend.backend.fused_block = 4
 torch.manual_seed(0)
 layer = tt.ssm.S6(8, d_state=4).double()
 with torch.no_grad():

@@ -24,6 +24,7 @@ import ssm_core
 import tracetorch as tt
 from ssm_core import fused
 from tracetorch.ssm import _fused
+from tracetorch.ssm._backend import backend as torch_backend
 
 N, D_STATE, BLOCK, BATCH = 8, 4, 4, 6
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.filterwarnings("error::ssm_core.fused.CompileFallbackWa
 
 @pytest.fixture(autouse=True)
 def _short_blocks(monkeypatch):
-    monkeypatch.setattr(_fused, "FUSED_BLOCK", BLOCK)
+    monkeypatch.setattr(torch_backend, "fused_block", BLOCK)
     monkeypatch.delenv(fused.ENV_VAR, raising=False)
 
 
@@ -269,8 +270,8 @@ def _wrong_block(kind):
     """A 'compiled' block that gives the eager results spoiled: NaN in a few places, or 1% off."""
 
     def compile_block(key):
-        def block(*arrays):
-            ys, h = _fused._flat_block(*arrays)
+        def block(inputs):
+            ys, h = _fused._flat_block(*inputs)
             if kind == "nan":
                 ys = ys.clone()
                 ys[0, 0, :3] = math.nan
@@ -347,7 +348,7 @@ def test_a_failure_turns_off_its_own_key_only(monkeypatch):
     def compile_block(key):
         if key[1] == BATCH:  # the first key's compile is wrong, the other's right
             return _wrong_block("nan")(key)
-        return _fused._flat_block
+        return lambda inputs: _fused._flat_block(*inputs)
 
     compiler = _fresh_compiler(monkeypatch, compile_block)
     layer = _layer("S6", torch.float64)

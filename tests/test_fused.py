@@ -25,6 +25,7 @@ from ssm_core import fused
 from ssm_core.discretize import _zoh_terms_from_exp
 from conftest import random_weights
 from tracetorch.ssm import _fused
+from tracetorch.ssm._backend import backend as torch_backend
 
 N, D_STATE, BLOCK = 8, 4, 4
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -39,7 +40,7 @@ BATCH_IDS = ["batch6", "batch2x3", "features-first"]
 
 @pytest.fixture(autouse=True)
 def _short_blocks(monkeypatch):
-    monkeypatch.setattr(_fused, "FUSED_BLOCK", BLOCK)
+    monkeypatch.setattr(torch_backend, "fused_block", BLOCK)
     monkeypatch.delenv(fused.ENV_VAR, raising=False)
 
 
@@ -191,8 +192,8 @@ def _spy_compiler(monkeypatch):
 
     def compile_block(key):
         made.append(key)
-        def block(u, dt, B, C, h, A, inv_A, D):  # stands in for a compiled block: the policy is under test
-            return ssm_core.selective_block(u, dt, B, C, h, A, inv_A, D, xp_torch)
+        def block(inputs):  # stands in for a compiled block: the policy is under test
+            return ssm_core.selective_block(inputs, xp_torch)
 
         return block
 
@@ -210,11 +211,11 @@ def test_environment_variable_and_automatic_policy_pick_the_block(monkeypatch):
         assert made == []
         layer.scan(xs, compiled=True)  # the argument overrides the variable
         assert len(made) == 1
-        monkeypatch.setattr(_fused, "FUSED_BLOCK", BLOCK + 1)  # a new key
+        monkeypatch.setattr(torch_backend, "fused_block", BLOCK + 1)  # a new key
         monkeypatch.setenv(fused.ENV_VAR, "1")
         layer.scan(xs)
         assert len(made) == 2
-        monkeypatch.setattr(_fused, "FUSED_BLOCK", BLOCK + 2)
+        monkeypatch.setattr(torch_backend, "fused_block", BLOCK + 2)
         monkeypatch.delenv(fused.ENV_VAR)
         work = 20 * 6 * N * D_STATE
         monkeypatch.setattr(fused, "AUTO_WORK", 2.5 * work)

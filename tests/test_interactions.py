@@ -33,6 +33,7 @@ import torch
 import tracetorch as tt
 from ssm_core import fused
 from tracetorch.ssm import _fused
+from tracetorch.ssm._backend import backend as torch_backend
 
 N, D_STATE, BLOCK, BATCH, T = 8, 4, 4, 6, 10  # T = 10: two whole blocks and a padded one
 LAYERS = ["S4", "S5", "S6", "Mamba"]
@@ -47,7 +48,7 @@ TOL_BF16 = 3e-2
 
 @pytest.fixture(autouse=True)
 def _shared_block_key(monkeypatch):
-    monkeypatch.setattr(_fused, "FUSED_BLOCK", BLOCK)
+    monkeypatch.setattr(torch_backend, "fused_block", BLOCK)
     monkeypatch.delenv(fused.ENV_VAR, raising=False)
 
 

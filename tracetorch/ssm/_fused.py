@@ -15,7 +15,6 @@ eagerly past that in a model of many layer sizes.
 
 from __future__ import annotations
 
-import math
 import sys
 import types
 
@@ -25,18 +24,13 @@ import torch.utils._pytree as pytree
 
 import ssm_core
 from ssm_core import fused
-from ssm_core.fused import TRAINING_WEIGHT, BlockCompiler, compile_mode
-from ssm_core.selective import SCAN_BLOCK
+from ssm_core.fused import BlockCompiler, compile_mode
+from ssm_core.plan import Plan
+from ssm_core.selective import BlockInputs
 
 from .. import _compat
 
-__all__ = [
-    "FUSED_BLOCK", "scan_block", "step_function", "block_compiler", "step_compiler",
-]
-
-# Steps per compiled block: the block is unrolled, so longer blocks compile
-# longer; 8 ran as fast as 16 and 32 and compiled in a third of 32's time (see the README).
-FUSED_BLOCK = 8
+__all__ = ["forms", "functorch_active", "step_function", "block_compiler", "step_compiler"]
 
 
 def _own_code(fn):
@@ -70,22 +64,44 @@ def _is_compiler_failure(error: BaseException) -> bool:
     return isinstance(error, tuple(failures))
 
 
-def _functorch_active() -> bool:
+def functorch_active() -> bool:
     """Whether a ``torch.func`` transform (grad, jvp, vmap, ...) is running: it transforms the eager code."""
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
 
 
+# ----------------------------------------------------------------------------- the forms of torch's operations
+
+# Inductor's C++ lowers expm1 to exp(z) - 1, inaccurate near 0, and fuses a multiply
+# and a sum into the chain before them; its Triton keeps expm1 as it is.
+_TRACED_CPU = Plan(expm1="exp", readout="sum")
+_TRACED_GPU = Plan(expm1="expm1", readout="sum")
+# Eager on CPUs, torch's expm1 is not vectorised (at [32, 256, 16]: float32 5x exp and
+# 2x tanh, float64 14x exp and 6x tanh, on AVX-512 and AVX2 alike), while the tanh
+# form is two vectorised kernels; under autograd its backward costs more than it saves.
+_EAGER_TANH = Plan(expm1="tanh")
+_EAGER_EXPM1 = Plan()
+
+
+def forms(x: torch.Tensor, grad: bool) -> Plan:
+    """The plan of torch's forms of expm1 and the readout for work on ``x`` (``grad``: autograd records it)."""
+    if torch.compiler.is_compiling():
+        return _TRACED_GPU if x.is_cuda else _TRACED_CPU
+    return _EAGER_EXPM1 if grad or x.is_cuda else _EAGER_TANH
+
+
 # ----------------------------------------------------------------------------- the scan's block
 
 
-def _flat_block(u, dt, B, C, h, A, inv_A, D):
+def _flat_block(*arrays):
     # One batch axis: a compiled block then serves every batch shape of the same size.
+    u, dt, B, C, h, A, inv_A, D = arrays
     L, N, d = u.shape[0], u.shape[-1], h.shape[-1]
-    ys, h_L = ssm_core.selective_block(
-        u.reshape(L, -1, N), dt.reshape(L, -1, N), B.reshape(L, -1, d), C.reshape(L, -1, d),
-        h.reshape(-1, N, d), A, inv_A, D, xp_torch,
-    )  # [L, batch, N], [batch, N, d]
+    flat = BlockInputs(
+        u.reshape(L, -1, N), dt.reshape(L, -1, N), B.reshape(L, -1, d), C.reshape(L, -1, d), h.reshape(-1, N, d),
+        A, inv_A, D,
+    )
+    ys, h_L = ssm_core.selective_block(flat, xp_torch, forms(u, torch.is_grad_enabled()))  # [L, batch, N], [batch, N, d]
     return ys.reshape(u.shape), h_L.reshape(h.shape)  # [L, ..., N], [..., N, d]
 
 
@@ -155,7 +171,6 @@ def _eager_gradients(arrays, grads, needed, create_graph=False):
     return [next(found) if need else None for need in needed]
 
 
-_BLOCK_INPUTS = ("u", "dt", "B", "C", "h", "A", "inv_A", "D")
 
 
 class _CompiledPair:
@@ -199,7 +214,7 @@ class _CompiledPair:
             return _eager_gradients(arrays, grads, needed)
         if not self.checked:
             expected = _eager_gradients(arrays, grads, needed)
-            problem = fused.disagreement(found, expected, [f"gradient of {name}" for name in _BLOCK_INPUTS])
+            problem = fused.disagreement(found, expected, [f"gradient of {name}" for name in BlockInputs._fields])
             if problem is not None:
                 compiler.fail(self.key, f"its first gradients differ from the eager block's, {problem}")
                 return expected
@@ -210,10 +225,10 @@ class _CompiledPair:
 def _compile_block(key):
     compiled = _CompiledPair(key)
 
-    def block(*arrays):
+    def block(inputs):
         # Dynamo specialises a graph on its inputs' strides: contiguous inputs
         # make one graph without autograd and one with it per key.
-        arrays = tuple(a.contiguous() for a in arrays)  # shapes unchanged
+        arrays = tuple(a.contiguous() for a in inputs)  # shapes unchanged
         if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
             return _CompiledBlock.apply(compiled, *arrays)
         return compiled.forward(*arrays)
@@ -225,37 +240,6 @@ block_compiler = BlockCompiler(
     "the S6/Mamba scan block", "torch.compile", _compile_block, is_failure=_is_compiler_failure,
     check=lambda compiled, eager, args: _check_first_call(compiled, eager, args),
 )
-
-
-def scan_block(xs: torch.Tensor, d_state: int, compiled, method: str):
-    """``(block_fn, block)`` for :func:`ssm_core.selective_scan` on ``xs`` ``[T, ..., N]``.
-
-    ``block_fn`` is None (the eager block; ``block`` the eager length) unless
-    the policy picks the compiled one; ``method`` is the eager block's, the
-    first call's reference and what a failing compiled block falls back to.
-    Inside someone else's ``torch.compile`` the eager code is what gets
-    traced (their compile fuses it), and under a ``torch.func`` transform it
-    is what gets transformed. A checkpoint's recomputation (``tt.checkpoint``)
-    makes the choices its forward pass made (:func:`ssm_core.fused.checkpoint_contexts`).
-    """
-    if torch.compiler.is_compiling() or xs.device.type not in ("cpu", "cuda") or xs.shape[0] == 0:
-        return None, SCAN_BLOCK
-    if _functorch_active():
-        return None, SCAN_BLOCK
-    pinned = fused.replayed_choice((None, SCAN_BLOCK))
-    if pinned is not None:
-        return pinned
-    batch = math.prod(xs.shape[1:-1])
-    key = (FUSED_BLOCK, batch, xs.shape[-1], d_state, xs.dtype, xs.device, _compat.autocast_dtype(xs.device.type))
-    work = xs.shape[0] * batch * xs.shape[-1] * d_state * (TRAINING_WEIGHT if torch.is_grad_enabled() else 1)
-
-    def eager(u, dt, B, C, h, A, inv_A, D):
-        return ssm_core.selective_block(u, dt, B, C, h, A, inv_A, D, xp_torch, method)
-
-    block_fn = block_compiler.select(key, work, compiled, eager)
-    choice = block_fn, (SCAN_BLOCK if block_fn is None else FUSED_BLOCK)
-    fused.record_choice(choice)
-    return choice
 
 
 # ----------------------------------------------------------------------------- the first call's check
@@ -293,7 +277,7 @@ def _check_first_call(compiled, eager, args, autograd=True):
 
 def _step_of(spec):
     def step(x, state, params, decay):
-        return spec.step(x, state, params, xp=xp_torch, prepared=decay)
+        return spec.step(x, state, params, xp=xp_torch, prepared=decay, plan=forms(x, torch.is_grad_enabled()))
 
     return step
 
@@ -335,6 +319,6 @@ def step_function(spec, config, x: torch.Tensor):
         return eager
 
     def step(x, state, params, decay):
-        return (eager if _functorch_active() else compiled)(x, state, params, decay)
+        return (eager if functorch_active() else compiled)(x, state, params, decay)
 
     return step

@@ -20,13 +20,13 @@ from torch import nn
 import ssm_core
 from ssm_core.checks import check_axis, check_loaded_state, check_loaded_states_agree
 from ssm_core.layout import StateArguments, compute_dtype, in_compute_dtype, run, zero_states
-from ssm_core.scan import default_scan_method
 
 from .. import _compat
 from ..core import Layer as BaseLayer
 from ..core._checkpoint import check_not_recomputed_unrestored
 from ..core._layer import _SEQUENCE_MODE
 from . import _fused
+from ._backend import backend as torch_backend
 
 __all__ = ["Layer", "Stateless"]
 
@@ -49,18 +49,6 @@ def _autocast_off(x: torch.Tensor):
     if _compat.autocast_dtype(x.device.type) is None:
         return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
-
-
-def _draws(dtype: torch.dtype) -> ssm_core.Draws:
-    """Random sources for ``ssm_core``'s init formulas, from torch's global generator."""
-    return ssm_core.Draws(
-        xp=xp_torch,
-        dtype=dtype,
-        uniform=lambda shape: torch.rand(shape, dtype=dtype),
-        normal=lambda shape: torch.randn(shape, dtype=dtype),
-    )
-
-
 
 
 def _log_halvings(value: torch.Tensor) -> torch.Tensor:
@@ -102,6 +90,7 @@ class Layer(BaseLayer):
     """
 
     spec: ClassVar[Optional[ssm_core.LayerSpec]] = None
+    backend: ClassVar[ssm_core.backend.Backend] = torch_backend  # how each call runs: its plan
 
     def __init__(self, num_neurons: int, dim: int = -1, d_state: int = 1):
         super().__init__(num_neurons, dim)
@@ -192,7 +181,7 @@ class Layer(BaseLayer):
         """Keep ``config`` as the layer's, draw the parameters with ``ssm_core``'s init formulas and register them
         under their traceTorch names."""
         self.__dict__["_ssm_config"] = config
-        params = self.spec.init(config, _draws(torch.get_default_dtype()))
+        params = self.spec.init(config, self.backend.draws(torch.get_default_dtype()))
         for key, value in self.spec.params_to_mapping(params).items():
             owner_name, _, attr = key.rpartition(".")
             owner = getattr(self, owner_name) if owner_name else self
@@ -243,10 +232,12 @@ class Layer(BaseLayer):
         """
         out_dtype = self._check_input(x)
         x_c, params = self._compute_inputs(x)
-        if time_dim is None:
-            core = lambda x_last, state: self._core_step(x_last, state, params)  # noqa: E731
-        else:
-            core = lambda x_last, state: self._core_scan(x_last, state, params, compiled)  # noqa: E731
+        sequence = time_dim is not None
+        run_core = self._core_scan if sequence else self._core_step
+
+        def core(x_last, state):
+            return run_core(x_last, state, params, self.backend.plan(self.spec, x_last, params, sequence, compiled))
+
         y, states = run(
             type(self).__name__, self.spec, self._slots, self.dim, self.num_neurons, x_c, held, core, xp_torch,
             time_dim,
@@ -271,7 +262,7 @@ class Layer(BaseLayer):
         self.__dict__.update(states)  # states are plain attributes: skip nn.Module.__setattr__
         return y
 
-    def _prepared(self, params):
+    def _prepared(self, params, plan):
         """``spec.prepare(params)``, what a step needs of the parameters alone, from their current values.
 
         Recomputed on every call: no key on a parameter (its version, its data
@@ -279,10 +270,10 @@ class Layer(BaseLayer):
         bump no version), and a stale value here is a silently wrong output.
         Only ``TTcompile()`` keeps such values across calls, by explicit request.
         """
-        return self.spec.prepare(params, xp_torch)
+        return self.spec.prepare(params, xp_torch, plan)
 
-    def _core_step(self, x, state, params):
-        return self.spec.step(x, state, params, xp=xp_torch, prepared=self._prepared(params))
+    def _core_step(self, x, state, params, plan):
+        return self.spec.step(x, state, params, xp=xp_torch, prepared=self._prepared(params, plan), plan=plan)
 
     def scan(self, xs: torch.Tensor, time_dim: int = 0, compiled: Optional[bool] = None) -> torch.Tensor:
         r"""Run a whole sequence in one call: the same outputs and final states as stepping.
@@ -353,13 +344,11 @@ class Layer(BaseLayer):
         With ``time_dim`` set, the module runs whole sequences (``scan``) instead of steps.
         """
         return Stateless(self, time_dim)
-    def _core_scan(self, xs, state, params, compiled=None):
-        method = default_scan_method(self.spec.time_invariant, xs, xp_torch)
+    def _core_scan(self, xs, state, params, plan):
         if self.spec.time_invariant:
             with _autocast_off(xs):  # the chunk products carry the recurrence: float32 (see _autocast_off)
-                return self.spec.scan(xs, state, params, xp=xp_torch, method=method)
-        block_fn, block = _fused.scan_block(xs, self.d_state, compiled, method)
-        return self.spec.scan(xs, state, params, xp=xp_torch, method=method, block=block, block_fn=block_fn)
+                return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan)
+        return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan)
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
         super()._check_loaded_state(state_name, value, key)
@@ -402,23 +391,23 @@ class TimeInvariantLayer(Layer):
 
     _COMPILED = "_compiled_dynamics_"
 
-    def _core_step(self, x, state, params):
+    def _core_step(self, x, state, params, plan):
         with _autocast_off(x):  # S5's x @ B_bar feeds the recurrence: float32 (see _autocast_off)
-            return super()._core_step(x, state, params)
+            return super()._core_step(x, state, params, plan)
 
-    def _prepared(self, params):
+    def _prepared(self, params, plan):
         buffers = self._buffers
         if self._COMPILED + "A_bar" in buffers:
             dtype = params.C.dtype  # the compute dtype: float32 for a half-precision layer
             return self.spec.dynamics(*(buffers[self._COMPILED + f].to(dtype) for f in self.spec.dynamics._fields))
-        return super()._prepared(params)
+        return super()._prepared(params, plan)
 
     def TTcompile(self) -> None:
         r"""Discretize the system once for fast inference steps; the weights are frozen until ``TTdecompile()``."""
         super().TTcompile()
         params, _ = in_compute_dtype(self._core_params(), xp_torch)
-        with torch.no_grad():
-            dynamics = self.spec.prepare(params, xp_torch)
+        with torch.no_grad():  # the forms of a step without autograd, which the frozen dynamics serve
+            dynamics = self.spec.prepare(params, xp_torch, self.backend.forms(params.A_log, grad=False))
         for field, value in zip(dynamics._fields, dynamics):
             self.register_buffer(self._COMPILED + field, value.detach().clone(), persistent=False)
 
@@ -469,10 +458,10 @@ class SelectiveLayer(Layer):
 
     _COMPILED = "_compiled_params_"
 
-    def _core_step(self, x, state, params):
+    def _core_step(self, x, state, params, plan):
         frozen = self.__dict__.get("_compiled_fields")
         if frozen is None:
-            return super()._core_step(x, state, params)
+            return super()._core_step(x, state, params, plan)
         dtype, buffers = x.dtype, self._buffers  # the compute dtype: float32 for a half-precision layer
 
         def frozen_value(field):

@@ -1,0 +1,129 @@
+"""A binding's backend: what it knows of its array library, and the :class:`~ssm_core.plan.Plan` of each call.
+
+Every binding holds one :class:`Backend`: torch's in ``tracetorch``, NumPy's,
+CuPy's, MLX's and array-api-strict's in ``backends``. The defaults here are
+the array API standard's forms and the choices measured on CPU cores; a
+backend overrides what was measured otherwise for its library or device (the
+parallel recurrence on GPUs, MLX's CPU build stepping S4/S5, torch's forms
+of ``expm1`` under autograd and inside a compiler). A binding's call asks
+:meth:`Backend.plan` once and passes the plan on; the pure functions decide
+nothing from a library's name or a device.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import fused
+from .fused import TRAINING_WEIGHT, BlockCompiler
+from .plan import SCAN_BLOCK, Plan
+from .selective import selective_block
+
+__all__ = ["Backend"]
+
+_STANDARD = Plan()
+
+
+class Backend:
+    """One library's arrays, and how calls on them run (see ``backends/_layer.py`` for the rest of the contract).
+
+    A subclass names ``name`` and ``xp``. A library with a compiler defines
+    ``compile_block(key)`` (a compiled :func:`ssm_core.selective_block` taking
+    one :class:`~ssm_core.selective.BlockInputs`), ``compiler_name``,
+    ``fused_block`` (the compiled block's length) and ``compile_auto``
+    (whether the automatic policy of :mod:`ssm_core.fused` compiles).
+    """
+
+    name: str
+    xp = None
+    compile_block = None  # no compiler: S6/Mamba scans run eagerly
+    compiler_name = None  # the library's name stands for it
+    fused_block = SCAN_BLOCK
+    compile_auto = False
+
+    def finish(self, arrays) -> None:
+        """Make a step's results usable (eager libraries: nothing to do)."""
+
+    def synchronize(self) -> None:
+        """Wait for queued work (libraries that do not queue: nothing to do)."""
+
+    # ------------------------------------------------------------- the plan
+
+    def plan(self, spec, x, params, sequence: bool, compiled=None) -> Plan:
+        """How a call of layer ``spec`` on ``x`` (features last; ``[T, ..., N]`` for a ``sequence``) runs.
+
+        ``params`` are the parameters the call uses; ``compiled``: a scan's
+        switch for the compiled S6/Mamba block (see :mod:`ssm_core.fused`).
+        """
+        grad = self.records_gradients(x, params)
+        plan = self.forms(x, grad)
+        if not sequence:
+            return plan
+        plan = plan._replace(method=self.scan_method(spec.time_invariant, x))
+        if spec.time_invariant:
+            return plan
+        block_fn, block = self.scan_block(x, params.A_log.shape[-1], compiled, plan, grad)
+        return plan._replace(block=block, block_fn=block_fn)
+
+    def records_gradients(self, x, params) -> bool:
+        """Whether autograd records the call (libraries without autograd: never)."""
+        return False
+
+    def forms(self, x, grad: bool) -> Plan:
+        """A plan naming the forms of the operations whose best form depends on the library (the standard's here)."""
+        return _STANDARD
+
+    def scan_method(self, time_invariant: bool, xs) -> str:
+        """The scan method for ``xs`` ``[T, ..., N]``.
+
+        S4/S5 (``time_invariant``): ``"auto"``, the chunked matrix-product
+        form (stepping short or non-finite sequences). S6/Mamba: the blocked
+        ``"loop"``, fastest on CPU cores; GPUs take the log-depth ``"parallel"``.
+        """
+        return "auto" if time_invariant else "loop"
+
+    # ------------------------------------------------------------- the compiled block
+
+    @property
+    def block_compiler(self) -> BlockCompiler:
+        """This backend's compiled S6/Mamba blocks (made on first use)."""
+        compiler = self.__dict__.get("_block_compiler")
+        if compiler is None:
+            compiler = self.__dict__["_block_compiler"] = BlockCompiler(
+                "the S6/Mamba scan block", self.compiler_name or self.name, self.compile_block, self.compile_auto
+            )
+        return compiler
+
+    def compile_skipped(self, xs) -> bool:
+        """Whether a scan of ``xs`` runs the eager block whatever the policy says."""
+        return False
+
+    def block_key(self, xs, batch: int, d_state: int) -> tuple:
+        """What a compiled block is specialised on: one per key."""
+        return (self.fused_block, batch, xs.shape[-1], d_state, xs.dtype)
+
+    def scan_block(self, xs, d_state: int, compiled, plan: Plan, grad: bool = False):
+        """``(block_fn, block)`` for an S6/Mamba scan of ``xs`` ``[T, ..., N]`` (``block_fn`` None: eager).
+
+        The eager block runs ``plan``: the first call's reference and what a
+        failing compiled block falls back to. A checkpoint's recomputation
+        makes the choices its forward pass made (:func:`ssm_core.fused.checkpoint_contexts`).
+        """
+        if xs.shape[0] == 0 or self.compile_skipped(xs):
+            return None, SCAN_BLOCK
+        pinned = fused.replayed_choice((None, SCAN_BLOCK))
+        if pinned is not None:
+            return pinned
+        batch = math.prod(xs.shape[1:-1])
+        key = self.block_key(xs, batch, d_state)
+        # Under autograd a compiled block saves more per element-step (its backward): it pays for itself sooner.
+        work = xs.shape[0] * batch * xs.shape[-1] * d_state * (TRAINING_WEIGHT if grad else 1)
+        xp = self.xp
+
+        def eager(inputs):
+            return selective_block(inputs, xp, plan)
+
+        block_fn = self.block_compiler.select(key, work, compiled, eager)
+        choice = block_fn, (SCAN_BLOCK if block_fn is None else self.fused_block)
+        fused.record_choice(choice)
+        return choice

@@ -1,0 +1,89 @@
+"""One plan per call: each backend decides how a call runs, and ``ssm_core`` decides nothing from a library or device."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import ssm_core
+import tracetorch as tt
+from conftest import ROOT
+from ssm_core.backend import Backend
+from tracetorch.ssm._backend import backend as torch_backend
+
+
+def test_ssm_core_asks_no_device_autograd_or_library_name_outside_the_native_ops():
+    """Only ``_array.py`` (the namespaces and the native fast paths) may name a library; nothing in ``ssm_core``
+    asks a device, autograd or a compiler."""
+    library = r"[\"'](torch|mlx|cupy|mlx\.core)[\"']"
+    names_library = re.compile(rf"{library}\s+in\b|==\s*{library}|sys\.modules(\.get\(|\[){library}")
+    asks_device = re.compile(r"is_cuda|requires_grad|is_grad_enabled|is_compiling|metal|\.device\.type")
+    found = []
+    for path in sorted((ROOT / "ssm_core").glob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if asks_device.search(code) or (path.name != "_array.py" and names_library.search(code)):
+                found.append(f"{path.name}:{number}: {line.strip()}")
+    assert found == []
+
+
+def _plan_of(layer, x, sequence=False, compiled=False):
+    params, _ = ssm_core.layout.in_compute_dtype(layer._core_params(), torch_backend.xp)
+    return torch_backend.plan(layer.spec, x, params, sequence, compiled)
+
+
+def test_torch_plans_the_forms_of_expm1_by_autograd_and_compiler():
+    layer = tt.ssm.S6(8)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert _plan_of(layer, x).expm1 == "tanh"  # expm1 is not vectorised on CPUs: see _fused.forms
+    assert _plan_of(layer, x).expm1 == "expm1"  # the parameters require grad: the tanh form's backward costs more
+    traced = torch.compile(lambda x: _plan_of(layer, x).expm1 == "exp", fullgraph=True, backend="eager")
+    assert traced(x)  # inductor's C++ lowers expm1 to exp(z) - 1: the series form inside a trace
+
+
+def test_torch_plans_the_scan_method_and_block():
+    s6, s4 = tt.ssm.S6(8), tt.ssm.S4(8)
+    xs = torch.randn(40, 2, 8)
+    with torch.no_grad():
+        plan = _plan_of(s6, xs, sequence=True)
+        assert (plan.method, plan.block, plan.block_fn) == ("loop", ssm_core.plan.SCAN_BLOCK, None)
+        assert _plan_of(s4, xs, sequence=True).method == "auto"
+    traced = torch.compile(lambda x: _plan_of(s4, x, sequence=True).method == "chunked", fullgraph=True, backend="eager")
+    assert traced(xs)  # a traced graph cannot branch on the data
+
+
+def test_the_default_backend_plans_the_standards_forms():
+    backend = Backend()
+    backend.name, backend.xp = "numpy", np
+    params = ssm_core.S6Params(*(np.zeros(2) for _ in ssm_core.S6Params._fields))
+    xs = np.zeros((5, 2, 8))
+    assert backend.plan(ssm_core.S6, xs[0], params, sequence=False) == ssm_core.Plan()
+    assert backend.plan(ssm_core.S4, xs, params, sequence=True).method == "auto"
+
+
+def test_mlx_cpu_build_steps_s4_s5_scans():
+    mlx_backend = pytest.importorskip("backends.mlx", reason="mlx is not installed").backend
+    mx = pytest.importorskip("mlx.core")
+    expected = "auto" if mx.metal.is_available() else "loop"  # the CPU build links the reference BLAS
+    assert mlx_backend.scan_method(True, None) == expected
+    assert mlx_backend.scan_method(False, None) == "loop"
+
+
+def test_a_plan_reaches_the_functional_api():
+    """``method=`` is short for a plan's method, and an unknown form is an error naming it."""
+    rng = np.random.default_rng(0)
+    config = ssm_core.S6Config(8, d_state=4)
+    params = ssm_core.s6_init(config, ssm_core.Draws(np, np.float64, lambda s: rng.random(s), lambda s: rng.standard_normal(s)))
+    xs = rng.standard_normal((9, 2, 8))
+    state = ssm_core.S6.zero_state(config, (2,), np, np.float64)
+    loop, _ = ssm_core.s6_scan(xs, state, params)
+    parallel, _ = ssm_core.s6_scan(xs, state, params, method="parallel")
+    planned, _ = ssm_core.s6_scan(xs, state, params, plan=ssm_core.Plan(method="parallel", expm1="tanh"))
+    np.testing.assert_allclose(parallel, loop, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(planned, loop, rtol=1e-13, atol=1e-14)
+    with pytest.raises(ValueError, match="expm1 must be one of"):
+        ssm_core.s6_step(xs[0], state, params, plan=ssm_core.Plan(expm1="exp1m"))
