@@ -24,8 +24,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import ssm_core
-from ssm_core.checks import check_axis, check_loaded_state, check_loaded_states_agree
-from ssm_core.layout import compute_dtype, in_compute_dtype, run
+from ssm_core.checks import check_axis
+from ssm_core.layout import check_loaded_state, check_loaded_states_agree, compute_dtype, in_compute_dtype, run
 
 __all__ = ["Layer", "bind", "is_torch_bfloat16"]
 

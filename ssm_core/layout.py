@@ -1,10 +1,12 @@
 """Between the user's layout (features at ``dim``) and the features-last one of ``ssm_core``.
 
 Pure functions that every stateful binding (torch modules, NumPy/CuPy/MLX
-layers) calls around a step: they check the input against the layer and its
-held states, move axes, create missing states as zeros, and move the new
-states back. Nothing is stored here; a binding stores the returned states only
-once its step has succeeded, so an error leaves its states as they were.
+layers) calls around a step: they check the input's shape against the layer
+and its held states, move axes, create missing states as zeros, and move the
+new states back; and what shape a state loaded into a layer must have. The
+input's type, dtype and device are the binding's to check, once per call.
+Nothing is stored here; a binding stores the returned states only once its
+step has succeeded, so an error leaves its states as they were.
 
 traceTorch layout of a state (see :class:`~ssm_core.spec.StateSlot`): the
 input's shape with ``slot.size`` at the feature axis and ``slot.trailing``
@@ -16,11 +18,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ._array import moveaxis
-from .checks import check_dim, check_step_input, expected_state_shape
+from .checks import check_dim, check_step_input
 
 __all__ = [
-    "enter_step", "leave_step", "enter_scan", "leave_scan", "ScanAxes", "run", "zero_states", "compute_dtype",
-    "in_compute_dtype", "StateArguments",
+    "run", "zero_states", "compute_dtype", "in_compute_dtype", "StateArguments", "check_loaded_state",
+    "check_loaded_states_agree",
 ]
 
 
@@ -51,6 +53,19 @@ def in_compute_dtype(params, xp) -> tuple:
     """
     dtype = compute_dtype(next(p for p in params if p is not None).dtype, xp)
     return type(params)(*(p if p is None or p.dtype == dtype else xp.astype(p, dtype) for p in params)), dtype
+
+
+def expected_state_shape(x_shape: tuple, axis: int, size: int, trailing: int | None) -> tuple:
+    """A state's shape in the traceTorch layout for an input of ``x_shape``.
+
+    The input's feature axis ``axis`` becomes ``size``; ``trailing`` (the state
+    or kernel size), when given, is appended as a last axis.
+    """
+    shape = list(x_shape)
+    shape[axis] = size
+    if trailing is not None:
+        shape.append(trailing)
+    return tuple(shape)
 
 
 def _feature_axis(slot) -> int:
@@ -105,8 +120,7 @@ def enter_step(layer: str, x, held: dict, slots: tuple, dim: int, num_neurons: i
     ``held`` maps state names to arrays in the traceTorch layout, or None for
     a state not created yet (it is created as zeros of ``x``'s dtype and device).
     """
-    floating = xp.isdtype(x.dtype, "real floating")
-    axis = check_step_input(layer, tuple(x.shape), floating, x.dtype, dim, num_neurons)
+    axis = check_step_input(layer, tuple(x.shape), dim, num_neurons)
     x_last = x if axis == x.ndim - 1 else moveaxis(x, axis, -1, xp)  # [..., N]
     batch = tuple(x_last.shape[:-1])
     state = _features_last_states(layer, tuple(x.shape), axis, batch, x, held, slots, state_type, xp)
@@ -135,9 +149,6 @@ def enter_scan(layer: str, xs, held: dict, slots: tuple, dim: int, num_neurons: 
     layer's ``dim`` indexes that step input (so a layer keeps its ``dim`` when
     a model runs in sequence mode). ``xs_last`` is ``[T, ..., N]``.
     """
-    floating = xp.isdtype(xs.dtype, "real floating")
-    if not floating:
-        raise TypeError(f"{layer}: expected a real floating-point input, got dtype {xs.dtype}")
     time = check_dim(layer, time_dim, xs.ndim, name="time_dim")
     step_shape = tuple(xs.shape[:time]) + tuple(xs.shape[time + 1 :])
     if len(step_shape) == 0:
@@ -145,7 +156,7 @@ def enter_scan(layer: str, xs, held: dict, slots: tuple, dim: int, num_neurons: 
             f"{layer}: expected a sequence with a time axis and a feature axis of size {num_neurons}, "
             f"got shape {tuple(xs.shape)}"
         )
-    step_feature = check_step_input(layer, step_shape, floating, xs.dtype, dim, num_neurons)
+    step_feature = check_step_input(layer, step_shape, dim, num_neurons)
     feature = step_feature if step_feature < time else step_feature + 1
     axes = ScanAxes(time, feature, step_feature, len(step_shape))
     if (time, feature) == (0, xs.ndim - 1):
@@ -164,6 +175,9 @@ def leave_scan(axes: ScanAxes, ys, new_state, slots: tuple, xp):
     if (axes.time, axes.feature) != (0, ys.ndim - 1):
         ys = moveaxis(ys, (0, -1), (axes.time, axes.feature), xp)
     return ys, states
+
+
+# ----------------------------------------------------------------------------- a call
 
 
 def run(layer: str, spec, slots: tuple, dim: int, num_neurons: int, x, held: dict, core, xp, time_dim=None):
@@ -195,3 +209,45 @@ def zero_states(layer: str, spec, slots: tuple, dim: int, num_neurons: int, x, x
         return _tracetorch_layout(axis, x.ndim, state, slots, xp)
     axes, _, state = enter_scan(layer, x, held, slots, dim, num_neurons, spec.state, time_dim, xp)
     return _tracetorch_layout(axes.step_feature, axes.step_ndim, state, slots, xp)
+
+
+# ----------------------------------------------------------------------------- loaded states
+
+
+def check_loaded_state(layer: str, key: str, slot, shape: tuple, dim: int) -> None:
+    """Raise if an array of ``shape`` cannot be state ``slot`` of a layer operating on ``dim``.
+
+    Without an input, only what the layer fixes is checked: the size on the
+    feature axis and the trailing axis.
+    """
+    ndim = len(shape) if slot.trailing is None else len(shape) - 1
+    trailing_ok = slot.trailing is None or (ndim >= 1 and shape[-1] == slot.trailing)
+    axis = dim + ndim if dim < 0 else dim
+    if not (trailing_ok and 0 <= axis < ndim and shape[axis] == slot.size):
+        raise ValueError(
+            f"{layer}: state {key} must have {slot.size} on the feature axis dim={dim}"
+            + ("" if slot.trailing is None else f" and {slot.trailing} on the last axis")
+            + f", got shape {tuple(shape)}"
+        )
+
+
+def check_loaded_states_agree(layer: str, slots, shapes: dict, dim: int, num_neurons: int) -> None:
+    """Raise unless the states ``{key: shape}`` loaded together into one layer fit one input shape.
+
+    ``slots`` are the layer's :class:`~ssm_core.spec.StateSlot` records, in
+    the order of ``shapes`` (each already passed :func:`check_loaded_state`).
+    Each state implies the shape of the input that made it (its feature axis
+    set to ``num_neurons``, its trailing axis dropped); two states of one
+    layer that imply different inputs would only fail at the next step.
+    """
+    implied = {}
+    for slot, (key, shape) in zip(slots, shapes.items()):
+        step_shape = list(shape if slot.trailing is None else shape[:-1])
+        step_shape[dim] = num_neurons
+        implied[key] = tuple(step_shape)
+    if len(set(implied.values())) > 1:
+        described = ", ".join(f"{key} {tuple(shape)}" for key, shape in shapes.items())
+        raise ValueError(
+            f"{layer}: the loaded states belong to different input shapes ({described}); "
+            "states saved together from one layer agree on their batch shape"
+        )

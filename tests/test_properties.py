@@ -42,7 +42,7 @@ import numpy_oracle
 import ssm_core
 import ssm_core.fused
 from conftest import TOL, random_weights, rel_err
-from ssm_core.checks import expected_state_shape
+from ssm_core.layout import expected_state_shape
 from ssm_core.lti import S4_CHUNK, S4_CHUNKED_FROM, S5_CHUNK, S5_CHUNKED_FROM
 from ssm_core.selective import SCAN_BLOCK
 

@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 import ssm_core
-from ssm_core.checks import check_axis, check_loaded_state, check_loaded_states_agree
-from ssm_core.layout import StateArguments, compute_dtype, in_compute_dtype, run, zero_states
+from ssm_core.checks import check_axis
+from ssm_core.layout import (
+    StateArguments, check_loaded_state, check_loaded_states_agree, compute_dtype, in_compute_dtype, run, zero_states,
+)
 
 from .. import _compat
 from ..core import Layer as BaseLayer
