@@ -1,8 +1,9 @@
 """The stateful layer of every array backend, written once.
 
 A backend module (``backends.numpy``, ``backends.cupy``, ``backends.mlx``,
-``backends.array_api_strict``) defines a tiny backend object — how to make,
-convert and synchronise its arrays — and calls :func:`bind` to get its
+``backends.array_api_strict``) defines a tiny :class:`ssm_core.backend.Backend`
+— how to make, convert and synchronise its arrays, and what its library runs
+best — and calls :func:`bind` to get its
 ``S4``, ``S5``, ``S6`` and ``Mamba`` classes. All the state lifecycle, ``dim``
 handling and parameter loading lives here; the math is ``ssm_core``'s.
 

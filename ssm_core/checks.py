@@ -13,6 +13,7 @@ __all__ = [
     "check_axis",
     "check_dim",
     "check_step_input",
+    "check_sizes",
 ]
 
 
@@ -58,3 +59,10 @@ def check_step_input(layer: str, shape: tuple, dim: int, num_neurons: int) -> in
             f"{tuple(shape)} with {shape[axis]} there"
         )
     return axis
+
+
+def check_sizes(layer: str, config) -> None:
+    """The sizes every layer's config has: ``num_neurons`` and ``d_state`` at least 1, ``dim`` an int."""
+    check_int(layer, "num_neurons", config.num_neurons, 1)
+    check_int(layer, "d_state", config.d_state, 1)
+    check_axis(layer, "dim", config.dim)

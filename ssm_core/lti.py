@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from ._array import at_least, muladd, namespace, unstack
-from .checks import check_axis, check_int
+from .checks import check_sizes
 from .discretize import decay_rates_from_log, zoh
 from .plan import Plan, with_method
 from .scan import contiguous
@@ -55,9 +55,7 @@ class S4Config:
     SIZED_BY: ClassVar[dict] = {"A_log": 2}
 
     def __post_init__(self):
-        check_int("S4", "num_neurons", self.num_neurons, 1)
-        check_int("S4", "d_state", self.d_state, 1)
-        check_axis("S4", "dim", self.dim)
+        check_sizes("S4", self)
 
     @classmethod
     def from_params(cls, params: S4Params) -> S4Config:
@@ -363,9 +361,7 @@ class S5Config:
     SIZED_BY: ClassVar[dict] = {"B": 2, "A_log": 1}
 
     def __post_init__(self):
-        check_int("S5", "num_neurons", self.num_neurons, 1)
-        check_int("S5", "d_state", self.d_state, 1)
-        check_axis("S5", "dim", self.dim)
+        check_sizes("S5", self)
 
     @classmethod
     def from_params(cls, params: S5Params) -> S5Config:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from ._array import linear, moveaxis, muladd, namespace, readout, silu, softplus, unstack
-from .checks import check_axis, check_int
+from .checks import check_int, check_sizes
 from .discretize import decay_rates_from_log, zoh
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
 from .plan import SCAN_BLOCK, Plan, with_method
@@ -195,9 +195,7 @@ class S6Config:
     SIZED_BY: ClassVar[dict] = {"A_log": 2, "dt_proj_weight": 2}
 
     def __post_init__(self):
-        check_int("S6", "num_neurons", self.num_neurons, 1)
-        check_int("S6", "d_state", self.d_state, 1)
-        check_axis("S6", "dim", self.dim)
+        check_sizes("S6", self)
         object.__setattr__(self, "dt_rank", _resolve_dt_rank("S6", self.dt_rank, self.num_neurons))
 
     @classmethod
@@ -314,9 +312,7 @@ class MambaConfig:
     SIZED_BY: ClassVar[dict] = {"A_log": 2, "dt_proj_weight": 2, "conv_weights": 2}
 
     def __post_init__(self):
-        check_int("Mamba", "num_neurons", self.num_neurons, 1)
-        check_int("Mamba", "d_state", self.d_state, 1)
-        check_axis("Mamba", "dim", self.dim)
+        check_sizes("Mamba", self)
         check_int("Mamba", "conv_kernel", self.conv_kernel, 0)
         object.__setattr__(self, "dt_rank", _resolve_dt_rank("Mamba", self.dt_rank, self.num_neurons))
 
