@@ -10,8 +10,9 @@ reaches the network: download with ``huggingface_hub`` and pass the directory.
 :func:`read_config` gives a :class:`MambaLMConfig`; :func:`read_weights` gives
 the arrays of one library, renamed to the parameter names of this project's
 Mamba layer. Safetensors files are read by the ``safetensors`` package's loader
-for each library (``mlx.core.load`` for MLX), so NumPy, CuPy and MLX never
-import torch; ``pytorch_model.bin`` needs torch and is read only for it.
+for each library (``mlx.core.load`` for MLX), so reading for NumPy, CuPy or
+MLX leaves torch unimported; ``pytorch_model.bin`` needs torch and is read only
+for it.
 
 What the checkpoint's model computes (``transformers``' ``MambaForCausalLM``):
 the embedding, then per layer ``x = x + mixer(rms_norm(x))``, then
