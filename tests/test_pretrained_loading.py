@@ -235,6 +235,33 @@ def test_ssm_core_selective_core_reads_ssm_proj_as_the_checkpoint_does(folder):
     assert np.abs(other - want).max() > 1e-3 * np.abs(want).max()
 
 
+@requires_safetensors
+@pytest.mark.parametrize("folder", CHECKPOINTS)
+def test_live_against_transformers(folder, monkeypatch):
+    """When transformers is installed: its MambaForCausalLM, loaded from the fixture folder, on a new prompt.
+
+    Longer than the recorded prompts (40 steps, so the conv window and the state carry far), with the
+    mixers checked one by one on their own inputs too.
+    """
+    transformers = pytest.importorskip("transformers", reason="the live comparison needs transformers: pip install transformers")
+    torch = pytest.importorskip("torch", reason="the live comparison needs torch")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local folder: nothing to fetch
+    model = transformers.MambaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    config = read_config(folder)
+    weights = as_float64(read_weights(folder, config, "numpy"))
+    ids = np.random.default_rng(7).integers(0, config.vocab_size, size=(3, 40))
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids), use_cache=False).logits.float().numpy()
+    ours, _ = lm_reference(weights, config, ids.T)
+    assert_close(ours.transpose(1, 0, 2), theirs, "live logits")
+    x = np.random.default_rng(8).standard_normal((2, 40, config.hidden_size)).astype(np.float32)
+    for index, layer in enumerate(model.backbone.layers):
+        with torch.no_grad():
+            theirs = layer.mixer(torch.from_numpy(x)).numpy()
+        ours, _ = mixer_reference(x.transpose(1, 0, 2).astype(np.float64), weights["layers"][index]["mixer"], config)
+        assert_close(ours.transpose(1, 0, 2), theirs, f"live mixer {index}")
+
+
 def test_fixtures_say_what_wrote_them_and_are_small():
     for folder in (TIED, UNTIED):
         written_by = expected(folder)["written_by"]
