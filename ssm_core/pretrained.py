@@ -182,10 +182,10 @@ class _Fields:
             raise self.error(name, value, "true or false")
         return value
 
-    def positive_float(self, name: str, default: float) -> float:
+    def epsilon(self, name: str, default: float) -> float:
         value = self.raw.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-            raise self.error(name, value, "a positive number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise self.error(name, value, "a finite number >= 0")
         return float(value)
 
     def optional_token(self, name: str):
@@ -264,7 +264,7 @@ def _transformers_config(raw: dict, where: str) -> MambaLMConfig:
         time_step_rank=_time_step_rank(fields, "time_step_rank", hidden_size),
         use_bias=fields.bool("use_bias", False),
         use_conv_bias=fields.bool("use_conv_bias", True),
-        layer_norm_epsilon=fields.positive_float("layer_norm_epsilon", 1e-5),
+        layer_norm_epsilon=fields.epsilon("layer_norm_epsilon", 1e-5),
         tie_word_embeddings=fields.bool("tie_word_embeddings", True),
         residual_in_fp32=fields.bool("residual_in_fp32", True),
         bos_token_id=fields.optional_token("bos_token_id"),
@@ -331,7 +331,7 @@ def _mamba_ssm_config(raw: dict, where: str) -> MambaLMConfig:
         time_step_rank=_time_step_rank(ssm, "dt_rank", hidden_size),
         use_bias=ssm.bool("bias", False),
         use_conv_bias=ssm.bool("conv_bias", True),
-        layer_norm_epsilon=fields.positive_float("norm_epsilon", 1e-5),
+        layer_norm_epsilon=fields.epsilon("norm_epsilon", 1e-5),
         tie_word_embeddings=fields.bool("tie_embeddings", True),
         residual_in_fp32=fields.bool("residual_in_fp32", True),
         source="mamba_ssm",
