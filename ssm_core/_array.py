@@ -17,7 +17,7 @@ import sys
 from array_api_compat import array_namespace
 
 __all__ = [
-    "namespace", "register_namespace", "softplus", "silu", "linear", "muladd", "at_least", "readout",
+    "namespace", "register_namespace", "softplus", "silu", "linear", "muladd", "reciprocal", "at_least", "readout",
     "moveaxis", "unstack",
 ]
 
@@ -116,6 +116,13 @@ def muladd(a, b, c, xp):
     if _is_torch(xp):
         return sys.modules["torch"].addcmul(c, a, b)  # one pass over memory instead of two
     return a * b + c
+
+
+def reciprocal(x, xp):
+    """``1 / x``, elementwise."""
+    if _is_torch(xp):
+        return sys.modules["torch"].reciprocal(x)  # 1 / tensor is a reciprocal and a multiply by 1
+    return 1.0 / x
 
 
 def at_least(x, floor: float, xp):

@@ -56,7 +56,7 @@ class Backend:
         switch for the compiled S6/Mamba block (see :mod:`ssm_core.fused`).
         """
         grad = self.records_gradients(x, params)
-        plan = self.forms(x, grad)
+        plan = self.forms(x, grad, spec.time_invariant)
         if not sequence:
             return plan
         plan = plan._replace(method=self.scan_method(spec.time_invariant, x))
@@ -69,8 +69,11 @@ class Backend:
         """Whether autograd records the call (libraries without autograd: never)."""
         return False
 
-    def forms(self, x, grad: bool) -> Plan:
-        """A plan naming the forms of the operations whose best form depends on the library (the standard's here)."""
+    def forms(self, x, grad: bool, time_invariant: bool = False) -> Plan:
+        """A plan naming the forms of the operations whose best form depends on the library (the standard's here).
+
+        ``time_invariant``: the call discretizes parameter-sized arrays only (S4, S5), not input-sized ones.
+        """
         return _STANDARD
 
     def scan_method(self, time_invariant: bool, xs) -> str:

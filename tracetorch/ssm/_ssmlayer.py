@@ -409,7 +409,7 @@ class TimeInvariantLayer(Layer):
         super().TTcompile()
         params, _ = in_compute_dtype(self._core_params(), xp_torch)
         with torch.no_grad():  # the forms of a step without autograd, which the frozen dynamics serve
-            dynamics = self.spec.prepare(params, xp_torch, self.backend.forms(params.A_log, grad=False))
+            dynamics = self.spec.prepare(params, xp_torch, self.backend.forms(params.A_log, False, time_invariant=True))
         for field, value in zip(dynamics._fields, dynamics):
             self.register_buffer(self._COMPILED + field, value.detach().clone(), persistent=False)
 
