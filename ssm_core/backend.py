@@ -56,7 +56,8 @@ class Backend:
         switch for the compiled S6/Mamba block (see :mod:`ssm_core.fused`).
         """
         grad = self.records_gradients(x, params)
-        plan = self.forms(x, grad, spec.time_invariant)
+        state_elements = math.prod(x.shape[1 if sequence else 0 :]) * params.A_log.shape[-1]  # one step's, at most
+        plan = self.forms(x, grad, spec.time_invariant, state_elements)
         if not sequence:
             return plan
         plan = plan._replace(method=self.scan_method(spec.time_invariant, x))
@@ -69,10 +70,11 @@ class Backend:
         """Whether autograd records the call (libraries without autograd: never)."""
         return False
 
-    def forms(self, x, grad: bool, time_invariant: bool = False) -> Plan:
+    def forms(self, x, grad: bool, time_invariant: bool = False, state_elements: int = 0) -> Plan:
         """A plan naming the forms of the operations whose best form depends on the library (the standard's here).
 
-        ``time_invariant``: the call discretizes parameter-sized arrays only (S4, S5), not input-sized ones.
+        ``time_invariant``: the call discretizes parameter-sized arrays only (S4, S5), not input-sized ones;
+        ``state_elements``: the size of one step's selective state (S6, Mamba).
         """
         return _STANDARD
 

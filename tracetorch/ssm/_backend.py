@@ -36,8 +36,8 @@ class TorchBackend(Backend):
     def records_gradients(self, x, params) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
 
-    def forms(self, x, grad, time_invariant=False):
-        return _fused.forms(x, grad, time_invariant)
+    def forms(self, x, grad, time_invariant=False, state_elements=0):
+        return _fused.forms(x, grad, time_invariant, state_elements)
 
     def scan_method(self, time_invariant, xs):
         if time_invariant and torch.compiler.is_compiling():
