@@ -138,7 +138,7 @@ def _rate_floor(xp, dtype) -> tuple:
     Not the floor of the chunked scans' decay powers (``lti._power_floor``):
     that one keeps products of powers off subnormal numbers, for speed.
     """
-    key = (getattr(xp, "__name__", None) or id(xp), str(dtype))
+    key = (getattr(xp, "__name__", None) or id(xp), str(dtype))  # traceable by torch.compile, unlike a dtype's hash
     floor = _RATE_FLOORS.get(key)
     if floor is None:
         info = xp.finfo(dtype)
