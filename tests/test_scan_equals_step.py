@@ -49,7 +49,6 @@ import pytest
 import torch
 
 import ssm_core
-import tracetorch as tt
 from conftest import (
     BINDINGS, FIVE, GRAD_TOL, TOL, get_binding, random_weights, rel_err, skip_mlx_float64_on_gpu,
 )
@@ -66,10 +65,11 @@ LAYER_BINDINGS = ["torch", "torch-cuda", *BINDINGS[1:]]
 WARMUP = 3  # steps before the sequence: it starts from held, non-zero states
 
 # Lengths. Every scan form a length selects is met: S6/Mamba cut time into blocks of SCAN_BLOCK steps;
-# S4/S5 step below S4_CHUNKED_FROM/S5_CHUNKED_FROM and take chunks of at most S4_CHUNK/S5_CHUNK steps above.
-ACROSS_A_BLOCK = SCAN_BLOCK + 5  # two S6/Mamba blocks, the second short; S4 in one chunk, S5 still stepping
-OVER_TWO_CHUNKS = max(S4_CHUNK, S5_CHUNK) + 7  # two S4/S5 chunks, the last one padded; three S6/Mamba blocks
-MANY_CHUNKS = 200  # four S4 chunks and eight S5 chunks of one stream, seven S6/Mamba blocks
+# S4/S5 step below S4_CHUNKED_FROM/S5_CHUNKED_FROM ("auto") and take chunks of at most S4_CHUNK/S5_CHUNK
+# steps, fewer for few batch elements (a padded last chunk where the chunks do not divide T).
+ACROSS_A_BLOCK = SCAN_BLOCK + 5  # two S6/Mamba blocks, the second short; "auto": S4 in chunks, S5 steps
+OVER_TWO_CHUNKS = max(S4_CHUNK, S5_CHUNK) + 7  # two or more S4/S5 chunks, the last padded; three S6/Mamba blocks
+MANY_CHUNKS = 200  # one stream: four S4 chunks, eight S5 chunks, seven S6/Mamba blocks
 assert OVER_TWO_CHUNKS > 2 * SCAN_BLOCK and OVER_TWO_CHUNKS % SCAN_BLOCK and ACROSS_A_BLOCK < S5_CHUNKED_FROM
 
 # (id, T, dim, time_dim, one step's input shape with N at dim)
@@ -157,7 +157,6 @@ def test_torch_layer_scan_gradients_equal_stepping(case, T, dim, time_dim, shape
     _, name, kwargs = case
     b = get_binding("torch")
     layer = b.make(name, {**kwargs, "dim": dim}, dtype, seed=1)
-    tdtype = getattr(torch, dtype)
     step_shape = _step_shape(shape, kwargs["num_neurons"])
     rng = np.random.default_rng(T + 1)
     warmup = torch.from_numpy(rng.standard_normal((WARMUP, *step_shape)).astype(dtype))
