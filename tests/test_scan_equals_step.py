@@ -15,7 +15,9 @@ steps in), and every number is finite. Over:
   array-api-strict, CuPy), each with the scan method its own policy picks
   (:func:`test_layer_scan_equals_stepping`); ``ssm_core``'s pure functions
   on each library's arrays, with every scan method a layer has, named
-  (:func:`test_functional_scan_equals_stepping`);
+  (:func:`test_functional_scan_equals_stepping`), and every form of
+  ``expm1`` and of the readout a plan may name
+  (:func:`test_functional_scan_equals_stepping_in_every_form`);
 - compiled and eager: the S6/Mamba block compiled by ``torch.compile`` and by
   ``mx.compile`` (:func:`test_compiled_scan_equals_stepping`), every other
   cell eager;
@@ -54,9 +56,9 @@ from conftest import (
 )
 from ssm_core import fused
 from ssm_core.lti import LTI_SCAN_METHODS, S4_CHUNK, S5_CHUNK, S5_CHUNKED_FROM
+from ssm_core.plan import EXPM1_FORMS, READOUT_FORMS, SCAN_BLOCK
 from ssm_core.scan import RECURRENCE_METHODS
-from ssm_core.selective import SCAN_BLOCK
-from tracetorch.ssm import _fused
+from tracetorch.ssm._backend import backend as torch_backend
 
 DTYPES = ["float32", "float64"]
 # The bindings of the stateful layers: torch on the CPU and on CUDA, and every backend (skipped with the
@@ -241,6 +243,29 @@ def test_functional_scan_equals_stepping(binding, case, method, T, batch, dtype)
     _assert_states_close(_host_state(b, final), stepped_state, TOL[dtype], f"{method} ")
 
 
+SELECTIVE_METHOD_PARAMS = [p for p in METHOD_PARAMS if not ssm_core.LAYERS[p.values[0][1]].time_invariant]
+
+
+@pytest.mark.parametrize("readout", READOUT_FORMS)
+@pytest.mark.parametrize("expm1", EXPM1_FORMS)
+@pytest.mark.parametrize(("case", "method"), SELECTIVE_METHOD_PARAMS)
+@pytest.mark.parametrize("binding", ["numpy", "torch"], indirect=True)
+def test_functional_scan_equals_stepping_in_every_form(binding, case, method, expm1, readout):
+    """S6/Mamba under a plan naming the forms of ``expm1`` and of the readout (the bindings pick them per
+    library, device and autograd): the scan equals the steps run with the same forms, float64."""
+    b, (_, name, kwargs) = binding, case
+    T, batch = ACROSS_A_BLOCK, (3, 2)
+    forms = ssm_core.Plan(expm1=expm1, readout=readout)
+    params, state, xs = _functional_case(b, name, kwargs, T, batch, "float64", seed=T + 4)
+    ys, final = SCAN[name](xs, state, params, plan=forms._replace(method=method))
+    stepped = []
+    for t in range(T):
+        y, state = STEP[name](xs[t, ...], state, params, plan=forms)
+        stepped.append(b.to_numpy(y))
+    _assert_close(b.to_numpy(ys), np.stack(stepped), TOL["float64"], f"{method} outputs")
+    _assert_states_close(_host_state(b, final), _host_state(b, state), TOL["float64"], f"{method} ")
+
+
 def _torch_gradients(loss_fn, leaves):
     leaves = [leaf.detach().clone().requires_grad_() for leaf in leaves]
     return [g.numpy() for g in torch.autograd.grad(loss_fn(*leaves), leaves)]
@@ -303,19 +328,16 @@ COMPILED_LAYERS = ["S6", "Mamba"]
 
 @pytest.fixture
 def fused_block_key(monkeypatch):
-    monkeypatch.setattr(_fused, "FUSED_BLOCK", FUSED_BLOCK)
+    monkeypatch.setattr(torch_backend, "fused_block", FUSED_BLOCK)
     monkeypatch.delenv(fused.ENV_VAR, raising=False)
 
 
 def _ran_compiled(b, dtype: str) -> bool:
     """Whether ``b``'s compiled block of the fused key (6 batch elements) is compiled, checked and in use."""
-    if b.name == "torch":
-        compiler, block, array_dtype = _fused.block_compiler, FUSED_BLOCK, getattr(torch, dtype)
-    else:
-        backend = b.mod.backend
-        compiler, block, array_dtype = backend.__dict__.get("_compiler"), backend.fused_block, backend.dtype(dtype)
-    key = (block, 6, FUSED_N, FUSED_D_STATE, array_dtype)
-    return compiler is not None and any(tuple(k[:5]) == key for k in compiler.compiled_keys())
+    backend = torch_backend if b.name == "torch" else b.mod.backend
+    array_dtype = getattr(torch, dtype) if b.name == "torch" else backend.dtype(dtype)
+    key = (backend.fused_block, 6, FUSED_N, FUSED_D_STATE, array_dtype)
+    return any(tuple(k[:5]) == key for k in backend.block_compiler.compiled_keys())
 
 
 @pytest.mark.filterwarnings("error::ssm_core.fused.CompileFallbackWarning")  # a silent eager fallback is no pass
