@@ -3,16 +3,17 @@
 Stepping (one call per timestep) is the definition of every layer; a scan
 runs the same recurrence over a whole sequence at once, in whichever form
 (method, time blocks, compiled or eager) it takes. Each test here holds a scan
-to stepping: the outputs, the final states, the next step after the sequence
-(the layer continues from where the scan left it), and the gradients where
-the library has autograd. Both start from the same non-zero states (a few
+to stepping: the outputs, the final states, for the stateful layers the next
+step after the sequence (the layer continues from where the scan left it),
+and the gradients where the library has autograd. Both start from the same non-zero states (a few
 steps in), and every number is finite. Over:
 
 - the layers: S4, S5, S6 (``dt_rank=2``), Mamba, and Mamba without its
   convolution (``FIVE`` of ``conftest``);
 - the bindings: the torch layers ``tt.ssm.*`` (CPU, and CUDA where there is
   one) and the stateful layers of every backend (NumPy, MLX,
-  array-api-strict, CuPy), each with the scan method its own policy picks
+  array-api-strict, CuPy), each with the scan method its backend's plan picks
+  (the log-depth ``"parallel"`` one on CUDA and CuPy)
   (:func:`test_layer_scan_equals_stepping`); ``ssm_core``'s pure functions
   on each library's arrays, with every scan method a layer has, named
   (:func:`test_functional_scan_equals_stepping`), and every form of
