@@ -41,6 +41,14 @@ class Backend:
     fused_block = SCAN_BLOCK
     compile_auto = False
 
+    reads_torch_pickles = False  # whether read_tensors reads pytorch_model.bin
+
+    def read_tensors(self, file) -> dict:
+        """``{name: array}`` of one safetensors file, as this library's arrays: through NumPy, unless overridden."""
+        from .pretrained import read_safetensors
+
+        return {name: self.asarray(value) for name, value in read_safetensors(file).items()}
+
     def finish(self, arrays) -> None:
         """Make a step's results usable (eager libraries: nothing to do)."""
 
