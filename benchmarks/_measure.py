@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import resource
 import statistics
 import sys
@@ -181,3 +182,44 @@ def proc_mib(key: str) -> Optional[float]:
     except OSError:
         pass
     return None
+
+
+def _cpu_seconds() -> Optional[tuple]:
+    """``(busy seconds of every CPU, this process's and its waited-for children's CPU seconds)``, or None.
+
+    None off Linux, and where ``/proc/stat`` counts more CPUs than this
+    process may use (a container seeing the host's): the others' share would
+    then be the host's.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            lines = stat.read().splitlines()
+    except OSError:
+        return None
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    if not lines or not hasattr(os, "sched_getaffinity") or cpus != len(os.sched_getaffinity(0)):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is already in user.
+    # Steal (a hypervisor running another machine on these cores) counts as busy: it slows us alike.
+    ticks = [int(value) for value in lines[0].split()[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
+
+
+class OthersMeter:
+    """How many cores other processes kept busy, on average, since this was made.
+
+    The load average cannot say it during a benchmark: the benchmark's own
+    threads count in it. This subtracts our own CPU time from the machine's.
+    """
+
+    def __init__(self):
+        self._start, self._wall = _cpu_seconds(), time.monotonic()
+
+    def cores(self) -> Optional[float]:
+        """Average cores busy with other work so far, or None where it cannot be measured."""
+        end, wall = _cpu_seconds(), time.monotonic() - self._wall
+        if self._start is None or end is None or wall <= 0:
+            return None
+        return max(0.0, ((end[0] - self._start[0]) - (end[1] - self._start[1])) / wall)
