@@ -39,9 +39,21 @@ def machine_info() -> dict:
         "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "unset"),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     }
+    if info["mlx"] != "not installed":
+        info["MLX device"] = _mlx_device()
     if hasattr(os, "getloadavg"):
         info["load average at start (1/5/15 min)"] = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     return info
+
+
+def _mlx_device() -> str:
+    """MLX's default device, e.g. ``cpu`` (the Linux CPU build) or ``gpu`` (Apple silicon)."""
+    try:
+        import mlx.core as mx
+
+        return mx.default_device().type.name
+    except Exception as error:
+        return f"unusable ({type(error).__name__})"
 
 
 def _cpu_model() -> str:
@@ -162,7 +174,8 @@ def conditions(info: dict) -> list:
     capability = info.get("CPU vector ISA (torch)", "unknown")
     if info.get("ATEN_CPU_CAPABILITY", "unset") != "unset":
         capability += f" (ATEN_CPU_CAPABILITY={info['ATEN_CPU_CAPABILITY']})"
-    lines.append(f"CPU vector ISA: {capability}; torch {info['torch']}, {info['torch threads']} threads")
+    lines.append(f"CPU vector ISA: {capability}; torch {info['torch']}, {info['torch threads']} threads"
+                 + (f"; MLX {info['mlx']} on its {info['MLX device']} device" if "MLX device" in info else ""))
     return lines
 
 
