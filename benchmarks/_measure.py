@@ -127,10 +127,23 @@ def measure(contenders: list, plan: Plan) -> dict:
     return timings
 
 
+def _round_ratios(numerator: Timing, denominator: Timing) -> list:
+    return [a / b for a, b in zip(numerator.per_unit_s, denominator.per_unit_s) if b > 0]
+
+
 def ratio(numerator: Timing, denominator: Timing) -> Optional[float]:
     """Median over the rounds both ran of ``numerator / denominator``, or None."""
-    pairs = [(a, b) for a, b in zip(numerator.per_unit_s, denominator.per_unit_s) if b > 0]
-    return statistics.median(a / b for a, b in pairs) if pairs else None
+    ratios = _round_ratios(numerator, denominator)
+    return statistics.median(ratios) if ratios else None
+
+
+def ratio_quartiles(numerator: Timing, denominator: Timing) -> Optional[tuple]:
+    """The first and third quartiles of the round-by-round ratios: how far a noisy machine spread them; or None."""
+    ratios = _round_ratios(numerator, denominator)
+    if len(ratios) < 4:  # too few rounds for quartiles to say anything
+        return None
+    quartiles = statistics.quantiles(ratios, n=4)
+    return quartiles[0], quartiles[2]
 
 
 @dataclass
@@ -143,6 +156,7 @@ class Row:
     contender: str
     seconds: Optional[float] = None  # median per unit
     ratio: Optional[float] = None
+    ratio_quartiles: Optional[tuple] = None  # (first, third) quartile of the round-by-round ratios
     baseline: str = ""
     rounds: int = 0
     notes: list = field(default_factory=list)
@@ -162,7 +176,8 @@ def fill(rows: dict, timings: dict, speedup: bool) -> None:
         if timing.error:
             row.notes.append(f"error: {timing.error}")
         if base is not None and base is not timing:
-            row.ratio = ratio(base, timing) if speedup else ratio(timing, base)
+            pair = (base, timing) if speedup else (timing, base)
+            row.ratio, row.ratio_quartiles = ratio(*pair), ratio_quartiles(*pair)
 
 
 def maxrss_mib() -> float:

@@ -185,13 +185,18 @@ def _cell(ratio, met, why) -> str:
     return f"{ratio:.2f}" + {True: " ✓", False: " ✗", None: ""}[met]
 
 
+def _quartiles(row) -> str:
+    return "" if row.ratio_quartiles is None else "{:.2f}–{:.2f}".format(*row.ratio_quartiles)
+
+
 def step_markdown(results, info: dict, command: str) -> str:
     from .step import LAYERS, TABLE_DEVICE, TRAINING, table
 
     steps = results.settings.training_steps
     lines = _header("Per-step latency", info, command, conditions(info) + [
         "median µs per step over rounds; the contenders of a group take turns within each round, in one process",
-        "ratio = median over rounds of (this / vs); **< 1 means this is faster**",
+        "ratio = median over rounds of (this / vs); **< 1 means this is faster**; the rounds' quartiles: "
+        "the middle half of the round-by-round ratios (wide: a noisy run)",
         f"{TRAINING}: zero_states, {steps} steps, sum of outputs, backward(); µs per step = total / {steps}",
     ])
     cells = table(results)
@@ -209,7 +214,8 @@ def step_markdown(results, info: dict, command: str) -> str:
     lines += _sections(results.rows, {
         "layer": lambda r: r.layer, "batch × features": lambda r: f"{r.shape[0]} × {r.shape[1]}",
         "contender": lambda r: r.contender, "µs/step": lambda r: _num(r.seconds and r.seconds * 1e6),
-        "ratio": lambda r: _times(r.ratio), "vs": lambda r: r.baseline if r.ratio is not None else "",
+        "ratio": lambda r: _times(r.ratio), "rounds' quartiles": _quartiles,
+        "vs": lambda r: r.baseline if r.ratio is not None else "",
         "rounds": lambda r: r.rounds, "notes": lambda r: "; ".join(r.notes),
     })
     if results.memory:

@@ -87,3 +87,16 @@ def test_a_benchmark_beside_other_work_is_not_written_to_the_committed_results(
     assert not (elsewhere / "step.md").exists() and not (elsewhere / "machine.md").exists()
     if not published:
         assert "NOT PUBLISHED: other processes kept 0.90 cores busy" in (local / "machine.md").read_text()
+
+
+def test_ratios_are_taken_round_by_round_with_their_spread():
+    from benchmarks._measure import Timing, fill
+
+    ours = Timing("ours", per_unit_s=[1.0, 2.0, 3.0, 4.0, 5.0])
+    theirs = Timing(PUBLISHED, per_unit_s=[2.0, 2.0, 2.0, 2.0, 100.0])  # a load spike in the last round
+    rows = {name: Row("s", "S4", (1, 64), name, baseline=PUBLISHED) for name in ("ours", PUBLISHED)}
+    fill(rows, {"ours": ours, PUBLISHED: theirs}, speedup=False)
+    # Round ratios 0.5, 1, 1.5, 2, 0.05: median 1.0, where the medians' ratio would be 3/2.
+    assert rows["ours"].ratio == 1.0
+    assert rows["ours"].ratio_quartiles == pytest.approx((0.275, 1.75))  # statistics.quantiles' exclusive method
+    assert rows[PUBLISHED].ratio is None
