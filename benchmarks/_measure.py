@@ -95,13 +95,19 @@ def measure(contenders: list, plan: Plan) -> dict:
         timing = timings[contender.name]
         start = time.perf_counter()
         try:
+            last_s = None  # the last warm-up call, which sizes the timed loops when it ran the timed call
             with contender.context():
                 for _ in range(plan.warmup_calls):
+                    contender.sync()
+                    began = time.perf_counter()
                     (contender.warmup or contender.call)()
-            contender.sync()
+                    contender.sync()
+                    last_s = time.perf_counter() - began
             calls = 1
             if plan.target_s > 0:
-                calls = min(100_000, math.ceil(plan.target_s / max(_timed_loop(contender, 1), 1e-9)))
+                if last_s is None or contender.warmup is not None:
+                    last_s = _timed_loop(contender, 1)
+                calls = min(100_000, math.ceil(plan.target_s / max(last_s, 1e-9)))
         except Exception as error:  # a failing contender is recorded, not fatal
             timing.error = error_text(error)
             continue

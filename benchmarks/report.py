@@ -204,7 +204,7 @@ def step_markdown(results, info: dict, command: str) -> str:
               "Lower is better; the array backends' lines are their step / our torch eager step. "
               "✓ meets the target, ✗ misses it, — not measured (see the rows below).", ""]
     lines += _table(["ours / 0.19.2", "target", *LAYERS],
-                    [[target.label, target.describe(), *[_cell(*by_layer[layer]) for layer in LAYERS]]
+                    [[target.label.format(steps=steps), target.describe(), *[_cell(*by_layer[layer]) for layer in LAYERS]]
                      for target, by_layer in cells])
     verdicts = [met for _, by_layer in cells for _, met, _ in by_layer.values() if met is not None]
     unmeasured = sum(1 for target, by_layer in cells for layer, (ratio, _, _) in by_layer.items()
@@ -221,7 +221,8 @@ def step_markdown(results, info: dict, command: str) -> str:
     if results.memory:
         batch, features = results.settings.memory_size
         lines += ["## Memory: inference steps must not grow memory", "",
-                  f"Resident memory (CUDA: allocated memory) after 100 no_grad steps and after "
+                  f"Resident memory (CUDA: allocated memory) after "
+                  f"{results.settings.memory_warmup_steps:,} no_grad steps and after "
                   f"{results.settings.memory_steps:,} more, batch {batch}, {features} features.", ""]
         lines += _table(["layer", "device", "before MiB", "after MiB", "verdict"],
                         [[layer, device, _num(before), _num(after), _growth(before, after, error)]

@@ -44,7 +44,7 @@ TT_COMPILES = ("S6", "Mamba")
 class Target:
     """One line of the targets table: the ratio of ``contender`` to its row's baseline, per layer."""
 
-    label: str
+    label: str  # "{steps}": the number of steps of training by stepping
     section: str  # NO_GRAD or TRAINING
     size: tuple  # (batch, features)
     contender: str
@@ -75,7 +75,7 @@ def _all(limit):
 TABLE = (
     Target("step, no_grad, batch 1 × 64 features", NO_GRAD, (1, 64), OURS, _all(0.9)),
     Target("step, no_grad, 32 × 256", NO_GRAD, (32, 256), OURS, _all(0.8)),
-    Target(f"training by stepping (T = {TRAINING_STEPS}, then backward), 1 × 64", TRAINING, (1, 64), OURS, _all(0.9)),
+    Target("training by stepping (T = {steps}, then backward), 1 × 64", TRAINING, (1, 64), OURS, _all(0.9)),
     Target("training by stepping, 16 × 128", TRAINING, (16, 128), OURS, _all(0.9)),
     Target("`TTcompile()`d step, 32 × 256 (vs 0.19.2's eager step)", NO_GRAD, (32, 256), TT_COMPILED,
            {"S4": 0.5, "S5": 0.5, "S6": 0.4, "Mamba": 0.4}),
@@ -96,16 +96,17 @@ class Settings:
     budget_s: Optional[float] = 20.0  # timed seconds per contender and group before it stops
     torch_compile: bool = True  # ours under torch.compile, and TTcompile of the layers it compiles
     memory_size: tuple = (32, 256)
+    memory_warmup_steps: int = 100
     memory_steps: int = 2000
-    quick: bool = False
 
     @classmethod
     def make(cls, quick: bool, rounds: Optional[int] = None, torch_compile: bool = False):
         settings = cls()
-        if quick:  # the table's sizes, few and short rounds; compiling (3-30 s a layer) only with --torch-compile
-            settings = cls(no_grad_sizes=((1, 64), (32, 256)), rounds=2, target_s=0.01, warmup_calls=1,
-                           budget_s=None, torch_compile=torch_compile, memory_size=(1, 64), memory_steps=200,
-                           quick=True)
+        if quick:  # the table's sizes, few short rounds, 16 training steps; compiling (3-30 s a layer) only
+            # with --torch-compile. Its figures are a smoke check, not the published ones.
+            settings = cls(no_grad_sizes=((1, 64), (32, 256)), training_steps=16, rounds=2, target_s=0.01,
+                           warmup_calls=1, budget_s=None, torch_compile=torch_compile, memory_size=(1, 64),
+                           memory_warmup_steps=20, memory_steps=50)
         settings.rounds = rounds or settings.rounds
         return settings
 
@@ -222,7 +223,7 @@ def _training_rows(name, device, size, settings) -> list:
 
 
 def _memory_check(name, device, settings) -> tuple:
-    """``(layer, device, before MiB, after MiB, error)`` around ``memory_steps`` no_grad steps, after 100."""
+    """``(layer, device, before MiB, after MiB, error)`` around ``memory_steps`` no_grad steps, after a warm-up."""
     batch, features = settings.memory_size
     read = (lambda: torch.cuda.memory_allocated() / 2**20) if device == "cuda" else (lambda: proc_mib("VmRSS"))
     try:
@@ -230,7 +231,7 @@ def _memory_check(name, device, settings) -> tuple:
         x = torch.randn(batch, features, device=device)
         figures = []
         with torch.no_grad():
-            for steps in (100, settings.memory_steps):
+            for steps in (settings.memory_warmup_steps, settings.memory_steps):
                 for _ in range(steps):
                     layer(x)
                 torch_sync(device)()
