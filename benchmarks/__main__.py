@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("names", nargs="*", metavar="BENCHMARK",
                         help="step and/or scan (default: both; the same as --only)")
     parser.add_argument("--only", default=None, help="comma-separated: step, scan (default: both)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7; 2 with --quick)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: step 15, scan 7; 2 with --quick)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: benchmarks/results/ for a full run on a quiet machine, "
                              "else benchmarks/results-local/)")

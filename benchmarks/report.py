@@ -179,7 +179,7 @@ def conditions(info: dict) -> list:
     return lines
 
 
-def _cell(ratio, met, why) -> str:
+def _cell(ratio, met, _why) -> str:
     if ratio is None:
         return "—"
     return f"{ratio:.2f}" + {True: " ✓", False: " ✗", None: ""}[met]
@@ -203,14 +203,15 @@ def step_markdown(results, info: dict, command: str) -> str:
     lines += [f"## Targets: ours / 0.19.2 on torch {TABLE_DEVICE.upper()}", "",
               "Lower is better; the array backends' lines are their step / our torch eager step. "
               "✓ meets the target, ✗ misses it, — not measured (see the rows below).", ""]
+    labels = {target: target.label.format(steps=steps) for target, _ in cells}
     lines += _table(["ours / 0.19.2", "target", *LAYERS],
-                    [[target.label.format(steps=steps), target.describe(), *[_cell(*by_layer[layer]) for layer in LAYERS]]
+                    [[labels[target], target.describe(), *[_cell(*by_layer[layer]) for layer in LAYERS]]
                      for target, by_layer in cells])
     verdicts = [met for _, by_layer in cells for _, met, _ in by_layer.values() if met is not None]
-    unmeasured = sum(1 for target, by_layer in cells for layer, (ratio, _, _) in by_layer.items()
-                     if ratio is None and target.limits.get(layer) is not None)
-    lines += [f"Targets met: {sum(verdicts)} of {len(verdicts) + unmeasured}"
-              + (f" ({unmeasured} not measured)" if unmeasured else "") + ".", ""]
+    unmeasured = [f"{layer}, {labels[target]}: {why}" for target, by_layer in cells
+                  for layer, (ratio, _, why) in by_layer.items() if ratio is None and layer in target.limits]
+    lines += [f"Targets met: {sum(verdicts)} of {len(verdicts) + len(unmeasured)}"
+              + (f"; not measured: {'; '.join(unmeasured)}" if unmeasured else "") + ".", ""]
     lines += _sections(results.rows, {
         "layer": lambda r: r.layer, "batch × features": lambda r: f"{r.shape[0]} × {r.shape[1]}",
         "contender": lambda r: r.contender, "µs/step": lambda r: _num(r.seconds and r.seconds * 1e6),
