@@ -69,22 +69,26 @@ class _Meter:
         return self._cores
 
 
+@pytest.mark.parametrize("benchmark", ["step", "scan"])
 @pytest.mark.parametrize("others, published", [(0.1, True), (0.9, False)])
 def test_a_benchmark_beside_other_work_is_not_written_to_the_committed_results(
-        tmp_path, monkeypatch, others, published):
+        tmp_path, monkeypatch, benchmark, others, published):
     # Other processes busy during the run (the benchmark's own threads not counted) send it to results-local.
+    from benchmarks import scan
+
     results, local = tmp_path / "results", tmp_path / "results-local"
     results.mkdir()
     monkeypatch.setattr(cli, "RESULTS", results)
     monkeypatch.setattr(cli, "LOCAL", local)
     monkeypatch.setattr(cli, "_busy_load", lambda: None)  # quiet at the start
     monkeypatch.setattr(cli, "OthersMeter", lambda: _Meter(others))
-    monkeypatch.setattr(cli, "_run", lambda name, args: step.Results(step.Settings()))
-    monkeypatch.setattr(report, "plot_step", lambda results, path, title: path.write_text("plot"))
-    assert cli.main(["step", "--out", str(results), "--threads", str(torch.get_num_threads())]) == 0
+    module = step if benchmark == "step" else scan
+    monkeypatch.setattr(cli, "_run", lambda name, args: module.Results(module.Settings()))
+    monkeypatch.setattr(report, f"plot_{benchmark}", lambda results, path, title: path.write_text("plot"))
+    assert cli.main([benchmark, "--out", str(results), "--threads", str(torch.get_num_threads())]) == 0
     written, elsewhere = (results, local) if published else (local, results)
-    assert (written / "step.md").is_file() and (written / "machine.md").is_file()
-    assert not (elsewhere / "step.md").exists() and not (elsewhere / "machine.md").exists()
+    assert (written / f"{benchmark}.md").is_file() and (written / "machine.md").is_file()
+    assert not (elsewhere / f"{benchmark}.md").exists() and not (elsewhere / "machine.md").exists()
     if not published:
         assert "NOT PUBLISHED: other processes kept 0.90 cores busy" in (local / "machine.md").read_text()
 
