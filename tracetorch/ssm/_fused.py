@@ -1,4 +1,4 @@
-"""S6/Mamba compiled with ``torch.compile``: the scan's time block, and ``TTcompile()``'s step.
+"""``torch.compile`` in the torch layers: the S6/Mamba scan's time block, and ``TTcompile()``'s step.
 
 Both compile ``ssm_core``'s own functions, nothing written twice: the scan
 compiles :func:`ssm_core.selective_block` (C++/OpenMP through inductor on
@@ -306,7 +306,7 @@ def _compile_step(key):
 
 
 step_compiler = BlockCompiler(
-    "the S6/Mamba step", "torch.compile", _compile_step, is_failure=_is_compiler_failure,
+    "the TTcompile()d step", "torch.compile", _compile_step, is_failure=_is_compiler_failure,
     check=lambda compiled, eager, args: _check_first_call(compiled, eager, args, autograd=False),
 )
 

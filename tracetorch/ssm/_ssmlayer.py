@@ -309,6 +309,19 @@ class Layer(BaseLayer):
     def _core_step(self, x, state, params, plan):
         return self.spec.step(x, state, params, xp=xp_torch, prepared=self._prepared(params, plan), plan=plan)
 
+    def _compiled_step(self, x, state, params, prepared):
+        """``TTcompile()``'s step: ``spec.step`` compiled with ``torch.compile`` (:func:`_fused.step_function`)."""
+        key = (tuple(x.shape), x.dtype, x.device, _compat.autocast_dtype(x.device.type))  # a graph per autocast state
+        cached = self.__dict__.get("_compiled_step_fn")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_compiled_step_fn"] = (key, _fused.step_function(self.spec, self.config, x))
+        return cached[1](x, state, params, prepared)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_compiled_step_fn", None)  # a compiled function does not pickle; the next step finds it again
+        return state
+
     def scan(self, xs: torch.Tensor, time_dim: int = 0, compiled: Optional[bool] = None) -> torch.Tensor:
         r"""Run a whole sequence in one call: the same outputs and final states as stepping.
 
@@ -427,6 +440,8 @@ class TimeInvariantLayer(Layer):
 
     def _core_step(self, x, state, params, plan):
         with _autocast_off(x):  # S5's x @ B_bar feeds the recurrence: float32 (see _autocast_off)
+            if self._COMPILED + "A_bar" in self._buffers:
+                return self._compiled_step(x, state, params, self._prepared(params, plan))
             return super()._core_step(x, state, params, plan)
 
     def _prepared(self, params, plan):
@@ -437,7 +452,14 @@ class TimeInvariantLayer(Layer):
         return super()._prepared(params, plan)
 
     def TTcompile(self) -> None:
-        r"""Discretize the system once for fast inference steps; the weights are frozen until ``TTdecompile()``."""
+        r"""Discretize the system once and compile the step, for fast inference; the weights are frozen until
+        ``TTdecompile()``.
+
+        Steps then run one function compiled with ``torch.compile`` (the
+        update and the readout fused), compiled at the first step of each input
+        shape, dtype and device, and checked against the eager step there, as
+        S6's and Mamba's (see :meth:`SelectiveLayer.TTcompile`).
+        """
         super().TTcompile()
         params, _ = in_compute_dtype(self._core_params(), xp_torch)
         with torch.no_grad():  # the forms of a step without autograd, which the frozen dynamics serve
@@ -446,10 +468,11 @@ class TimeInvariantLayer(Layer):
             self.register_buffer(self._COMPILED + field, value.detach().clone(), persistent=False)
 
     def TTdecompile(self) -> None:
-        r"""Drop the frozen dynamics: steps follow the parameters again and train."""
+        r"""Drop the frozen dynamics and the compiled step: steps follow the parameters again and train."""
         super().TTdecompile()
         for field in self.spec.dynamics._fields:
             self._buffers.pop(self._COMPILED + field, None)
+        self.__dict__.pop("_compiled_step_fn", None)
 
 
 class Stateless(nn.Module):
@@ -503,13 +526,7 @@ class SelectiveLayer(Layer):
             return value if value.dtype == dtype else value.to(dtype)  # a call of .to() costs more than this test
 
         params = type(params)(*(None if f is None else frozen_value(f) for f in frozen))
-        decay = (frozen_value("A"), frozen_value("inv_A"))
-        key = (tuple(x.shape), dtype, x.device, _compat.autocast_dtype(x.device.type))  # a graph per autocast state
-        cached = self.__dict__.get("_compiled_step")
-        if cached is None or cached[0] != key:
-            step = _fused.step_function(self.spec, self.config, x)
-            cached = self.__dict__["_compiled_step"] = (key, step)
-        return cached[1](x, state, params, decay)
+        return self._compiled_step(x, state, params, (frozen_value("A"), frozen_value("inv_A")))
 
     def TTcompile(self) -> None:
         r"""Freeze the weights and compile the step, for fast inference.
@@ -543,12 +560,7 @@ class SelectiveLayer(Layer):
                 if value is not None:
                     self.register_buffer(self._COMPILED + field, value.detach().clone(), persistent=False)
         self.__dict__["_compiled_fields"] = tuple(f if p is not None else None for f, p in zip(params._fields, params))
-        self.__dict__.pop("_compiled_step", None)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_compiled_step", None)  # a compiled function does not pickle; the next step finds it again
-        return state
+        self.__dict__.pop("_compiled_step_fn", None)
 
     def TTdecompile(self) -> None:
         r"""Drop the frozen weights and the compiled step: steps follow the parameters again and train."""
@@ -556,4 +568,4 @@ class SelectiveLayer(Layer):
         for name in [n for n in self._buffers if n.startswith(self._COMPILED)]:
             del self._buffers[name]
         self.__dict__.pop("_compiled_fields", None)
-        self.__dict__.pop("_compiled_step", None)
+        self.__dict__.pop("_compiled_step_fn", None)
