@@ -59,6 +59,8 @@ def in_compute_dtype(params, xp) -> tuple:
     compute dtype are passed on, not copied.
     """
     dtype = compute_dtype(next(p for p in params if p is not None).dtype, xp)
+    if all(p is None or p.dtype == dtype for p in params):  # the usual case, at every call: nothing to make
+        return params, dtype
     return type(params)(*(p if p is None or p.dtype == dtype else xp.astype(p, dtype) for p in params)), dtype
 
 
