@@ -130,6 +130,8 @@ def random_weights(layer: str, kwargs: dict, seed: int = 0) -> dict:
             value = rng.standard_normal(shape) / np.sqrt(N)
         elif layer == "S5" and key == "C":
             value = rng.standard_normal(shape) / np.sqrt(d)
+        elif key in ("in_proj.bias", "out_proj.bias"):  # Mamba's bias=True
+            value = rng.uniform(-0.5, 0.5, shape)
         elif key.endswith(".weight") or key in ("conv_weights", "conv_bias"):
             fan_in = shapes["conv_weights"][-1] if key.startswith("conv_") else shape[-1]
             bound = 1.0 / np.sqrt(fan_in)

@@ -116,8 +116,9 @@ def test_no_graph_breaks_in_the_block_and_the_step():
     B, C = torch.randn(BLOCK, 6, D_STATE, generator=gen), torch.randn(BLOCK, 6, D_STATE, generator=gen)
     h = torch.randn(6, N, D_STATE, generator=gen)
     A, inv_A = ssm_core.selective_decay(torch.randn(N, D_STATE, generator=gen))
-    explanation = dynamo.explain(_fused._flat_block)(u, dt, B, C, h, A, inv_A, torch.ones(N))
-    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    for rule in ssm_core.discretize.DISCRETIZATIONS:
+        explanation = dynamo.explain(_fused._flat_block)(u, dt, B, C, h, A, inv_A, torch.ones(N), rule)
+        assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
     for name, kwargs in CASES:
         layer = _layer(name, kwargs, torch.float32)
         spec, params = layer.spec, layer._core_params()

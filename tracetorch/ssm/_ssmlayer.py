@@ -236,9 +236,10 @@ class Layer(BaseLayer):
         x_c, params = self._compute_inputs(x)
         sequence = time_dim is not None
         run_core = self._core_scan if sequence else self._core_step
+        config = self.config
 
         def core(x_last, state):
-            return run_core(x_last, state, params, self.backend.plan(self.spec, x_last, params, sequence, compiled))
+            return run_core(x_last, state, params, self.backend.plan(self.spec, x_last, params, sequence, compiled, config))
 
         y, states = run(
             type(self).__name__, self.spec, self._slots, self.dim, self.num_neurons, x_c, held, core, xp_torch,
@@ -275,7 +276,8 @@ class Layer(BaseLayer):
         return self.spec.prepare(params, xp_torch, plan)
 
     def _core_step(self, x, state, params, plan):
-        return self.spec.step(x, state, params, xp=xp_torch, prepared=self._prepared(params, plan), plan=plan)
+        prepared = self._prepared(params, plan)
+        return self.spec.step(x, state, params, xp=xp_torch, prepared=prepared, plan=plan, config=self.config)
 
     def scan(self, xs: torch.Tensor, time_dim: int = 0, compiled: Optional[bool] = None) -> torch.Tensor:
         r"""Run a whole sequence in one call: the same outputs and final states as stepping.
@@ -349,8 +351,8 @@ class Layer(BaseLayer):
     def _core_scan(self, xs, state, params, plan):
         if self.spec.time_invariant:
             with _autocast_off(xs):  # the chunk products carry the recurrence: float32 (see _autocast_off)
-                return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan)
-        return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan)
+                return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan, config=self.config)
+        return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan, config=self.config)
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
         super()._check_loaded_state(state_name, value, key)
