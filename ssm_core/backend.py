@@ -65,7 +65,7 @@ class Backend:
         if spec.time_invariant:
             return plan
         rule = "zoh" if config is None else config.discretization
-        block_fn, block = self.scan_block(x, params.A_log.shape[-1], compiled, plan, grad, rule)
+        block_fn, block = self.scan_block(x, tuple(params.A_log.shape), compiled, plan, grad, rule)
         return plan._replace(block=block, block_fn=block_fn)
 
     def records_gradients(self, x, params) -> bool:
@@ -101,12 +101,15 @@ class Backend:
         """Whether a scan of ``xs`` runs the eager block whatever the policy says."""
         return False
 
-    def block_key(self, xs, batch: int, d_state: int) -> tuple:
-        """What a compiled block is specialised on: one per key."""
-        return (self.fused_block, batch, xs.shape[-1], d_state, xs.dtype)
+    def block_key(self, xs, batch: int, width: int, d_state: int) -> tuple:
+        """What a compiled block is specialised on: one per key. ``width``: the features the block runs on."""
+        return (self.fused_block, batch, width, d_state, xs.dtype)
 
-    def scan_block(self, xs, d_state: int, compiled, plan: Plan, grad: bool = False, discretization: str = "zoh"):
+    def scan_block(self, xs, state_shape: tuple, compiled, plan: Plan, grad: bool = False, discretization: str = "zoh"):
         """``(block_fn, block)`` for an S6/Mamba scan of ``xs`` ``[T, ..., N]`` (``block_fn`` None: eager).
+
+        ``state_shape``: ``(width, d_state)``, the shape of ``A_log``: the
+        block runs on ``width`` features (Mamba's inner width, ``expand * N``).
 
         The eager block runs ``plan``: the first call's reference and what a
         failing compiled block falls back to. A checkpoint's recomputation
@@ -120,9 +123,10 @@ class Backend:
         if pinned is not None:
             return pinned
         batch = math.prod(xs.shape[1:-1])
-        key = (*self.block_key(xs, batch, d_state), discretization)
+        width, d_state = state_shape
+        key = (*self.block_key(xs, batch, width, d_state), discretization)
         # Under autograd a compiled block saves more per element-step (its backward): it pays for itself sooner.
-        work = xs.shape[0] * batch * xs.shape[-1] * d_state * (TRAINING_WEIGHT if grad else 1)
+        work = xs.shape[0] * batch * width * d_state * (TRAINING_WEIGHT if grad else 1)
         xp = self.xp
 
         def eager(inputs):

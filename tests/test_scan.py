@@ -30,8 +30,10 @@ LAYERS = [
     ("S6", {"d_state": 4}),
     ("Mamba", {"d_state": 4}),
     ("Mamba", {"d_state": 4, "conv_kernel": 1}),
+    ("S6", {"d_state": 4, "discretization": "euler"}),
+    ("Mamba", {"d_state": 4, "expand": 2, "discretization": "euler", "residual": False, "bias": True, "conv_bias": False}),
 ]
-LAYER_IDS = ["S4", "S5", "S6", "Mamba", "Mamba-k1"]
+LAYER_IDS = ["S4", "S5", "S6", "Mamba", "Mamba-k1", "S6-euler", "Mamba-hf"]
 # (dim of one step's input, time_dim of the sequence, step input shape)
 AXES = [(-1, 0, (3, N)), (0, 0, (N, 3)), (1, 2, (2, N, 3)), (-1, -1, (2, N)), (0, 1, (N, 2, 3))]
 AXIS_IDS = ["last-time0", "first-time0", "middle-time2", "last-time-1", "first-time1"]

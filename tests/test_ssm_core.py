@@ -103,9 +103,10 @@ def test_layer_steps_as_the_functional_step(binding, case):
     layer = b.make(name, kwargs, dtype="float64")
     spec = ssm_core.LAYERS[name]
     params = spec.params_from_mapping({k: b.asarray(v) for k, v in random_weights(name, kwargs).items()})
-    state = spec.zero_state(spec.config(**kwargs), (2,), b.library, b.library.float64)
+    config = spec.config(**kwargs)  # its options (discretization, residual) are the layer's
+    state = spec.zero_state(config, (2,), b.library, b.library.float64)
     for x in np.random.default_rng(0).standard_normal((4, 2, N)):
-        y_core, state = spec.step(b.asarray(x), state, params)
+        y_core, state = spec.step(b.asarray(x), state, params, config=config)
         assert rel_err(b.to_numpy(b.step(layer, b.asarray(x))), b.to_numpy(y_core)) <= TOL["float64"]
     for key, value in b.host_states(layer).items():
         assert rel_err(value, b.to_numpy(getattr(state, key))) <= TOL["float64"], key
@@ -115,8 +116,10 @@ def test_layer_steps_as_the_functional_step(binding, case):
 
 
 SCAN_LAYERS = [("S4", {"d_state": 5}), ("S5", {"d_state": 6}), ("S6", {"d_state": 4}), ("Mamba", {"d_state": 4}),
-               ("Mamba", {"d_state": 4, "conv_kernel": 1})]
-SCAN_IDS = ["S4", "S5", "S6", "Mamba", "Mamba-k1"]
+               ("Mamba", {"d_state": 4, "conv_kernel": 1}), ("S6", {"d_state": 4, "discretization": "euler"}),
+               ("Mamba", {"d_state": 4, "expand": 2, "discretization": "euler", "residual": False, "bias": True,
+                          "conv_bias": False})]
+SCAN_IDS = ["S4", "S5", "S6", "Mamba", "Mamba-k1", "S6-euler", "Mamba-hf"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -146,11 +149,11 @@ def test_every_scan_method_equals_stepping_on_array_api_strict(name, kwargs):
     state = spec.zero_state(config, (2,), xp, xp.float64)
     ys, stepped_state = [], state
     for t in range(xs.shape[0]):
-        y, stepped_state = spec.step(xs[t, ...], stepped_state, params)
+        y, stepped_state = spec.step(xs[t, ...], stepped_state, params, config=config)
         ys.append(np.from_dlpack(y))
     methods = ("loop", "chunked", "auto") if name in ("S4", "S5") else ("loop", "parallel")
     for method in methods:
-        scanned, final = spec.scan(xs, state, params, method=method)
+        scanned, final = spec.scan(xs, state, params, method=method, config=config)
         assert rel_err(np.from_dlpack(scanned), np.stack(ys)) <= TOL["float64"], method
         for a, b in zip(final, stepped_state):
             if a is not None:
