@@ -135,8 +135,6 @@ class Generation:
             prompt = np.asarray(prompt_ids) if isinstance(prompt_ids, (list, tuple)) else self._host(prompt_ids)
         except (TypeError, ValueError) as error:  # ragged lists, objects no library takes
             raise ValueError(f"{name}: prompt_ids must be [batch, T] token ids or a flat list of them ({error})") from None
-        if prompt.dtype == bool or not np.issubdtype(prompt.dtype, np.integer):
-            raise TypeError(f"{name}: expected integer token ids in prompt_ids, got dtype {prompt.dtype}")
         if prompt.ndim == 1:
             prompt = prompt[None, :]  # one sequence
         if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -144,6 +142,8 @@ class Generation:
                 f"{name}: expected prompt_ids of shape [batch, T] with T >= 1, or a flat list of ids, "
                 f"got shape {tuple(np.shape(prompt_ids))}"
             )
+        if prompt.dtype == bool or not np.issubdtype(prompt.dtype, np.integer):
+            raise TypeError(f"{name}: expected integer token ids in prompt_ids, got dtype {prompt.dtype}")
         vocab = self.config.vocab_size
         if prompt.size and (prompt.min() < 0 or prompt.max() >= vocab):
             raise ValueError(
