@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import ssm_core
+from ssm_core.lm import flat_weights
 from ssm_core.pretrained import FRAMEWORKS, MIXER_KEYS, MambaLMConfig, read_config, read_weights
 
 # The reader's own dependency; the config tests need only the standard library.
@@ -438,13 +439,7 @@ def test_mamba_ssm_config_errors(tmp_path, changes, field):
 
 def flat(weights) -> dict:
     """``{name: array}`` of read_weights' result."""
-    out = {"embedding": weights["embedding"], "norm_f": weights["norm_f"]}
-    if weights["lm_head"] is not None:
-        out["lm_head"] = weights["lm_head"]
-    for index, layer in enumerate(weights["layers"]):
-        out[f"{index}.norm"] = layer["norm"]
-        out.update({f"{index}.{key}": value for key, value in layer["mixer"].items()})
-    return out
+    return flat_weights(weights)
 
 
 def to_numpy(array):
