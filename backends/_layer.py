@@ -26,7 +26,9 @@ from typing import ClassVar
 
 import ssm_core
 from ssm_core.checks import check_axis
-from ssm_core.layout import check_loaded_state, check_loaded_states_agree, compute_dtype, in_compute_dtype, run
+from ssm_core.layout import (
+    check_loaded_state, check_loaded_states_agree, compute_dtype, in_compute_dtype, run, run_step, step_axis,
+)
 
 __all__ = ["Layer", "bind", "is_torch_bfloat16"]
 
@@ -254,6 +256,27 @@ class Layer:
         if device is not None and self._device is not None and device != self._device:
             raise ValueError(f"{self._error_name()}: expected input on {self._device} (the layer's), got {device}")
 
+    def _checked_step(self, x) -> int:
+        """A step's input checked with the held states; its feature axis.
+
+        The checks run once per input signature (the input's type, shape, dtype
+        and device, the layer's dtype and device, the held states' shapes and dtypes): a loop of
+        steps repeats one, and any other input is checked again.
+        """
+        states = self._states
+        signature = (
+            type(x), getattr(x, "shape", None), getattr(x, "dtype", None), getattr(x, "device", None), self.dtype,
+            self._device,
+            *(None if state is None else (state.shape, state.dtype) for state in states.values()),
+        )
+        cached = self.__dict__.get("_step_signature")
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        self._check_input(x)
+        axis = step_axis(self._error_name(), self._to_compute(x), states, self._slots, self.dim, self.num_neurons)
+        self._step_signature = (signature, axis)
+        return axis
+
     def _to_compute(self, x):
         return x if x.dtype == self._compute_dtype else self.backend.xp.astype(x, self._compute_dtype)
 
@@ -276,7 +299,6 @@ class Layer:
         return self._run(xs, time_dim, compiled)
 
     def _run(self, x, time_dim, compiled=None):
-        self._check_input(x)
         backend, spec, params = self.backend, self.spec, self._compute_params()
         xp, sequence = backend.xp, time_dim is not None
         run_core = spec.scan if sequence else spec.step
@@ -286,10 +308,14 @@ class Layer:
             plan = backend.plan(spec, x_last, params, sequence, compiled, config)
             return run_core(x_last, state, params, xp=xp, plan=plan, config=config)
 
-        y, states = run(
-            self._error_name(), spec, self._slots, self.dim, self.num_neurons, self._to_compute(x), self._states,
-            core, xp, time_dim,
-        )
+        if sequence:
+            self._check_input(x)
+            y, states = run(
+                self._error_name(), spec, self._slots, self.dim, self.num_neurons, self._to_compute(x), self._states,
+                core, xp, time_dim,
+            )
+        else:
+            y, states = run_step(self._checked_step(x), spec, self._slots, self._to_compute(x), self._states, core, xp)
         y = y if y.dtype == x.dtype else xp.astype(y, x.dtype)
         if self.eager:
             self.backend.finish((y, *states.values()))

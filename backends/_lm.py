@@ -83,9 +83,8 @@ class LanguageModel(Generation):
         """
         folder = checkpoint_folder(path, f"{cls.__name__}.from_pretrained")
         config = read_config(folder)
-        framework = cls.backend.name
         lm = cls(config, dtype=dtype)
-        lm.load_state_dict(flat_weights(read_weights(folder, config, framework)))
+        lm.load_state_dict(flat_weights(read_weights(folder, config, cls.backend)))
         return lm
 
     def _name(self) -> str:

@@ -143,6 +143,9 @@ class MlxBackend(Backend):
 
         return np.asarray(array)
 
+    def read_tensors(self, file):
+        return dict(mx.load(str(file)))  # MLX reads safetensors itself, bfloat16 included
+
     def draws(self, dtype, seed):
         keys = [None if seed is None else mx.random.key(seed)]
 

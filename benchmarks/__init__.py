@@ -2,9 +2,11 @@
 
 ``python -m benchmarks`` (see ``benchmarks/__main__.py``) runs:
 
-- ``benchmarks.step``: per-step latency on every available backend, in
-  inference, autograd, ``TTcompile`` and ``torch.compile`` modes, and a check
-  that stepping does not grow memory;
+- ``benchmarks.step``: per-step latency against 0.19.2, first as the table
+  of the step targets (eager, training by stepping, ``TTcompile``, NumPy,
+  MLX), then every available backend in inference, training,
+  ``TTcompile`` and ``torch.compile`` modes, and a check that stepping does
+  not grow memory;
 - ``benchmarks.scan``: whole sequences: the exp-and-matmul floor, stepping
   0.19.2, our stepping, our ``scan`` (eager and compiled), and Mamba's peers
   (mamba.py, transformers), forward and forward+backward, with peak memory

@@ -1,11 +1,14 @@
-"""``python -m benchmarks [--quick] [--only step,scan] [--rounds N] [--out DIR] [--threads N] [--torch-compile] [--shapes 1024x8,...]``.
+"""``python -m benchmarks [step] [scan] [--quick] [--rounds N] [--out DIR] [--threads N] [--torch-compile] [--shapes 1024x8,...]``.
 
-Writes ``step.md``, ``scan.md``, ``step.png``, ``scan.png`` and ``machine.md``
-and prints the tables. A full run writes to ``benchmarks/results/``, the
-figures the README quotes, but only on a quiet machine: when the 1-minute
-load average is above 0.5 it waits up to 10 minutes, then writes to the
-ignored ``benchmarks/results-local/`` and says so. ``--quick`` runs always
-write there (or to ``--out``).
+Runs the benchmarks named (``--only step,scan`` says the same; default:
+both), writes ``step.md``, ``scan.md``, ``step.png``, ``scan.png`` and
+``machine.md`` and prints the tables. A full run writes to
+``benchmarks/results/``, the figures the README quotes, but only on a quiet
+machine: when the 1-minute load average is above 0.5 it waits up to 10
+minutes, then writes to the ignored ``benchmarks/results-local/`` and says
+so; and a benchmark during which other processes kept more than 0.5 cores
+busy on average (its own threads do not count) goes there too. ``--quick``
+runs always write there (or to ``--out``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import time
 import traceback
 from pathlib import Path
 
-from .report import QUIET_LOAD
+from ._measure import OthersMeter
+from .report import OTHERS, QUIET_LOAD
 
 BENCHMARKS = ("step", "scan")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,8 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      description="Benchmarks of tracetorch's SSM layers against traceTorch 0.19.2.")
     parser.add_argument("--quick", action="store_true",
                         help="a short run that checks that everything works (its figures are not published)")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: step, scan (default: both)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7; 2 with --quick)")
+    parser.add_argument("names", nargs="*", metavar="BENCHMARK",
+                        help="step and/or scan (default: both; the same as --only)")
+    parser.add_argument("--only", default=None, help="comma-separated: step, scan (default: both)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: step 15, scan 7; 2 with --quick)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: benchmarks/results/ for a full run on a quiet machine, "
                              "else benchmarks/results-local/)")
@@ -49,7 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--shapes: expected TxBATCH items like 1024x8, got {args.shapes!r}")
         if any(len(shape) != 2 or min(shape) < 1 for shape in args.shapes):
             parser.error(f"--shapes: expected TxBATCH items like 1024x8, got {args.shapes!r}")
-    args.only = list(dict.fromkeys(name.strip() for name in args.only.split(",") if name.strip()))
+    if args.names and args.only is not None:
+        parser.error("name the benchmarks either as arguments or with --only, not both")
+    named = args.names or (args.only or ",".join(BENCHMARKS)).split(",")
+    args.only = list(dict.fromkeys(name.strip() for name in named if name.strip()))
     if set(args.only) - set(BENCHMARKS):
         parser.error(f"--only: unknown benchmark(s) {sorted(set(args.only) - set(BENCHMARKS))}; "
                      f"choose from {list(BENCHMARKS)}")
@@ -111,34 +120,59 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m benchmarks", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     info = report.machine_info()
-    _write(out / "machine.md", report.machine_markdown(info, command, diverted))
+    if out != RESULTS:  # the committed summary is replaced only once a benchmark's figures land beside it
+        _write(out / "machine.md", report.machine_markdown(info, command, diverted))
     title = f"{report.machine_line(info)}\n{command}"
-    failed = []
+    failed, folders = [], {}  # the folders written to -> why they are not the committed results ("" when they are)
     for name in args.only:
+        meter = OthersMeter()
         try:
-            text = _run(name, args, out, info, command, title, failed)
+            results = _run(name, args)
         except Exception:  # keep going with the other benchmark; the error lands in its .md
             failed.append(name)
             error = traceback.format_exc()
             _log(f"{name} failed:\n{error}")
             text = f"# {name} benchmark failed\n\nCommand: `{command}`\n\n```\n{error}```\n"
             _write(out / f"{name}.md", text)
+            folders.setdefault(out, diverted)
+            print(text)
+            continue
+        others = meter.cores()
+        during = {**report.finish_machine_info(info),
+                  OTHERS: "unknown (no /proc/stat for this process's CPUs)" if others is None else f"{others:.2f}"}
+        folder, why = out, diverted
+        if out == RESULTS and others is not None and others > QUIET_LOAD:
+            folder, why = LOCAL, (f"NOT PUBLISHED: other processes kept {others:.2f} cores busy on average during "
+                                  f"the {name} benchmark (above {QUIET_LOAD}), so its timings went to "
+                                  "benchmarks/results-local/, not to the committed benchmarks/results/. "
+                                  "Rerun on a quiet machine.")
+            _shout(why)
+            folder.mkdir(parents=True, exist_ok=True)
+        folders[folder] = "\n\n".join(dict.fromkeys(filter(None, (*folders.get(folder, "").split("\n\n"), why))))
+        text = _report(name, results, folder, during, command, title, failed)
         print(text)
-    _write(out / "machine.md", report.machine_markdown(report.finish_machine_info(info), command, diverted))
-    if diverted:
-        _shout(diverted)
+    for folder, banner in (folders or {out: diverted}).items():
+        _write(folder / "machine.md", report.machine_markdown(report.finish_machine_info(info), command, banner))
+        if banner:
+            _shout(banner)
     return 1 if failed else 0
 
 
-def _run(name: str, args, out: Path, info: dict, command: str, title: str, failed: list) -> str:
-    """Run benchmark ``name``, write its table and plot; returns the table."""
-    from . import report, scan, step
+def _run(name: str, args):
+    from . import scan, step
 
     if name == "step":
-        results = step.run(step.Settings.make(args.quick, args.rounds, args.torch_compile), log=_log)
+        return step.run(step.Settings.make(args.quick, args.rounds, args.torch_compile), log=_log)
+    return scan.run(scan.Settings.make(args.quick, args.rounds, args.shapes), log=_log)
+
+
+def _report(name: str, results, out: Path, info: dict, command: str, title: str, failed: list) -> str:
+    """Write benchmark ``name``'s table and plot into ``out``; returns the table."""
+    from . import report
+
+    if name == "step":
         text, plot, heading = report.step_markdown(results, info, command), report.plot_step, "Per-step latency"
     else:
-        results = scan.run(scan.Settings.make(args.quick, args.rounds, args.shapes), log=_log)
         text, plot, heading = report.scan_markdown(results, info, command), report.plot_scan, "Sequence mode"
     _write(out / f"{name}.md", text)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import resource
 import statistics
 import sys
@@ -94,13 +95,19 @@ def measure(contenders: list, plan: Plan) -> dict:
         timing = timings[contender.name]
         start = time.perf_counter()
         try:
+            last_s = None  # the last warm-up call, which sizes the timed loops when it ran the timed call
             with contender.context():
                 for _ in range(plan.warmup_calls):
+                    contender.sync()
+                    began = time.perf_counter()
                     (contender.warmup or contender.call)()
-            contender.sync()
+                    contender.sync()
+                    last_s = time.perf_counter() - began
             calls = 1
             if plan.target_s > 0:
-                calls = min(100_000, math.ceil(plan.target_s / max(_timed_loop(contender, 1), 1e-9)))
+                if last_s is None or contender.warmup is not None:
+                    last_s = _timed_loop(contender, 1)
+                calls = min(100_000, math.ceil(plan.target_s / max(last_s, 1e-9)))
         except Exception as error:  # a failing contender is recorded, not fatal
             timing.error = error_text(error)
             continue
@@ -126,10 +133,23 @@ def measure(contenders: list, plan: Plan) -> dict:
     return timings
 
 
+def _round_ratios(numerator: Timing, denominator: Timing) -> list:
+    return [a / b for a, b in zip(numerator.per_unit_s, denominator.per_unit_s) if b > 0]
+
+
 def ratio(numerator: Timing, denominator: Timing) -> Optional[float]:
     """Median over the rounds both ran of ``numerator / denominator``, or None."""
-    pairs = [(a, b) for a, b in zip(numerator.per_unit_s, denominator.per_unit_s) if b > 0]
-    return statistics.median(a / b for a, b in pairs) if pairs else None
+    ratios = _round_ratios(numerator, denominator)
+    return statistics.median(ratios) if ratios else None
+
+
+def ratio_quartiles(numerator: Timing, denominator: Timing) -> Optional[tuple]:
+    """The first and third quartiles of the round-by-round ratios: how far a noisy machine spread them; or None."""
+    ratios = _round_ratios(numerator, denominator)
+    if len(ratios) < 4:  # too few rounds for quartiles to say anything
+        return None
+    quartiles = statistics.quantiles(ratios, n=4)
+    return quartiles[0], quartiles[2]
 
 
 @dataclass
@@ -142,6 +162,7 @@ class Row:
     contender: str
     seconds: Optional[float] = None  # median per unit
     ratio: Optional[float] = None
+    ratio_quartiles: Optional[tuple] = None  # (first, third) quartile of the round-by-round ratios
     baseline: str = ""
     rounds: int = 0
     notes: list = field(default_factory=list)
@@ -161,7 +182,8 @@ def fill(rows: dict, timings: dict, speedup: bool) -> None:
         if timing.error:
             row.notes.append(f"error: {timing.error}")
         if base is not None and base is not timing:
-            row.ratio = ratio(base, timing) if speedup else ratio(timing, base)
+            pair = (base, timing) if speedup else (timing, base)
+            row.ratio, row.ratio_quartiles = ratio(*pair), ratio_quartiles(*pair)
 
 
 def maxrss_mib() -> float:
@@ -181,3 +203,44 @@ def proc_mib(key: str) -> Optional[float]:
     except OSError:
         pass
     return None
+
+
+def _cpu_seconds() -> Optional[tuple]:
+    """``(busy seconds of every CPU, this process's and its waited-for children's CPU seconds)``, or None.
+
+    None off Linux, and where ``/proc/stat`` counts more CPUs than this
+    process may use (a container seeing the host's): the others' share would
+    then be the host's.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            lines = stat.read().splitlines()
+    except OSError:
+        return None
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    if not lines or not hasattr(os, "sched_getaffinity") or cpus != len(os.sched_getaffinity(0)):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is already in user.
+    # Steal (a hypervisor running another machine on these cores) counts as busy: it slows us alike.
+    ticks = [int(value) for value in lines[0].split()[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
+
+
+class OthersMeter:
+    """How many cores other processes kept busy, on average, since this was made.
+
+    The load average cannot say it during a benchmark: the benchmark's own
+    threads count in it. This subtracts our own CPU time from the machine's.
+    """
+
+    def __init__(self):
+        self._start, self._wall = _cpu_seconds(), time.monotonic()
+
+    def cores(self) -> Optional[float]:
+        """Average cores busy with other work so far, or None where it cannot be measured."""
+        end, wall = _cpu_seconds(), time.monotonic() - self._wall
+        if self._start is None or end is None or wall <= 0:
+            return None
+        return max(0.0, ((end[0] - self._start[0]) - (end[1] - self._start[1])) / wall)

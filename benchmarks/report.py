@@ -14,6 +14,8 @@ from ._measure import proc_mib
 
 # Timings taken above this 1-minute load average are not published (and are flagged).
 QUIET_LOAD = 0.5
+# The average number of cores other processes kept busy while a benchmark ran (``_measure.OthersMeter``).
+OTHERS = "cores busy with other processes during the run"
 
 
 def machine_info() -> dict:
@@ -30,14 +32,28 @@ def machine_info() -> dict:
         "Python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch threads": str(torch.get_num_threads()),
+        "CPU vector ISA (torch)": torch.backends.cpu.get_cpu_capability(),
+        "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", "unset"),
         "CUDA": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
         **{name: _version(name) for name in ("numpy", "mlx", "cupy", "array-api-compat", "mambapy", "transformers")},
         "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "unset"),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     }
+    if info["mlx"] != "not installed":
+        info["MLX device"] = _mlx_device()
     if hasattr(os, "getloadavg"):
         info["load average at start (1/5/15 min)"] = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     return info
+
+
+def _mlx_device() -> str:
+    """MLX's default device, e.g. ``cpu`` (the Linux CPU build) or ``gpu`` (Apple silicon)."""
+    try:
+        import mlx.core as mx
+
+        return mx.default_device().type.name
+    except Exception as error:
+        return f"unusable ({type(error).__name__})"
 
 
 def _cpu_model() -> str:
@@ -79,12 +95,25 @@ def machine_line(info: dict) -> str:
 
 
 def busy_warning(info: dict) -> str:
-    """A warning when the machine was already loaded at start, else ``""``."""
+    """A warning when the machine was loaded at start or other work ran beside the benchmark, else ``""``."""
+    warnings = []
     load = info.get("load average at start (1/5/15 min)")
-    if load is None or float(load.split("/")[0]) <= QUIET_LOAD:
+    if load is not None and float(load.split("/")[0]) > QUIET_LOAD:
+        warnings.append(f"the machine was busy at start (1-minute load average {load.split('/')[0].strip()}, "
+                        f"above {QUIET_LOAD})")
+    others = info.get(OTHERS)
+    if others is not None and _busy_others(others):
+        warnings.append(f"other processes kept {others} cores busy during the run (above {QUIET_LOAD})")
+    if not warnings:
         return ""
-    return (f"**Warning: the machine was busy at start (1-minute load average {load.split('/')[0].strip()}, "
-            f"above {QUIET_LOAD}); other work competed for the cores, so times and ratios are noisy.**")
+    return f"**Warning: {'; '.join(warnings)}; other work competed for the cores, so times and ratios are noisy.**"
+
+
+def _busy_others(text: str) -> bool:
+    try:
+        return float(text) > QUIET_LOAD
+    except ValueError:  # "unknown (...)"
+        return False
 
 
 def machine_markdown(info: dict, command: str, banner: str = "") -> str:
@@ -136,22 +165,65 @@ def _times(value) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
+def conditions(info: dict) -> list:
+    """Lines saying how loaded the machine was and what torch ran on: the figures depend on both."""
+    lines = [f"load average (1/5/15 min): {info.get('load average at start (1/5/15 min)', 'unknown')} at start, "
+             f"{info.get('load average at end (1/5/15 min)', 'unknown')} at the end"]
+    if OTHERS in info:
+        lines.append(f"{OTHERS}: {info[OTHERS]} (quiet: at most {QUIET_LOAD})")
+    capability = info.get("CPU vector ISA (torch)", "unknown")
+    if info.get("ATEN_CPU_CAPABILITY", "unset") != "unset":
+        capability += f" (ATEN_CPU_CAPABILITY={info['ATEN_CPU_CAPABILITY']})"
+    lines.append(f"CPU vector ISA: {capability}; torch {info['torch']}, {info['torch threads']} threads"
+                 + (f"; MLX {info['mlx']} on its {info['MLX device']} device" if "MLX device" in info else ""))
+    return lines
+
+
+def _cell(ratio, met, _why) -> str:
+    if ratio is None:
+        return "—"
+    return f"{ratio:.2f}" + {True: " ✓", False: " ✗", None: ""}[met]
+
+
+def _quartiles(row) -> str:
+    return "" if row.ratio_quartiles is None else "{:.2f}–{:.2f}".format(*row.ratio_quartiles)
+
+
 def step_markdown(results, info: dict, command: str) -> str:
-    lines = _header("Per-step latency", info, command, [
-        "median µs per step over rounds; the contenders take turns within each round",
-        "ratio = median over rounds of (this / vs); **< 1 means this is faster**",
-        "autograd: zero_states, 32 steps, sum of outputs, backward(); µs per step = total / 32",
+    from .step import LAYERS, TABLE_DEVICE, TRAINING, table
+
+    steps = results.settings.training_steps
+    lines = _header("Per-step latency", info, command, conditions(info) + [
+        "median µs per step over rounds; the contenders of a group take turns within each round, in one process",
+        "ratio = median over rounds of (this / vs); **< 1 means this is faster**; the rounds' quartiles: "
+        "the middle half of the round-by-round ratios (wide: a noisy run)",
+        f"{TRAINING}: zero_states, {steps} steps, sum of outputs, backward(); µs per step = total / {steps}",
     ])
+    cells = table(results)
+    lines += [f"## Targets: ours / 0.19.2 on torch {TABLE_DEVICE.upper()}", "",
+              "Lower is better; the array backends' lines are their step / our torch eager step. "
+              "✓ meets the target, ✗ misses it, — not measured (see the rows below).", ""]
+    labels = {target: target.label.format(steps=steps) for target, _ in cells}
+    lines += _table(["ours / 0.19.2", "target", *LAYERS],
+                    [[labels[target], target.describe(), *[_cell(*by_layer[layer]) for layer in LAYERS]]
+                     for target, by_layer in cells])
+    verdicts = [met for _, by_layer in cells for _, met, _ in by_layer.values() if met is not None]
+    unmeasured = [f"{layer}, {labels[target]}: {why}" for target, by_layer in cells
+                  for layer, (ratio, _, why) in by_layer.items() if ratio is None and layer in target.limits]
+    lines += [f"Targets met: {sum(verdicts)} of {len(verdicts) + len(unmeasured)}"
+              + (f"; not measured: {'; '.join(unmeasured)}" if unmeasured else "") + ".", ""]
     lines += _sections(results.rows, {
         "layer": lambda r: r.layer, "batch × features": lambda r: f"{r.shape[0]} × {r.shape[1]}",
         "contender": lambda r: r.contender, "µs/step": lambda r: _num(r.seconds and r.seconds * 1e6),
-        "ratio": lambda r: _times(r.ratio), "vs": lambda r: r.baseline if r.ratio is not None else "",
+        "ratio": lambda r: _times(r.ratio), "rounds' quartiles": _quartiles,
+        "vs": lambda r: r.baseline if r.ratio is not None else "",
         "rounds": lambda r: r.rounds, "notes": lambda r: "; ".join(r.notes),
     })
     if results.memory:
         batch, features = results.settings.memory_size
         lines += ["## Memory: inference steps must not grow memory", "",
-                  f"Resident memory (CUDA: allocated memory) after 100 no_grad steps and after "
+                  f"Resident memory (CUDA: allocated memory) after "
+                  f"{results.settings.memory_warmup_steps:,} no_grad steps and after "
                   f"{results.settings.memory_steps:,} more, batch {batch}, {features} features.", ""]
         lines += _table(["layer", "device", "before MiB", "after MiB", "verdict"],
                         [[layer, device, _num(before), _num(after), _growth(before, after, error)]
@@ -249,13 +321,16 @@ def plot_step(results, path, title: str) -> None:
 
     rows = [r for r in results.rows if r.seconds is not None]
     sections = list(dict.fromkeys(r.section for r in rows))
-    sizes = sorted({r.shape for r in rows}, key=lambda s: s[0] * s[1])
+    sizes = {section: sorted({r.shape for r in rows if r.section == section}, key=lambda s: s[0] * s[1])
+             for section in sections}
     if not rows:
         raise ValueError("no timings to plot")
-    plt, fig, axes = _grid(len(sections), len(sizes), 4.6, 3.4)
+    plt, fig, axes = _grid(len(sections), max(map(len, sizes.values())), 4.6, 3.4)
     colors = _colors(rows)
     for i, section in enumerate(sections):
-        for j, size in enumerate(sizes):
+        for ax in axes[i][len(sizes[section]):]:
+            ax.set_visible(False)
+        for j, size in enumerate(sizes[section]):
             ax, panel = axes[i][j], [r for r in rows if (r.section, r.shape) == (section, size)]
             names = list(dict.fromkeys(r.contender for r in panel))
             width = 0.8 / max(1, len(names))

@@ -17,7 +17,7 @@ import sys
 from array_api_compat import array_namespace
 
 __all__ = [
-    "namespace", "register_namespace", "softplus", "silu", "linear", "muladd", "at_least", "readout",
+    "namespace", "register_namespace", "softplus", "silu", "linear", "muladd", "reciprocal", "at_least", "readout",
     "moveaxis", "unstack",
 ]
 
@@ -118,6 +118,13 @@ def muladd(a, b, c, xp):
     return a * b + c
 
 
+def reciprocal(x, xp):
+    """``1 / x``, elementwise."""
+    if _is_torch(xp):
+        return sys.modules["torch"].reciprocal(x)  # 1 / tensor is a reciprocal and a multiply by 1
+    return 1.0 / x
+
+
 def at_least(x, floor: float, xp):
     """``maximum(x, floor)`` for a Python float ``floor``, elementwise; NaN stays NaN."""
     if _is_torch(xp):
@@ -131,10 +138,16 @@ def readout(h, C, xp, form="matmul"):
     """``sum(h * C[..., None, :], -1)``: a state ``h`` ``[..., N, d]`` read out by ``C`` ``[..., d]``, ``[..., N]``.
 
     ``form`` (:data:`~ssm_core.plan.READOUT_FORMS`): eager, one batched product
-    beats a multiply and a sum (2x in torch, 10x in NumPy at ``[32, 256, 16]``);
+    beats a multiply and a sum on large states (2x in torch, 10x in NumPy at
+    ``[32, 256, 16]``); on small ones the product's reshapes cost more than it
+    saves, and ``"vecdot"`` (the standard's, one kernel in torch) does better;
     where a compiler fuses the multiply and the sum into the chain that makes
     ``h``, ``"sum"`` does, as the product would be a kernel of its own.
     """
     if form == "sum":
         return xp.sum(h * C[..., None, :], axis=-1)  # [..., N]
+    if form == "vecdot":
+        if _is_torch(xp):
+            return sys.modules["torch"].linalg.vecdot(h, C[..., None, :])  # [..., N]; array-api-compat's moves axes first
+        return xp.vecdot(h, C[..., None, :], axis=-1)  # [..., N]
     return (h @ C[..., None])[..., 0]  # [..., N]

@@ -41,6 +41,14 @@ class Backend:
     fused_block = SCAN_BLOCK
     compile_auto = False
 
+    reads_torch_pickles = False  # whether read_tensors reads pytorch_model.bin
+
+    def read_tensors(self, file) -> dict:
+        """``{name: array}`` of one safetensors file, as this library's arrays: through NumPy, unless overridden."""
+        from .pretrained import read_safetensors
+
+        return {name: self.asarray(value) for name, value in read_safetensors(file).items()}
+
     def finish(self, arrays) -> None:
         """Make a step's results usable (eager libraries: nothing to do)."""
 
@@ -58,7 +66,8 @@ class Backend:
         is made and keyed for (None: the default zero-order hold).
         """
         grad = self.records_gradients(x, params)
-        plan = self.forms(x, grad)
+        state_elements = math.prod(x.shape[1 if sequence else 0 :]) * params.A_log.shape[-1]  # one step's, at most
+        plan = self.forms(x, grad, spec.time_invariant, state_elements)
         if not sequence:
             return plan
         plan = plan._replace(method=self.scan_method(spec.time_invariant, x))
@@ -72,8 +81,12 @@ class Backend:
         """Whether autograd records the call (libraries without autograd: never)."""
         return False
 
-    def forms(self, x, grad: bool) -> Plan:
-        """A plan naming the forms of the operations whose best form depends on the library (the standard's here)."""
+    def forms(self, x, grad: bool, time_invariant: bool = False, state_elements: int = 0) -> Plan:
+        """A plan naming the forms of the operations whose best form depends on the library (the standard's here).
+
+        ``time_invariant``: the call discretizes parameter-sized arrays only (S4, S5), not input-sized ones;
+        ``state_elements``: the size of one step's selective state (S6, Mamba).
+        """
         return _STANDARD
 
     def scan_method(self, time_invariant: bool, xs) -> str:

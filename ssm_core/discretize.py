@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from ._array import muladd, namespace
+from ._array import at_least, muladd, namespace, reciprocal
 from .plan import EXPM1_FORMS
 
 __all__ = ["zoh", "zoh_terms", "decay_rates", "decay_rates_from_log", "phi1"]
@@ -17,7 +17,11 @@ __all__ = ["zoh", "zoh_terms", "decay_rates", "decay_rates_from_log", "phi1"]
 def decay_rates_from_log(A_log, xp=None):
     """``(A, 1 / A)`` for ``A = -exp(A_log)``, kept off zero as :func:`decay_rates` does; ``A_log``'s shape."""
     xp = namespace(A_log, xp=xp)
-    return decay_rates(-xp.exp(A_log), xp)  # [parameter shape] x2
+    floor, shift = _rate_floor(xp, A_log.dtype)
+    magnitude = xp.exp(A_log)  # [parameter shape]
+    # The negation and the shift in one operator: every step of S4, S5, S6 and Mamba makes these.
+    A = (-floor) - magnitude if shift else -at_least(magnitude, floor, xp)  # [parameter shape]
+    return A, reciprocal(A, xp)
 
 
 def decay_rates(A, xp=None):
@@ -28,7 +32,7 @@ def decay_rates(A, xp=None):
     # |A| below about 1e-154 (float64) or 1e-19 (float32). float16's floor is
     # too large for that: there A is clamped instead.
     A = A - floor if shift else xp.minimum(A, -floor)  # [parameter shape]
-    return A, 1.0 / A
+    return A, reciprocal(A, xp)
 
 
 def zoh(dt, A, xp=None, inv_A=None, expm1="expm1"):
@@ -134,7 +138,7 @@ def _rate_floor(xp, dtype) -> tuple:
     Not the floor of the chunked scans' decay powers (``lti._power_floor``):
     that one keeps products of powers off subnormal numbers, for speed.
     """
-    key = (getattr(xp, "__name__", None) or id(xp), str(dtype))
+    key = (getattr(xp, "__name__", None) or id(xp), str(dtype))  # traceable by torch.compile, unlike a dtype's hash
     floor = _RATE_FLOORS.get(key)
     if floor is None:
         info = xp.finfo(dtype)

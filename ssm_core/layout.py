@@ -21,7 +21,7 @@ from ._array import moveaxis
 from .checks import check_dim, check_step_input
 
 __all__ = [
-    "run", "zero_states", "compute_dtype", "in_compute_dtype", "StateArguments", "check_loaded_state",
+    "run", "step_axis", "run_step", "zero_states", "compute_dtype", "in_compute_dtype", "StateArguments", "check_loaded_state",
     "check_loaded_states_agree",
 ]
 
@@ -41,7 +41,14 @@ def compute_dtype(dtype, xp):
     float32 for float16/bfloat16: a state is a running sum over many steps,
     which half precision would round away. Every other dtype is its own.
     """
-    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+    key = (getattr(xp, "__name__", None) or id(xp), str(dtype))  # traceable by torch.compile, unlike a dtype's hash
+    found = _COMPUTE_DTYPES.get(key)
+    if found is None:  # asked at every call of every layer: finfo once per namespace and dtype
+        found = _COMPUTE_DTYPES[key] = xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+    return found
+
+
+_COMPUTE_DTYPES: dict = {}
 
 
 def in_compute_dtype(params, xp) -> tuple:
@@ -72,23 +79,21 @@ def _feature_axis(slot) -> int:
     return -1 if slot.trailing is None else -2
 
 
-def _features_last_states(layer, step_shape, axis, batch, x, held, slots, state_type, xp):
-    """The held states checked against one step's input shape and moved to the features-last layout."""
+def _check_states(layer, step_shape, axis, dtype, held, slots) -> None:
+    """Raise unless each held state (None: not made yet) fits one step's input of ``step_shape`` and ``dtype``."""
     given = isinstance(held, StateArguments)
-    states = {}
     for slot in slots:
         current = held[slot.name]
         if current is None:
-            states[slot.name] = slot.zeros(batch, xp, x.dtype, getattr(x, "device", None))
             continue
-        if current.dtype != x.dtype:
+        if current.dtype != dtype:
             if given:
                 raise TypeError(
-                    f"{layer}: the state argument {slot.name} has dtype {current.dtype}, expected {x.dtype} "
+                    f"{layer}: the state argument {slot.name} has dtype {current.dtype}, expected {dtype} "
                     "(the dtype the layer computes in for this input); initial_states(x) gives zeros that fit"
                 )
             raise TypeError(
-                f"{layer}: the held {slot.name} has dtype {current.dtype}, the input {x.dtype}; "
+                f"{layer}: the held {slot.name} has dtype {current.dtype}, the input {dtype}; "
                 "call zero_states() before changing dtype, or convert the input"
             )
         expected = expected_state_shape(step_shape, axis, slot.size, slot.trailing)
@@ -103,8 +108,17 @@ def _features_last_states(layer, step_shape, axis, batch, x, held, slots, state_
                 f"{slot.name} has shape {tuple(current.shape)}; the batch shape changed while states are held: "
                 "call zero_states() first"
             )
-        last = len(step_shape) - 1
-        states[slot.name] = current if axis == last else moveaxis(current, axis, _feature_axis(slot), xp)
+
+
+def _features_last_states(axis, step_ndim, batch, x, held, slots, state_type, xp):
+    """The held states (checked) moved to the features-last layout; zeros of ``x``'s dtype and device for None."""
+    states = {}
+    for slot in slots:
+        current = held[slot.name]
+        if current is None:
+            states[slot.name] = slot.zeros(batch, xp, x.dtype, getattr(x, "device", None))
+        else:
+            states[slot.name] = current if axis == step_ndim - 1 else moveaxis(current, axis, _feature_axis(slot), xp)
     return state_type(**states)
 
 
@@ -114,17 +128,25 @@ def _tracetorch_layout(axis, step_ndim, new_state, slots, xp):
     return {slot.name: moveaxis(getattr(new_state, slot.name), _feature_axis(slot), axis, xp) for slot in slots}
 
 
-def enter_step(layer: str, x, held: dict, slots: tuple, dim: int, num_neurons: int, state_type, xp):
-    """Check ``x`` and the held states; return ``(axis, x_last, state_last)``, both features-last.
+def step_axis(layer: str, x, held: dict, slots: tuple, dim: int, num_neurons: int) -> int:
+    """Check one step's input ``x`` and the held states; return its feature axis, in ``[0, x.ndim)``.
+
+    The same answer for every input of ``x``'s shape and dtype and states of
+    the same shapes and dtypes: a binding may keep it for those (see :func:`run_step`).
+    """
+    axis = check_step_input(layer, tuple(x.shape), dim, num_neurons)
+    _check_states(layer, tuple(x.shape), axis, x.dtype, held, slots)
+    return axis
+
+
+def enter_step(axis: int, x, held: dict, slots: tuple, state_type, xp):
+    """``(x_last, state_last)``: ``x`` and the states moved to features-last (checked by :func:`step_axis`).
 
     ``held`` maps state names to arrays in the traceTorch layout, or None for
     a state not created yet (it is created as zeros of ``x``'s dtype and device).
     """
-    axis = check_step_input(layer, tuple(x.shape), dim, num_neurons)
     x_last = x if axis == x.ndim - 1 else moveaxis(x, axis, -1, xp)  # [..., N]
-    batch = tuple(x_last.shape[:-1])
-    state = _features_last_states(layer, tuple(x.shape), axis, batch, x, held, slots, state_type, xp)
-    return axis, x_last, state
+    return x_last, _features_last_states(axis, x.ndim, tuple(x_last.shape[:-1]), x, held, slots, state_type, xp)
 
 
 def leave_step(axis: int, ndim: int, y, new_state, slots: tuple, xp):
@@ -163,9 +185,8 @@ def enter_scan(layer: str, xs, held: dict, slots: tuple, dim: int, num_neurons: 
         xs_last = xs
     else:
         xs_last = moveaxis(xs, (time, feature), (0, -1), xp)  # [T, ..., N]
-    state = _features_last_states(
-        layer, step_shape, step_feature, tuple(xs_last.shape[1:-1]), xs, held, slots, state_type, xp
-    )
+    _check_states(layer, step_shape, step_feature, xs.dtype, held, slots)
+    state = _features_last_states(step_feature, len(step_shape), tuple(xs_last.shape[1:-1]), xs, held, slots, state_type, xp)
     return axes, xs_last, state
 
 
@@ -193,19 +214,25 @@ def run(layer: str, spec, slots: tuple, dim: int, num_neurons: int, x, held: dic
     states as they were.
     """
     if time_dim is None:
-        axis, x_last, state = enter_step(layer, x, held, slots, dim, num_neurons, spec.state, xp)
-        y, new_state = core(x_last, state)
-        return leave_step(axis, x.ndim, y, new_state, slots, xp)
+        return run_step(step_axis(layer, x, held, slots, dim, num_neurons), spec, slots, x, held, core, xp)
     axes, xs_last, state = enter_scan(layer, x, held, slots, dim, num_neurons, spec.state, time_dim, xp)
     ys, new_state = core(xs_last, state)
     return leave_scan(axes, ys, new_state, slots, xp)
+
+
+def run_step(axis: int, spec, slots: tuple, x, held: dict, core, xp):
+    """:func:`run` for one step whose input and states :func:`step_axis` has checked, with its answer ``axis``."""
+    x_last, state = enter_step(axis, x, held, slots, spec.state, xp)
+    y, new_state = core(x_last, state)
+    return leave_step(axis, x.ndim, y, new_state, slots, xp)
 
 
 def zero_states(layer: str, spec, slots: tuple, dim: int, num_neurons: int, x, xp, time_dim=None) -> dict:
     """``{state name: zeros}`` in the traceTorch layout, as a call on ``x`` would create them."""
     held = dict.fromkeys(slot.name for slot in slots)
     if time_dim is None:
-        axis, _, state = enter_step(layer, x, held, slots, dim, num_neurons, spec.state, xp)
+        axis = step_axis(layer, x, held, slots, dim, num_neurons)
+        _, state = enter_step(axis, x, held, slots, spec.state, xp)
         return _tracetorch_layout(axis, x.ndim, state, slots, xp)
     axes, _, state = enter_scan(layer, x, held, slots, dim, num_neurons, spec.state, time_dim, xp)
     return _tracetorch_layout(axes.step_feature, axes.step_ndim, state, slots, xp)

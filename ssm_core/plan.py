@@ -23,8 +23,9 @@ SCAN_BLOCK = 32
 # tanh(z/2) (exp(z) + 1), from two kernels that are vectorised where expm1 is not;
 # exp(z) - 1 with a series near 0, for compilers that lower expm1 to exp(z) - 1.
 EXPM1_FORMS = ("expm1", "tanh", "exp")
-# A state read out by C: one batched matrix product, or a multiply and a sum (which a compiler fuses).
-READOUT_FORMS = ("matmul", "sum")
+# A state read out by C: one batched matrix product, a multiply and a sum (which a compiler
+# fuses), or the standard's vecdot (see _array.readout).
+READOUT_FORMS = ("matmul", "sum", "vecdot")
 
 
 class Plan(NamedTuple):

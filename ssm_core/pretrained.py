@@ -8,11 +8,11 @@ A checkpoint is a directory, as ``transformers``' ``save_pretrained`` writes it
 reaches the network: download with ``huggingface_hub`` and pass the directory.
 
 :func:`read_config` gives a :class:`MambaLMConfig`; :func:`read_weights` gives
-the arrays of one library, renamed to the parameter names of this project's
-Mamba layer. Safetensors files are read by the ``safetensors`` package's loader
-for each library (``mlx.core.load`` for MLX), so reading for NumPy, CuPy or
-MLX leaves torch unimported; ``pytorch_model.bin`` needs torch and is read only
-for it.
+the arrays, renamed to the parameter names of this project's Mamba layer.
+Each file is read by the backend the arrays are for (its ``read_tensors``):
+the ``safetensors`` package's NumPy loader by default, ``mlx.core.load`` for
+MLX, ``safetensors.torch`` for torch, so reading for NumPy, CuPy or MLX leaves
+torch unimported; ``pytorch_model.bin`` needs torch and is read only by it.
 
 What the checkpoint's model computes (``transformers``' ``MambaForCausalLM``):
 the embedding, then per layer ``x = x + mixer(rms_norm(x))``, then
@@ -35,10 +35,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MambaLMConfig", "read_config", "read_weights", "FRAMEWORKS", "MIXER_KEYS"]
+from ._array import namespace
 
-# The libraries read_weights returns arrays of.
-FRAMEWORKS = ("numpy", "torch", "mlx", "cupy", "array_api_strict")
+__all__ = ["MambaLMConfig", "read_config", "read_weights", "read_safetensors", "MIXER_KEYS"]
 
 # A checkpoint mixer's parameter -> this project's Mamba layer's state_dict key (conv1d.weight is reshaped,
 # see _mixer_entry). The biases are present only when the config has them.
@@ -375,21 +374,26 @@ def read_config(path) -> MambaLMConfig:
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def _module(function: str, framework: str, name: str):
+def _module(function: str, name: str):
     try:
         return importlib.import_module(name)
     except ImportError as error:
-        raise ImportError(f"{function}: framework={framework!r} needs {name.partition('.')[0]}: {error}") from None
+        raise ImportError(f"{function}: reading the weights needs {name.partition('.')[0]}: {error}") from None
 
 
-def _read_safetensors_numpy(function: str, file: Path) -> dict:
-    """``{name: numpy array}`` of one safetensors file; bfloat16, which NumPy lacks, widened exactly to float32."""
-    safetensors = _module(function, "numpy", "safetensors")
-    np = _module(function, "numpy", "numpy")
+def read_safetensors(file) -> dict:
+    """``{name: NumPy array}`` of one safetensors file; bfloat16, which NumPy lacks, widened exactly to float32.
+
+    Every backend without a loader of its own reads through this (then converts),
+    so no library but NumPy is imported.
+    """
+    function, file = "read_weights", Path(file)
+    safetensors = _module(function, "safetensors")
+    np = _module(function, "numpy")
     with safetensors.safe_open(str(file), framework="numpy") as handle:
         dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
     if "BF16" not in dtypes.values():
-        return _module(function, "numpy", "safetensors.numpy").load_file(str(file))
+        return _module(function, "safetensors.numpy").load_file(str(file))
     arrays = {}
     for key, entry in safetensors.deserialize(file.read_bytes()):
         if entry["dtype"] == "BF16":
@@ -403,18 +407,6 @@ def _read_safetensors_numpy(function: str, file: Path) -> dict:
                 raise ValueError(f"{function}: tensor {key!r} of {str(file)!r} has dtype {entry['dtype']}, which NumPy cannot hold")
             arrays[key] = np.frombuffer(bytes(entry["data"]), dtype=dtype).reshape(entry["shape"]).copy()
     return arrays
-
-
-def _read_file(function: str, file: Path, framework: str) -> dict:
-    """``{name: array}`` of one weights file, in ``framework``'s arrays (NumPy's for cupy and array_api_strict)."""
-    if file.name.endswith(".bin"):
-        torch = _module(function, framework, "torch")
-        return torch.load(str(file), map_location="cpu", weights_only=True)
-    if framework == "torch":
-        return _module(function, framework, "safetensors.torch").load_file(str(file))
-    if framework == "mlx":
-        return _module(function, framework, "mlx.core").load(str(file))
-    return _read_safetensors_numpy(function, file)
 
 
 def _shard_names(function: str, index_file: Path) -> tuple:
@@ -435,7 +427,7 @@ def _shard_names(function: str, index_file: Path) -> tuple:
     return weight_map, shards
 
 
-def _read_tensors(function: str, folder: Path, framework: str) -> tuple:
+def _read_tensors(function: str, folder: Path, backend) -> tuple:
     """``({name: array}, what was read)`` of the checkpoint's weights, as stored."""
     present = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
     if not present:
@@ -443,21 +435,22 @@ def _read_tensors(function: str, folder: Path, framework: str) -> tuple:
             f"{function}: no weights in {str(folder)!r}; expected one of {', '.join(_WEIGHT_FILES)}"
         )
     safetensors_files = [name for name in present if "safetensors" in name]
-    if framework != "torch" and not safetensors_files:
+    if not safetensors_files and not getattr(backend, "reads_torch_pickles", False):
         raise ValueError(
-            f"{function}: {str(folder)!r} holds only {present[0]}, which needs torch to read; use framework='torch', "
-            "or save the weights as safetensors"
+            f"{function}: {str(folder)!r} holds only {present[0]}, a torch pickle, which needs torch to read; "
+            "load it with the torch binding (tt.ssm), or save the weights as safetensors"
         )
+    read = read_safetensors if backend is None else backend.read_tensors
     chosen = (safetensors_files or present)[0]
     if not chosen.endswith(".index.json"):
-        return _read_file(function, folder / chosen, framework), str(folder / chosen)
+        return read(folder / chosen), str(folder / chosen)
     weight_map, shards = _shard_names(function, folder / chosen)
     tensors, origin = {}, {}
     for shard in shards:
         file = folder / shard
         if not file.is_file():
             raise FileNotFoundError(f"{function}: shard {shard!r} named by {chosen} is missing from {str(folder)!r}")
-        for key, value in _read_file(function, file, framework).items():
+        for key, value in read(file).items():
             if key in tensors:
                 raise ValueError(f"{function}: tensor {key!r} is in two shards, {origin[key]!r} and {shard!r}")
             tensors[key], origin[key] = value, shard
@@ -471,32 +464,22 @@ def _read_tensors(function: str, folder: Path, framework: str) -> tuple:
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(norm\.weight|mixer\.(.+))")
 
 
-def _arrays_equal(framework: str, a, b) -> bool:
+def _arrays_equal(a, b) -> bool:
     if tuple(a.shape) != tuple(b.shape):
         return False
-    if framework == "torch":
-        return bool(importlib.import_module("torch").equal(a, b))
-    if framework == "mlx":
-        return bool(importlib.import_module("mlx.core").array_equal(a, b))
-    return bool(importlib.import_module("numpy").array_equal(a, b))
+    xp = namespace(a, b)
+    return bool(xp.all(a == b))
 
 
-def _to_framework(function: str, framework: str, array):
-    """A NumPy array read for cupy or array_api_strict, moved into that library."""
-    if framework == "cupy":
-        return _module(function, framework, "cupy").asarray(array)
-    if framework == "array_api_strict":
-        return _module(function, framework, "array_api_strict").asarray(array)
-    return array
+def read_weights(path, config: MambaLMConfig | None = None, backend=None) -> dict:
+    """The weights of the checkpoint directory ``path``, renamed for this project.
 
-
-def read_weights(path, config: MambaLMConfig | None = None, framework: str = "numpy") -> dict:
-    """The weights of the checkpoint directory ``path``, as arrays of ``framework``, renamed for this project.
-
-    ``framework``: one of :data:`FRAMEWORKS`. ``config``: :func:`read_config`'s
-    (read from ``path`` when None). Reads ``model.safetensors``, else the
-    shards of ``model.safetensors.index.json``, else (torch only)
-    ``pytorch_model.bin`` or its shards. Returns::
+    ``backend``: the :class:`~ssm_core.backend.Backend` whose arrays to
+    return (its ``read_tensors`` reads each file); None: NumPy arrays.
+    ``config``: :func:`read_config`'s (read from ``path`` when None). Reads
+    ``model.safetensors``, else the shards of ``model.safetensors.index.json``,
+    else (a backend that reads torch pickles) ``pytorch_model.bin`` or its
+    shards. Returns::
 
         {"embedding": [vocab, hidden], "norm_f": [hidden], "lm_head": [vocab, hidden] or None (tied),
          "layers": [{"norm": [hidden], "mixer": {key: array}}, ...]}
@@ -504,19 +487,17 @@ def read_weights(path, config: MambaLMConfig | None = None, framework: str = "nu
     with the mixer's keys those of this project's Mamba layer (:data:`MIXER_KEYS`;
     ``conv_weights`` ``[inner, K]`` from ``conv1d.weight`` ``[inner, 1, K]``;
     the biases only when the config has them). Arrays keep the stored dtype
-    (bfloat16 is widened exactly to float32 for NumPy, CuPy and
-    array-api-strict, which lack it). Keys may carry ``transformers``' names
-    (``backbone.embeddings.weight``) or ``mamba-ssm``'s
-    (``backbone.embedding.weight``), with or without the ``backbone.`` prefix.
-    A missing, unknown or misshapen tensor raises ``ValueError`` naming it; so
-    does an ``lm_head.weight`` that differs from the embedding of a tied model.
+    (bfloat16 is widened exactly to float32 where the library lacks it).
+    Keys may carry ``transformers``' names (``backbone.embeddings.weight``)
+    or ``mamba-ssm``'s (``backbone.embedding.weight``), with or without the
+    ``backbone.`` prefix. A missing, unknown or misshapen tensor raises
+    ``ValueError`` naming it; so does an ``lm_head.weight`` that differs from
+    the embedding of a tied model.
     """
     function = "read_weights"
-    if framework not in FRAMEWORKS:
-        raise ValueError(f"{function}: framework must be one of {FRAMEWORKS}, got {framework!r}")
     folder = _checkpoint_dir(function, path)
     config = read_config(folder) if config is None else config
-    tensors, source = _read_tensors(function, folder, "numpy" if framework in ("cupy", "array_api_strict") else framework)
+    tensors, source = _read_tensors(function, folder, backend)
     shapes = config.param_shapes()
 
     def stored_shape(canonical_shape, mixer_key):
@@ -581,22 +562,16 @@ def read_weights(path, config: MambaLMConfig | None = None, framework: str = "nu
             f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
     if config.tie_word_embeddings and lm_head is not None:
         # mamba-ssm saves the tied head as a tensor of its own: it must be the embedding.
-        if not _arrays_equal(framework, lm_head, embedding):
+        if not _arrays_equal(lm_head, embedding):
             raise ValueError(
                 f"{function}: the config ties the LM head to the embedding, but lm_head.weight in {source} differs "
                 "from it; set tie_word_embeddings (mamba-ssm: tie_embeddings) to false to use it"
             )
         lm_head = None
 
-    def move(value):
-        return _to_framework(function, framework, value)
-
     return {
-        "embedding": move(embedding),
-        "norm_f": move(norm_f),
-        "lm_head": None if lm_head is None else move(lm_head),
-        "layers": [
-            {"norm": move(layer["norm"]), "mixer": {key: move(layer["mixer"][key]) for key in shapes["mixer"]}}
-            for layer in layers
-        ],
+        "embedding": embedding,
+        "norm_f": norm_f,
+        "lm_head": lm_head,
+        "layers": [{"norm": layer["norm"], "mixer": {key: layer["mixer"][key] for key in shapes["mixer"]}} for layer in layers],
     }

@@ -2,7 +2,7 @@
 
 Through every step (any feature axis, a ``TTcompile``d layer too), and every
 parameter gets a finite, non-zero gradient. Gradients through ``scan`` equal
-those through the steps (``test_scan.py``); through checkpointed chunks
+those through the steps (``test_scan_equals_step.py``); through checkpointed chunks
 (``test_checkpoint.py``); under autocast (``test_autocast.py``).
 """
 

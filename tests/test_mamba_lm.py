@@ -23,6 +23,7 @@ import ssm_core
 import tracetorch as tt
 from conftest import TOL, get_binding, rel_err, skip_mlx_float64_on_gpu
 from ssm_core.pretrained import read_config, read_weights
+from tracetorch.ssm._backend import backend as torch_backend
 
 pytest.importorskip("safetensors", reason="loading checkpoints needs safetensors: pip install safetensors")
 
@@ -159,7 +160,7 @@ def test_pure_functions_are_the_bindings(lm_binding):
     b, dtype = lm_binding, "float64"
     lm = load(b, UNTIED, dtype)
     config = read_config(UNTIED)
-    weights = read_weights(UNTIED, config, b.name)
+    weights = read_weights(UNTIED, config, torch_backend if b.name == "torch" else b.mod.backend)
     flat = {k: b.asarray(host(b, v).astype(dtype)) for k, v in ssm_core.lm.flat_weights(weights).items()}
     mixer_keys = ssm_core.lm.mixer_config(config).param_shapes()
     params = ssm_core.MambaLMParams(

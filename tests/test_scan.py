@@ -1,16 +1,13 @@
-"""Sequence mode: ``scan`` gives what stepping gives, on every binding and at model level.
+"""Sequence mode beyond one layer's scan: an empty sequence, ``tt.Model.scan`` and ``tt.sequence_mode``.
 
-For every layer, binding, dtype and placement of the feature and time axes:
-outputs and final states of a scan from held states equal stepping's, and the
-layer steps on from where the scan left it; a sequence may be scanned in parts
-and after steps, an empty one changes nothing; ``dim`` indexes one step's
-input so it never clashes with ``time_dim``. The torch layers' gradients
-through a scan equal those through the steps, for one layer and for a
-``tt.Model`` in ``scan`` or ``tt.sequence_mode``.
+An empty sequence changes nothing, on every binding. A ``tt.Model`` in
+``scan`` or ``tt.sequence_mode`` gives stepping's outputs, states and
+gradients; the mode takes a ``time_dim``, restores the previous mode, and
+names a layer that has no scan.
 
-Long runs are in ``test_numerics.py``; the hypothesis-driven forms of these
-properties in ``test_properties.py``; ``ssm_core``'s scan functions in
-``test_ssm_core.py``.
+One layer's scan against stepping (every layer, binding, method, length,
+layout, compiled and eager) is ``test_scan_equals_step.py``; the
+hypothesis-driven properties are in ``test_properties.py``.
 """
 
 from __future__ import annotations
@@ -21,139 +18,20 @@ import torch
 from torch import nn
 
 import tracetorch as tt
-from conftest import FIVE, GRAD_TOL, N as SMALL_N, TOL, random_weights, rel_err
+from conftest import GRAD_TOL, TOL, rel_err
 
 N = 8
-LAYERS = [
-    ("S4", {"d_state": 5}),
-    ("S5", {"d_state": 6}),
-    ("S6", {"d_state": 4}),
-    ("Mamba", {"d_state": 4}),
-    ("Mamba", {"d_state": 4, "conv_kernel": 1}),
-    ("S6", {"d_state": 4, "discretization": "euler"}),
-    ("Mamba", {"d_state": 4, "expand": 2, "discretization": "euler", "residual": False, "bias": True, "conv_bias": False}),
-]
-LAYER_IDS = ["S4", "S5", "S6", "Mamba", "Mamba-k1", "S6-euler", "Mamba-hf"]
-# (dim of one step's input, time_dim of the sequence, step input shape)
-AXES = [(-1, 0, (3, N)), (0, 0, (N, 3)), (1, 2, (2, N, 3)), (-1, -1, (2, N)), (0, 1, (N, 2, 3))]
-AXIS_IDS = ["last-time0", "first-time0", "middle-time2", "last-time-1", "first-time1"]
-
-
-def _make(b, name, kwargs, dim=-1, dtype="float64", seed=0):
-    return b.make(name, {"num_neurons": N, "dim": dim, **kwargs}, dtype, seed=seed)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize(("dim", "time_dim", "step_shape"), AXES, ids=AXIS_IDS)
-@pytest.mark.parametrize(("name", "kwargs"), LAYERS, ids=LAYER_IDS)
-def test_scan_equals_stepping(binding, dtype, dim, time_dim, step_shape, name, kwargs):
-    """From held, non-zero states; the layer then continues from the state after the sequence."""
-    b = binding
-    layer = _make(b, name, kwargs, dim, dtype)
-    rng = np.random.default_rng(0)
-    warmup = rng.standard_normal((3, *step_shape)).astype(dtype)
-    xs = rng.standard_normal((40, *step_shape)).astype(dtype)
-    after = rng.standard_normal(step_shape).astype(dtype)
-
-    b.steps(layer, warmup)
-    held = b.save_states(layer)
-    stepped = b.steps(layer, xs)
-    stepped_states = b.host_states(layer)
-    stepped_next = b.to_numpy(b.step(layer, b.asarray(after)))
-
-    b.load_states(layer, held)
-    scanned = b.to_numpy(b.scan(layer, b.asarray(np.moveaxis(xs, 0, time_dim)), time_dim=time_dim))
-    scanned = np.moveaxis(scanned, time_dim, 0)
-    assert scanned.shape == stepped.shape
-    assert rel_err(scanned, stepped) <= TOL[dtype]
-    for key, value in b.host_states(layer).items():
-        assert rel_err(value, stepped_states[key]) <= TOL[dtype], key
-    assert rel_err(b.to_numpy(b.step(layer, b.asarray(after))), stepped_next) <= TOL[dtype]
-
-
-@pytest.mark.parametrize(("name", "kwargs"), LAYERS, ids=LAYER_IDS)
-def test_scan_then_step_continues(binding, name, kwargs):
-    b = binding
-    layer = _make(b, name, kwargs)
-    xs = np.random.default_rng(2).standard_normal((21, 2, N))
-    expected = b.steps(layer, xs)
-    b.zero_states(layer)
-    first = b.to_numpy(b.scan(layer, b.asarray(xs[:13])))
-    assert rel_err(np.concatenate([first, b.steps(layer, xs[13:])]), expected) <= TOL["float64"]
 
 
 def test_scan_of_an_empty_sequence_changes_nothing(binding):
     b = binding
-    layer = _make(b, "Mamba", {})
+    layer = b.make("Mamba", {"num_neurons": N}, "float64")
     b.step(layer, b.asarray(np.ones((2, N))))
     held = b.host_states(layer)
     ys = b.scan(layer, b.asarray(np.zeros((0, 2, N))))
     assert tuple(ys.shape) == (0, 2, N)
     for key, value in b.host_states(layer).items():
         np.testing.assert_array_equal(value, held[key], err_msg=key)
-
-
-@pytest.mark.parametrize("case", FIVE)
-def test_dim_indexes_the_step_input_not_the_sequence(binding, case):
-    """``dim`` indexes one step's input (``xs`` without its time axis), so ``dim`` and ``time_dim`` never clash.
-
-    ``dim=0, time_dim=0`` on ``xs`` of shape ``[T, N, B]`` is valid: the time
-    axis is axis 0 of the sequence, the features are axis 0 of each step
-    ``xs[t]`` of shape ``[N, B]`` (axis 1 of the sequence). Likewise
-    ``dim=-1, time_dim=-1`` on ``[B, N, T]``: the features are the last axis of
-    each step ``xs[..., t]`` of shape ``[B, N]``.
-    """
-    b, (_, name, kwargs) = binding, case
-    for dim, time_dim, xs_shape in [(0, 0, (5, SMALL_N, 2)), (-1, -1, (2, SMALL_N, 5)), (1, 0, (5, 2, SMALL_N))]:
-        xs = np.random.default_rng(3).standard_normal(xs_shape)
-        stepper = b.make(name, {**kwargs, "dim": dim}, dtype="float64")
-        scanner = b.make(name, {**kwargs, "dim": dim}, dtype="float64")
-        stepped = b.steps(stepper, np.moveaxis(xs, time_dim, 0))
-        scanned = b.to_numpy(b.scan(scanner, b.asarray(xs), time_dim=time_dim))
-        assert scanned.shape == xs.shape
-        assert rel_err(np.moveaxis(scanned, time_dim, 0), stepped) <= TOL["float64"], (dim, time_dim)
-        for key, value in b.host_states(scanner).items():
-            assert rel_err(value, b.host_states(stepper)[key]) <= TOL["float64"], key
-
-
-# ----------------------------------------------------------------------------- gradients (torch)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize(("dim", "time_dim", "step_shape"), AXES, ids=AXIS_IDS)
-@pytest.mark.parametrize(("name", "kwargs"), LAYERS, ids=LAYER_IDS)
-def test_torch_scan_equals_stepping_outputs_states_and_gradients(dtype, dim, time_dim, step_shape, name, kwargs):
-    layer = getattr(tt.ssm, name)(N, dim=dim, **kwargs).to(getattr(torch, dtype))
-    weights = random_weights(name, {"num_neurons": N, **kwargs}, seed=1)
-    layer.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    tdtype = getattr(torch, dtype)
-    rng = np.random.default_rng(1)
-    warmup = torch.from_numpy(rng.standard_normal((2, *step_shape)).astype(dtype))
-    xs = torch.from_numpy(rng.standard_normal((37, *step_shape)).astype(dtype)).requires_grad_()
-
-    def run(scan: bool):
-        layer.zero_states()
-        with torch.no_grad():
-            for x in warmup:
-                layer(x)
-        if scan:
-            ys = layer.scan(xs.movedim(0, time_dim), time_dim=time_dim).movedim(time_dim, 0)
-        else:
-            ys = torch.stack([layer(x) for x in xs])
-        loss = (ys * torch.linspace(-1, 1, ys.numel(), dtype=tdtype).reshape(ys.shape)).sum()
-        loss = loss + sum((getattr(layer, n) ** 2).sum() for n in layer._state_names)
-        grads = torch.autograd.grad(loss, [xs, *layer.parameters()])
-        states = {n: getattr(layer, n).detach() for n in layer._state_names}
-        return ys.detach(), states, grads
-
-    ys_step, states_step, grads_step = run(scan=False)
-    ys_scan, states_scan, grads_scan = run(scan=True)
-    tol = TOL[dtype]
-    assert rel_err(ys_scan, ys_step) <= tol
-    for key in states_step:
-        assert rel_err(states_scan[key], states_step[key]) <= tol, key
-    for g_scan, g_step in zip(grads_scan, grads_step):
-        assert rel_err(g_scan, g_step) <= GRAD_TOL[dtype]
 
 
 # ----------------------------------------------------------------------------- model level

@@ -33,11 +33,21 @@ class TorchBackend(Backend):
             normal=lambda shape: torch.randn(shape, dtype=dtype),
         )
 
+    reads_torch_pickles = True
+
+    def read_tensors(self, file):
+        name = str(file)
+        if name.endswith(".bin"):
+            return torch.load(name, map_location="cpu", weights_only=True)
+        from safetensors.torch import load_file
+
+        return load_file(name)
+
     def records_gradients(self, x, params) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
 
-    def forms(self, x, grad):
-        return _fused.forms(x, grad)
+    def forms(self, x, grad, time_invariant=False, state_elements=0):
+        return _fused.forms(x, grad, time_invariant, state_elements)
 
     def scan_method(self, time_invariant, xs):
         if time_invariant and torch.compiler.is_compiling():

@@ -78,16 +78,24 @@ _TRACED_CPU = Plan(expm1="exp", readout="sum")
 _TRACED_GPU = Plan(expm1="expm1", readout="sum")
 # Eager on CPUs, torch's expm1 is not vectorised (at [32, 256, 16]: float32 5x exp and
 # 2x tanh, float64 14x exp and 6x tanh, on AVX-512 and AVX2 alike), while the tanh
-# form is two vectorised kernels; under autograd its backward costs more than it saves.
-_EAGER_TANH = Plan(expm1="tanh")
-_EAGER_EXPM1 = Plan()
+# form is two vectorised kernels. It pays on input-sized arrays (S6, Mamba) only:
+# on S4/S5's parameter-sized ones the two more kernels cost more than they save, and
+# under autograd its backward costs more than it saves.
+# The readout: a batched product takes 8 dispatches (views, bmm), vecdot 3, and the
+# product's faster loop pays for its dispatches from about this many state elements on.
+_SMALL_STATE = 1 << 14
+_EAGER = {
+    (expm1, readout): Plan(expm1=expm1, readout=readout) for expm1 in ("expm1", "tanh") for readout in ("matmul", "vecdot")
+}
 
 
-def forms(x: torch.Tensor, grad: bool) -> Plan:
-    """The plan of torch's forms of expm1 and the readout for work on ``x`` (``grad``: autograd records it)."""
+def forms(x: torch.Tensor, grad: bool, time_invariant: bool = False, state_elements: int = 0) -> Plan:
+    """The plan of torch's forms of expm1 and the readout for work on ``x`` (``grad``: autograd records it;
+    ``time_invariant``: the discretization is of parameter-sized arrays; ``state_elements``: one step's state)."""
     if torch.compiler.is_compiling():
         return _TRACED_GPU if x.is_cuda else _TRACED_CPU
-    return _EAGER_EXPM1 if grad or x.is_cuda else _EAGER_TANH
+    expm1 = "expm1" if grad or time_invariant or x.is_cuda else "tanh"
+    return _EAGER[expm1, "vecdot" if state_elements <= _SMALL_STATE else "matmul"]
 
 
 # ----------------------------------------------------------------------------- the scan's block

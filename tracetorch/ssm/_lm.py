@@ -89,7 +89,7 @@ class MambaLM(Model, Generation):
             raise TypeError(f"MambaLM.from_pretrained: dtype must be a floating torch.dtype or None, got {dtype!r}")
         folder = checkpoint_folder(path, "MambaLM.from_pretrained")
         config = read_config(folder)
-        weights = flat_weights(read_weights(folder, config, "torch"))
+        weights = flat_weights(read_weights(folder, config, torch_backend))
         with torch.device("meta"):  # no initial values: the checkpoint's replace them
             lm = cls(config)
         lm.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in weights.items()}, assign=True)

@@ -20,7 +20,8 @@ from torch import nn
 import ssm_core
 from ssm_core.checks import check_axis
 from ssm_core.layout import (
-    StateArguments, check_loaded_state, check_loaded_states_agree, compute_dtype, in_compute_dtype, run, zero_states,
+    StateArguments, check_loaded_state, check_loaded_states_agree, compute_dtype, in_compute_dtype, run, run_step,
+    step_axis, zero_states,
 )
 
 from .. import _compat
@@ -232,20 +233,51 @@ class Layer(BaseLayer):
         callers store the states, so an error leaves the layer as it was.
         ``compiled``: ``scan``'s switch.
         """
-        out_dtype = self._check_input(x)
-        x_c, params = self._compute_inputs(x)
         sequence = time_dim is not None
+        checked = None if sequence else self._checked_step(x, held)
+        out_dtype = self._check_input(x) if checked is None else checked[0]
+        x_c, params = self._compute_inputs(x)
         run_core = self._core_scan if sequence else self._core_step
         config = self.config
 
         def core(x_last, state):
             return run_core(x_last, state, params, self.backend.plan(self.spec, x_last, params, sequence, compiled, config))
 
-        y, states = run(
-            type(self).__name__, self.spec, self._slots, self.dim, self.num_neurons, x_c, held, core, xp_torch,
-            time_dim,
-        )
+        if checked is None:
+            y, states = run(
+                type(self).__name__, self.spec, self._slots, self.dim, self.num_neurons, x_c, held, core, xp_torch,
+                time_dim,
+            )
+        else:
+            y, states = run_step(checked[1], self.spec, self._slots, x_c, held, core, xp_torch)
         return (y if y.dtype == out_dtype else y.to(out_dtype)), states
+
+    def _checked_step(self, x, held: dict):
+        """``(output dtype, feature axis)`` of a step's checked input, or None where the call is not checked here.
+
+        A loop of steps gives the checks the same input signature at every call
+        (the input's type, shape, dtype and device, the parameters' dtype and
+        device, the autocast state, the held states' shapes and dtypes): they
+        run once per signature, and any other input is checked again. States
+        given as arguments (the stateless form) and traced calls are checked at
+        every call.
+        """
+        if type(held) is not dict or not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
+            return None
+        reference = self._reference_param()
+        signature = (
+            type(x), x.shape, x.dtype, x.device, reference.dtype, reference.device,
+            _compat.autocast_dtype(x.device.type),
+            *(None if state is None else (state.shape, state.dtype) for state in held.values()),
+        )
+        cached = self.__dict__.get("_step_signature")
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        out_dtype = self._check_input(x)
+        x_c, _ = self._compute_inputs(x)
+        checked = out_dtype, step_axis(type(self).__name__, x_c, held, self._slots, self.dim, self.num_neurons)
+        self.__dict__["_step_signature"] = (signature, checked)
+        return checked
 
     def _held_states(self) -> dict:
         check_not_recomputed_unrestored(self)  # plain torch checkpointing would recompute from later states
@@ -411,7 +443,7 @@ class TimeInvariantLayer(Layer):
         super().TTcompile()
         params, _ = in_compute_dtype(self._core_params(), xp_torch)
         with torch.no_grad():  # the forms of a step without autograd, which the frozen dynamics serve
-            dynamics = self.spec.prepare(params, xp_torch, self.backend.forms(params.A_log, grad=False))
+            dynamics = self.spec.prepare(params, xp_torch, self.backend.forms(params.A_log, False, time_invariant=True))
         for field, value in zip(dynamics._fields, dynamics):
             self.register_buffer(self._COMPILED + field, value.detach().clone(), persistent=False)
 

@@ -1,0 +1,79 @@
+"""A step's checks run once per input signature: any input or held state that differs is checked again."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import backends.numpy as bnp
+import tracetorch as tt
+
+
+def _torch_layer(name):
+    torch.manual_seed(0)
+    return getattr(tt.ssm, name)(8)
+
+
+def _numpy_layer(name):
+    return getattr(bnp, name)(8, seed=0)
+
+
+BINDINGS = {
+    "torch": (_torch_layer, lambda shape, dtype=torch.float32: torch.randn(*shape, dtype=dtype), torch.float64),
+    "numpy": (_numpy_layer, lambda shape, dtype=np.float32: np.random.default_rng(0).standard_normal(shape).astype(dtype),
+              np.float64),
+}
+
+
+def _save(layer):
+    if isinstance(layer, torch.nn.Module):
+        return {name: getattr(layer, name).clone() for name in layer.state_names}
+    return layer.save_states()
+
+
+def _load(layer, states):
+    if isinstance(layer, torch.nn.Module):
+        for name, value in states.items():
+            setattr(layer, name, value.clone())  # as traceTorch 0.19.2's users set them
+    else:
+        layer.load_states(states)
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+@pytest.mark.parametrize("name", ["S4", "S5", "S6", "Mamba"])
+def test_a_step_after_a_checked_one_is_checked_again_where_anything_differs(binding, name):
+    make, data, other_dtype = BINDINGS[binding]
+    layer = make(name)
+    with torch.no_grad():
+        for _ in range(3):  # the signature is kept after the first
+            layer(data((4, 8)))
+        held = _save(layer)
+        with pytest.raises(ValueError, match="batch shape changed"):
+            layer(data((5, 8)))  # another batch with states held
+        with pytest.raises(ValueError, match="expected 8 features"):
+            layer(data((4, 7)))
+        with pytest.raises(TypeError, match="dtype"):
+            layer(data((4, 8), other_dtype))
+        with pytest.raises(ValueError, match="0-d array"):
+            layer(torch.zeros(()) if binding == "torch" else np.zeros((), np.float32))
+        after_errors = _save(layer)
+        for key in held:  # errors left the states as they were
+            np.testing.assert_array_equal(np.asarray(after_errors[key]), np.asarray(held[key]))
+        layer.zero_states()
+        layer(data((5, 8)))  # a new batch after zero_states: a new signature, accepted
+        _load(layer, held)  # states of the old batch: the next step of the new batch must fail
+        with pytest.raises(ValueError, match="batch shape changed"):
+            layer(data((5, 8)))
+
+
+def test_a_torch_layer_moved_to_another_dtype_checks_its_input_again():
+    layer = _torch_layer("S6")
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        layer(x)
+        layer.zero_states()
+        layer.double()
+        with pytest.raises(TypeError, match="expected input of dtype torch.float64"):
+            layer(x)
+        assert layer(x.double()).dtype == torch.float64
