@@ -302,10 +302,11 @@ class Layer:
         backend, spec, params = self.backend, self.spec, self._compute_params()
         xp, sequence = backend.xp, time_dim is not None
         run_core = spec.scan if sequence else spec.step
+        config = self.config
 
         def core(x_last, state):
-            plan = backend.plan(spec, x_last, params, sequence, compiled)
-            return run_core(x_last, state, params, xp=xp, plan=plan)
+            plan = backend.plan(spec, x_last, params, sequence, compiled, config)
+            return run_core(x_last, state, params, xp=xp, plan=plan, config=config)
 
         if sequence:
             self._check_input(x)

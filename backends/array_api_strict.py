@@ -14,8 +14,9 @@ import ssm_core
 from ssm_core.backend import Backend
 from ._host import to_host
 from ._layer import bind
+from ._lm import bind_lm
 
-__all__ = ["backend", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
+__all__ = ["backend", "asarray", "from_torch", "S4", "S5", "S6", "Mamba", "MambaLM"]
 
 _DTYPES = {"float32": xp.float32, "float64": xp.float64}
 
@@ -55,3 +56,4 @@ class ArrayApiStrictBackend(Backend):
 backend = ArrayApiStrictBackend()
 asarray = backend.asarray
 S4, S5, S6, Mamba, from_torch = bind(backend)
+MambaLM = bind_lm(backend, Mamba)

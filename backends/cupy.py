@@ -13,9 +13,10 @@ import cupy as cp
 
 from ._host import to_host
 from ._layer import bind
+from ._lm import bind_lm
 from .numpy import NumpyBackend
 
-__all__ = ["backend", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
+__all__ = ["backend", "asarray", "from_torch", "S4", "S5", "S6", "Mamba", "MambaLM"]
 
 _DLPACK_CUDA = 2  # DLDeviceType kDLCUDA
 
@@ -53,3 +54,4 @@ class CupyBackend(NumpyBackend):
 backend = CupyBackend()
 asarray = backend.asarray
 S4, S5, S6, Mamba, from_torch = bind(backend)
+MambaLM = bind_lm(backend, Mamba)

@@ -21,8 +21,9 @@ import ssm_core
 
 from ssm_core.backend import Backend
 from ._layer import bind, is_torch_bfloat16
+from ._lm import bind_lm
 
-__all__ = ["backend", "xp", "asarray", "from_torch", "S4", "S5", "S6", "Mamba"]
+__all__ = ["backend", "xp", "asarray", "from_torch", "S4", "S5", "S6", "Mamba", "MambaLM"]
 
 _DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "float64": mx.float64}
 
@@ -52,6 +53,8 @@ def _moveaxis(x, source, destination):
 def _isdtype(dtype, kind):
     if kind == "real floating":
         return dtype in (mx.float16, mx.bfloat16, mx.float32, mx.float64)
+    if kind == "integral":  # token ids
+        return mx.issubdtype(dtype, mx.integer)
     return mx.issubdtype(dtype, kind)
 
 
@@ -194,3 +197,4 @@ backend = MlxBackend()
 asarray = backend.asarray
 ssm_core.register_namespace(mx, xp)
 S4, S5, S6, Mamba, from_torch = bind(backend)
+MambaLM = bind_lm(backend, Mamba)

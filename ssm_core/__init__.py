@@ -31,14 +31,24 @@ layer's config, parameter and state containers and functions together, e.g.
 ``ssm_core.S6.zero_state(config, batch_shape, xp)``. Their ``step`` and ``scan``
 are the unchecked functions, for bindings that check their inputs themselves.
 
+Layer options beyond traceTorch 0.19.2's (keyword-only, defaults 0.19.2's):
+``S6(..., discretization="zoh")`` and ``Mamba(..., expand=1,
+discretization="zoh", residual=True, bias=False, conv_bias=True)``, fields of
+their configs; the functions take them as ``config=`` (see :mod:`ssm_core.functional`).
+
+The Mamba language model of Hugging Face's checkpoints (``lm``): ``logits,
+states = ssm_core.mamba_lm_step(ids, states, params, config)`` and
+``mamba_lm_scan``, with ``pretrained.read_config``/``read_weights`` to load them.
+
 Modules: ``lti`` (S4, S5), ``selective`` (S6, Mamba), ``functional`` (their
 steps and scans behind the argument checks), ``discretize`` (``A`` from
-``A_log`` and the zero-order hold), ``scan`` (sequence primitives), ``plan``
+``A_log``, the zero-order hold and Euler's rule), ``scan`` (sequence primitives), ``plan``
 (how one call runs), ``backend`` (the base of the bindings' backends, which
 make the plans), ``fused`` (when a compiled block runs), ``init``
 (initialisation formulas), ``spec`` (the per-layer records), ``layout``
 (between the user's feature axis and the features-last layout used here),
-``checks`` (argument errors),
+``checks`` (argument errors), ``pretrained`` (reading checkpoints), ``lm``
+(the language model), ``generation`` (its ``generate`` and ``stream``),
 ``_array`` (namespaces and the operations with a native fast path).
 """
 
@@ -59,6 +69,8 @@ from .selective import (
 )
 from .functional import mamba_scan, mamba_step, s4_scan, s4_step, s5_scan, s5_step, s6_scan, s6_step
 from .scan import linear_recurrence, time_blocks
+from .pretrained import MambaLMConfig
+from .lm import MambaLMParams, mamba_lm_scan, mamba_lm_step, mamba_lm_zero_states
 from .spec import LayerSpec, StateSlot
 
 LAYERS = {spec.name: spec for spec in (S4, S5, S6, Mamba)}
@@ -74,4 +86,5 @@ __all__ = [
     "Mamba", "MambaConfig", "MambaParams", "MambaState", "mamba_init", "mamba_step", "mamba_scan",
     "selective_decay", "selective_step", "selective_block", "selective_scan", "causal_conv_step", "causal_conv_scan",
     "linear_recurrence", "time_blocks",
+    "MambaLMConfig", "MambaLMParams", "mamba_lm_step", "mamba_lm_scan", "mamba_lm_zero_states",
 ]

@@ -57,11 +57,13 @@ class Backend:
 
     # ------------------------------------------------------------- the plan
 
-    def plan(self, spec, x, params, sequence: bool, compiled=None) -> Plan:
+    def plan(self, spec, x, params, sequence: bool, compiled=None, config=None) -> Plan:
         """How a call of layer ``spec`` on ``x`` (features last; ``[T, ..., N]`` for a ``sequence``) runs.
 
         ``params`` are the parameters the call uses; ``compiled``: a scan's
-        switch for the compiled S6/Mamba block (see :mod:`ssm_core.fused`).
+        switch for the compiled S6/Mamba block (see :mod:`ssm_core.fused`);
+        ``config``: the layer's config, whose discretization a compiled block
+        is made and keyed for (None: the default zero-order hold).
         """
         grad = self.records_gradients(x, params)
         state_elements = math.prod(x.shape[1 if sequence else 0 :]) * params.A_log.shape[-1]  # one step's, at most
@@ -71,7 +73,8 @@ class Backend:
         plan = plan._replace(method=self.scan_method(spec.time_invariant, x))
         if spec.time_invariant:
             return plan
-        block_fn, block = self.scan_block(x, params.A_log.shape[-1], compiled, plan, grad)
+        rule = "zoh" if config is None else config.discretization
+        block_fn, block = self.scan_block(x, tuple(params.A_log.shape), compiled, plan, grad, rule)
         return plan._replace(block=block, block_fn=block_fn)
 
     def records_gradients(self, x, params) -> bool:
@@ -111,16 +114,21 @@ class Backend:
         """Whether a scan of ``xs`` runs the eager block whatever the policy says."""
         return False
 
-    def block_key(self, xs, batch: int, d_state: int) -> tuple:
-        """What a compiled block is specialised on: one per key."""
-        return (self.fused_block, batch, xs.shape[-1], d_state, xs.dtype)
+    def block_key(self, xs, batch: int, width: int, d_state: int) -> tuple:
+        """What a compiled block is specialised on: one per key. ``width``: the features the block runs on."""
+        return (self.fused_block, batch, width, d_state, xs.dtype)
 
-    def scan_block(self, xs, d_state: int, compiled, plan: Plan, grad: bool = False):
+    def scan_block(self, xs, state_shape: tuple, compiled, plan: Plan, grad: bool = False, discretization: str = "zoh"):
         """``(block_fn, block)`` for an S6/Mamba scan of ``xs`` ``[T, ..., N]`` (``block_fn`` None: eager).
+
+        ``state_shape``: ``(width, d_state)``, the shape of ``A_log``: the
+        block runs on ``width`` features (Mamba's inner width, ``expand * N``).
 
         The eager block runs ``plan``: the first call's reference and what a
         failing compiled block falls back to. A checkpoint's recomputation
         makes the choices its forward pass made (:func:`ssm_core.fused.checkpoint_contexts`).
+        The key of a compiled block ends with the ``discretization`` it runs:
+        one block per rule, each checked against the eager block of its rule.
         """
         if xs.shape[0] == 0 or self.compile_skipped(xs):
             return None, SCAN_BLOCK
@@ -128,9 +136,10 @@ class Backend:
         if pinned is not None:
             return pinned
         batch = math.prod(xs.shape[1:-1])
-        key = self.block_key(xs, batch, d_state)
+        width, d_state = state_shape
+        key = (*self.block_key(xs, batch, width, d_state), discretization)
         # Under autograd a compiled block saves more per element-step (its backward): it pays for itself sooner.
-        work = xs.shape[0] * batch * xs.shape[-1] * d_state * (TRAINING_WEIGHT if grad else 1)
+        work = xs.shape[0] * batch * width * d_state * (TRAINING_WEIGHT if grad else 1)
         xp = self.xp
 
         def eager(inputs):

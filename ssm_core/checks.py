@@ -14,6 +14,8 @@ __all__ = [
     "check_dim",
     "check_step_input",
     "check_sizes",
+    "check_bool",
+    "check_choice",
 ]
 
 
@@ -66,3 +68,17 @@ def check_sizes(layer: str, config) -> None:
     check_int(layer, "num_neurons", config.num_neurons, 1)
     check_int(layer, "d_state", config.d_state, 1)
     check_axis(layer, "dim", config.dim)
+
+
+def check_bool(layer: str, name: str, value) -> bool:
+    """``value`` as a bool option (``True`` or ``False``, not a truthy stand-in), else a clear error."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{layer}: {name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_choice(layer: str, name: str, value, choices: tuple):
+    """``value`` as one of the strings ``choices``, else a clear error."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{layer}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

@@ -147,3 +147,34 @@ def _rate_floor(xp, dtype) -> tuple:
         # float16's range is too narrow for that margin.
         floor = _RATE_FLOORS[key] = (tiny**0.5, True) if info.bits >= 32 else (tiny, False)
     return floor
+
+
+# ----------------------------------------------------------------------------- the rules a layer may name
+
+# The discretizations of the selective layers (S6, Mamba): a field of their config.
+DISCRETIZATIONS = ("zoh", "euler")
+__all__ += ["DISCRETIZATIONS", "euler", "discretized"]
+
+
+def euler(dt, A, xp=None):
+    """``(A_bar, gain)`` of the rule the Mamba reference code uses: ``A_bar = exp(dt * A)``, ``gain = dt``.
+
+    ``B_bar = gain * B = dt * B``: the input is held by Euler's rule (exact
+    for ``A -> 0``), the decay is the zero-order hold's. This is what
+    ``transformers``' ``MambaMixer`` and ``mamba-ssm`` compute, so checkpoints
+    trained with them need it. ``gain`` is ``dt`` itself, broadcast against ``B``.
+    """
+    xp = namespace(dt, A, xp=xp)
+    return xp.exp(dt * A), dt  # [broadcast shape], [dt shape]
+
+
+def discretized(rule: str, dt, A, xp, inv_A=None, expm1="expm1"):
+    """``(A_bar, gain)`` by ``rule`` (one of :data:`DISCRETIZATIONS`): :func:`zoh` or :func:`euler`.
+
+    ``inv_A`` and ``expm1`` serve the zero-order hold (see :func:`zoh`); Euler's rule needs neither.
+    """
+    if rule == "zoh":
+        return zoh(dt, A, xp, inv_A, expm1)  # [broadcast shape] x2
+    if rule == "euler":
+        return euler(dt, A, xp)  # [broadcast shape], [dt shape]
+    raise ValueError(f"discretized: rule must be one of {DISCRETIZATIONS}, got {rule!r}")

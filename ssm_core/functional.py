@@ -11,6 +11,16 @@ a sequence has a time axis. A mistake
 raises ``TypeError``/``ValueError`` naming the function instead of
 broadcasting or promoting silently. The stateful bindings check their inputs
 themselves and call the unchecked functions of the ``LayerSpec`` records.
+
+A layer's options go in as ``config=`` (an ``S6Config``, ``MambaConfig`` ...):
+the parameters must then have exactly the shapes that config gives them, and
+its ``discretization`` and ``residual`` apply. Without one the config is the
+one the parameters imply (``from_params``: Mamba's ``expand`` from the widths,
+its biases from their presence) with the default options, those of
+traceTorch 0.19.2 (a zero-order hold, the residual inside the block)::
+
+    config = ssm_core.MambaConfig(64, expand=2, discretization="euler", residual=False, bias=True)
+    y, state = ssm_core.mamba_step(x, state, params, config=config)
 """
 
 from __future__ import annotations
@@ -52,13 +62,26 @@ def _check_library(function: str, x, what: str, value) -> None:
         )
 
 
-def _config(function: str, config_type, params):
-    """The config ``params`` imply (``config_type.from_params``), and the words saying where its sizes come from."""
-    if config_type is MambaConfig and (params.conv_weights is None) != (params.conv_bias is None):
-        given, missing = ("conv_bias", "conv_weights") if params.conv_weights is None else ("conv_weights", "conv_bias")
+def _described(config) -> str:
+    """The sizes and options of ``config`` the parameters show (its options given apart and ``dim`` left out)."""
+    hidden = {"dim", *getattr(config, "OPTIONS", ())}
+    return ", ".join(f"{name}={value}" for name, value in vars(config).items() if name not in hidden)
+
+
+def _config(function: str, config_type, params, given=None):
+    """The config of the call, and the words saying where its sizes come from.
+
+    ``given``: the caller's ``config=``, which the parameters must then fit;
+    else the config ``params`` imply (``config_type.from_params``, default options).
+    """
+    if given is not None:
+        if type(given) is not config_type:
+            raise TypeError(f"{function}: config must be a {config_type.__name__}, got {type(given).__name__}")
+        return given, f"{_described(given)} of the config given"
+    if config_type is MambaConfig and params.conv_weights is None and params.conv_bias is not None:
         raise TypeError(
-            f"{function}: parameter {given} is given but {missing} is None; pass both (a causal convolution) "
-            "or neither (no convolution)"
+            f"{function}: parameter conv_bias is given but conv_weights is None; pass conv_weights too (a causal "
+            "convolution) or neither (no convolution)"
         )
     sources = {}  # the parameters the sizes are read from: {name: shape}
     for name, ndim in config_type.SIZED_BY.items():
@@ -80,9 +103,7 @@ def _config(function: str, config_type, params):
         config = config_type.from_params(params)
     except (TypeError, ValueError) as error:  # a size of 0
         raise ValueError(f"{function}: the parameters give no layer (from {origin}): {error}") from None
-    sizes = {name: value for name, value in vars(config).items() if name != "dim"}
-    described = ", ".join(f"{name}={size}" for name, size in sizes.items())
-    return config, f"{described} from {origin}"
+    return config, f"{_described(config)} from {origin}"
 
 
 def _check_param_shapes(function: str, config, origin: str, params) -> None:
@@ -104,8 +125,8 @@ def _check_param_shapes(function: str, config, origin: str, params) -> None:
             )
 
 
-def check_arguments(function: str, spec, x, state, params, xp, sequence: bool) -> None:
-    """Raise ``TypeError``/``ValueError`` naming ``function`` unless its arguments fit together."""
+def check_arguments(function: str, spec, x, state, params, xp, sequence: bool, config=None) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``function`` unless its arguments fit together (and ``config``)."""
     if not isinstance(state, spec.state):
         raise TypeError(f"{function}: expected state of type {spec.state.__name__}, got {type(state).__name__}")
     if not isinstance(params, spec.params):
@@ -118,14 +139,16 @@ def check_arguments(function: str, spec, x, state, params, xp, sequence: bool) -
             _check_library(function, x, f"state {name}", value)
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{function}: expected a real floating-point input, got dtype {x.dtype}")
-    config, origin = _config(function, spec.config, params)
+    config, origin = _config(function, spec.config, params, config)
+    # The parameters agree with each other first: a misshapen one that gives a size would
+    # otherwise be reported as an input of the wrong width.
+    _check_param_shapes(function, config, origin, params)
     N = config.num_neurons
     if x.ndim < (2 if sequence else 1):
         what = f"a sequence [T, ..., {N}]" if sequence else f"an input [..., {N}]"
         raise ValueError(f"{function}: expected {what}, got shape {tuple(x.shape)}")
     if x.shape[-1] != N:
         raise ValueError(f"{function}: expected {N} features on the last axis, got {x.shape[-1]} (input shape {tuple(x.shape)})")
-    _check_param_shapes(function, config, origin, params)
     for name, value in zip(spec.params._fields, params):
         if value is not None and value.dtype != x.dtype:
             raise TypeError(f"{function}: the input has dtype {x.dtype}, parameter {name} {value.dtype}; they must agree")
@@ -157,7 +180,7 @@ def _checked(unchecked, spec, sequence: bool):
     @functools.wraps(unchecked)
     def checked(x, state, params, xp=None, **options):
         xp = namespace(x, xp=xp)
-        check_arguments(function, spec, x, state, params, xp, sequence)
+        check_arguments(function, spec, x, state, params, xp, sequence, options.get("config"))
         return unchecked(x, state, params, xp, **options)
 
     return checked

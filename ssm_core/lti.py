@@ -134,11 +134,14 @@ def s4_step_discrete(x, state: S4State, dynamics: S4Dynamics, xp=None):
     return y, S4State(h)
 
 
-def s4_step(x, state: S4State, params: S4Params, xp=None, prepared: S4Dynamics | None = None, plan=None):
+def s4_step(x, state: S4State, params: S4Params, xp=None, prepared: S4Dynamics | None = None, plan=None,
+            config=None):
     """One S4 step: ``h = A_bar h + B_bar x``, ``y = sum(C h) + D x``; returns ``(y, new_state)``.
 
     ``prepared``: ``s4_discretize(params)`` when the caller keeps it across
-    steps; ``plan``: how to run it (a :class:`~ssm_core.plan.Plan`).
+    steps; ``plan``: how to run it (a :class:`~ssm_core.plan.Plan`);
+    ``config``: the layer's config, taken as every layer's step takes it (S4
+    and S5 have no options that change the numbers).
     """
     xp = namespace(x, xp=xp)
     return s4_step_discrete(x, state, s4_discretize(params, xp, plan) if prepared is None else prepared, xp)
@@ -270,7 +273,8 @@ def _decay_power(decay, n: int, xp):
     return xp.exp(at_least(n * xp.log(at_least(decay, floor, xp)), math.log(floor), xp))  # decay's shape
 
 
-def s4_scan(xs, state: S4State, params: S4Params, xp=None, method=None, prepared: S4Dynamics | None = None, plan=None):
+def s4_scan(xs, state: S4State, params: S4Params, xp=None, method=None, prepared: S4Dynamics | None = None, plan=None,
+            config=None):
     """S4 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`s4_step`, to rounding. The
@@ -280,7 +284,7 @@ def s4_scan(xs, state: S4State, params: S4Params, xp=None, method=None, prepared
     steps; ``"auto"`` takes the chunks from ``S4_CHUNKED_FROM`` steps on, for
     finite inputs (a NaN or Inf would reach its chunk's earlier outputs: such
     sequences step); ``method`` is short for ``plan=Plan(method=...)``.
-    ``prepared`` and ``plan`` as in :func:`s4_step`.
+    ``prepared``, ``plan`` and ``config`` as in :func:`s4_step`.
     """
     return _lti_scan(
         xs, state, params, xp, with_method(plan, method), prepared, s4_discretize, s4_step_discrete, _s4_chunked_scan,
@@ -419,23 +423,25 @@ def s5_step_discrete(x, state: S5State, dynamics: S5Dynamics, xp=None):
     return y, S5State(g)
 
 
-def s5_step(x, state: S5State, params: S5Params, xp=None, prepared: S5Dynamics | None = None, plan=None):
+def s5_step(x, state: S5State, params: S5Params, xp=None, prepared: S5Dynamics | None = None, plan=None,
+            config=None):
     """One S5 step: ``g = A_bar g + B_bar^T x``, ``y = C^T g + D x``; returns ``(y, new_state)``.
 
-    ``prepared`` and ``plan`` as in :func:`s4_step`.
+    ``prepared``, ``plan`` and ``config`` as in :func:`s4_step`.
     """
     xp = namespace(x, xp=xp)
     return s5_step_discrete(x, state, s5_discretize(params, xp, plan) if prepared is None else prepared, xp)
 
 
-def s5_scan(xs, state: S5State, params: S5Params, xp=None, method=None, prepared: S5Dynamics | None = None, plan=None):
+def s5_scan(xs, state: S5State, params: S5Params, xp=None, method=None, prepared: S5Dynamics | None = None, plan=None,
+            config=None):
     """S5 over a whole sequence ``xs`` ``[T, ..., N]`` from ``state``; returns ``(ys, final_state)``.
 
     The same numbers as ``T`` calls of :func:`s5_step`, to rounding.
     ``method="chunked"`` projects all inputs at once and runs the recurrence
     a chunk at a time (see :func:`_s5_chunked_scan`); ``"loop"`` steps;
     ``"auto"`` chooses as :func:`s4_scan` does, from ``S5_CHUNKED_FROM`` steps
-    on. ``method``, ``prepared`` and ``plan`` as in :func:`s4_scan`.
+    on. ``method``, ``prepared``, ``plan`` and ``config`` as in :func:`s4_scan`.
     """
     return _lti_scan(
         xs, state, params, xp, with_method(plan, method), prepared, s5_discretize, s5_step_discrete, _s5_chunked_scan,

@@ -56,6 +56,12 @@ LAYER_CASES = [
     ("Mamba", "Mamba", dict(num_neurons=N, d_state=D_STATE)),
     ("Mamba_k2", "Mamba", dict(num_neurons=N, d_state=D_STATE, conv_kernel=2)),
     ("Mamba_noconv", "Mamba", dict(num_neurons=N, d_state=D_STATE, conv_kernel=1)),
+    # The options Hugging Face's checkpoints need, each away from its default: Euler's rule, the inner
+    # width, the projection biases, no conv bias, no residual.
+    ("S6_euler", "S6", dict(num_neurons=N, d_state=D_STATE, discretization="euler")),
+    ("Mamba_hf", "Mamba", dict(
+        num_neurons=N, d_state=D_STATE, expand=2, discretization="euler", residual=False, bias=True, conv_bias=False,
+    )),
 ]
 LAYER_IDS = [case[0] for case in LAYER_CASES]
 CASES = {case[0]: case for case in LAYER_CASES}
@@ -70,6 +76,7 @@ ALL = cases(*LAYER_IDS)
 ONE_OF_EACH = cases("S4", "S5", "S6_rank2", "Mamba")  # each layer once (Mamba with its two states)
 FIVE = cases("S4", "S5", "S6_rank2", "Mamba", "Mamba_noconv")  # and Mamba without its convolution
 LTI = cases("S4", "S5")  # the time-invariant layers (TTcompile freezes their dynamics)
+OPTIONED = cases("S6_euler", "Mamba_hf")  # the layers with options other than 0.19.2's
 # Normwise relative error (``rel_err``) allowed between two computations of the same layers in one dtype, or
 # between one and the float64 oracle, over the suite's runs (at most 150 steps, 2-8 features, d_state <= 6).
 # Measured worst, on an AVX-512 CPU with ATEN_CPU_CAPABILITY native, avx2 and default, 1 and 2 threads, torch,
@@ -130,6 +137,8 @@ def random_weights(layer: str, kwargs: dict, seed: int = 0) -> dict:
             value = rng.standard_normal(shape) / np.sqrt(N)
         elif layer == "S5" and key == "C":
             value = rng.standard_normal(shape) / np.sqrt(d)
+        elif key in ("in_proj.bias", "out_proj.bias"):  # Mamba's bias=True
+            value = rng.uniform(-0.5, 0.5, shape)
         elif key.endswith(".weight") or key in ("conv_weights", "conv_bias"):
             fan_in = shapes["conv_weights"][-1] if key.startswith("conv_") else shape[-1]
             bound = 1.0 / np.sqrt(fan_in)

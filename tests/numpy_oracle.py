@@ -11,6 +11,14 @@ rewrites of the same formula:
   divide by ``A + 1e-12``, a ~1e-12 relative change for ``|A| >= ~1``);
 - ``softplus`` is the exact ``log(1 + exp(x))`` (torch switches to ``x`` above 20).
 
+The options of this project's S6 and Mamba beyond 0.19.2 (keyword arguments
+in ``kwargs``, defaults 0.19.2's) are written from the Mamba reference code
+(``transformers``' ``MambaMixer``, ``mamba-ssm``): ``discretization="euler"``
+holds the input as ``B_bar = dt * B`` (``A_bar = exp(dt A)`` either way);
+Mamba's ``expand`` widens the inner branch to ``expand * N`` features,
+``in_proj.bias``/``out_proj.bias`` are added where the parameters have them,
+a missing ``conv_bias`` adds nothing, and ``residual=False`` drops ``+ x``.
+
 Parameters are a dict keyed like the layer's ``state_dict()``; every value is
 converted to float64. Step functions are features-last; :func:`run` takes a
 ``[T, *shape]`` input with the feature axis at ``kwargs["dim"]`` and returns
@@ -62,6 +70,11 @@ def zoh(dt, A):
     return np.exp(dtA), np.expm1(dtA) / A
 
 
+def euler(dt, A):
+    """``(A_bar, gain)`` with ``A_bar = exp(dt A)`` and ``gain = dt`` (``B_bar = dt * B``)."""
+    return np.exp(dt * A), dt
+
+
 # ----------------------------------------------------------------------------- one step, features last
 
 
@@ -86,7 +99,7 @@ def s5_step(p: dict, x, g):
     return y, g
 
 
-def _selective(u, h, proj_w, dt_w, dt_b, A_log, D):
+def _selective(u, h, proj_w, dt_w, dt_b, A_log, D, discretization="zoh"):
     """The S6 core: ``u`` ``[..., N]``, ``h`` ``[..., N, d]``."""
     rank = dt_w.shape[1]
     d = A_log.shape[1]
@@ -95,35 +108,37 @@ def _selective(u, h, proj_w, dt_w, dt_b, A_log, D):
     assert proj.shape[-1] == rank + 2 * d
     dt = softplus(dt_raw @ dt_w.T + dt_b)[..., None]  # [..., N, 1]
     A = -np.exp(A_log)  # [N, d]
-    A_bar, gain = zoh(dt, A)  # [..., N, d]
+    A_bar, gain = {"zoh": zoh, "euler": euler}[discretization](dt, A)  # [..., N, d], [..., N, d or 1]
     B_bar = gain * B[..., None, :]
     h = h * A_bar + B_bar * u[..., None]
     y = np.sum(h * C[..., None, :], axis=-1) + u * D
     return y, h
 
 
-def s6_step(p: dict, x, state):
+def s6_step(p: dict, x, state, discretization="zoh"):
     """S6: ``x`` ``[..., N]``, ``state`` ``[..., N, d]``."""
-    return _selective(x, state, p["x_proj.weight"], p["dt_proj.weight"], p["dt_proj.bias"], p["A_log"], p["D"])
+    return _selective(
+        x, state, p["x_proj.weight"], p["dt_proj.weight"], p["dt_proj.bias"], p["A_log"], p["D"], discretization
+    )
 
 
-def mamba_step(p: dict, x, ssm_state, conv_buffer=None):
-    """Mamba block: ``x`` ``[..., N]``, ``ssm_state`` ``[..., N, d]``, ``conv_buffer`` ``[..., N, K]`` or None.
+def mamba_step(p: dict, x, ssm_state, conv_buffer=None, discretization="zoh", residual=True):
+    """Mamba block: ``x`` ``[..., N]``, ``ssm_state`` ``[..., I, d]``, ``conv_buffer`` ``[..., I, K]`` or None.
 
-    Returns ``(y, ssm_state, conv_buffer)``.
+    ``I`` is the inner width, ``in_proj.weight``'s rows halved. Returns ``(y, ssm_state, conv_buffer)``.
     """
-    N = x.shape[-1]
-    xz = x @ p["in_proj.weight"].T
-    main, gate = xz[..., :N], xz[..., N:]
+    inner = p["in_proj.weight"].shape[0] // 2
+    xz = x @ p["in_proj.weight"].T + p.get("in_proj.bias", 0.0)
+    main, gate = xz[..., :inner], xz[..., inner:]
     if conv_buffer is not None:
         conv_buffer = np.concatenate([conv_buffer[..., 1:], main[..., None]], axis=-1)
-        main = np.sum(conv_buffer * p["conv_weights"], axis=-1) + p["conv_bias"]
+        main = np.sum(conv_buffer * p["conv_weights"], axis=-1) + p.get("conv_bias", 0.0)
     u = silu(main)
     y, ssm_state = _selective(
-        u, ssm_state, p["ssm_proj.weight"], p["dt_proj.weight"], p["dt_proj.bias"], p["A_log"], p["D"]
+        u, ssm_state, p["ssm_proj.weight"], p["dt_proj.weight"], p["dt_proj.bias"], p["A_log"], p["D"], discretization
     )
-    y = (y * silu(gate)) @ p["out_proj.weight"].T
-    return y + x, ssm_state, conv_buffer
+    y = (y * silu(gate)) @ p["out_proj.weight"].T + p.get("out_proj.bias", 0.0)
+    return (y + x if residual else y), ssm_state, conv_buffer
 
 
 # ----------------------------------------------------------------------------- whole sequences, any feature axis
@@ -148,7 +163,7 @@ def run(layer: str, kwargs: dict, params: dict, inputs):
 
     Returns ``(outputs [T, *shape], {state name: final state})``, in float64,
     states in the traceTorch layout: the input's shape with the feature size
-    (``d_state`` for S5's ``global_state``) at the feature axis and, except for
+    (``d_state`` for S5's ``global_state``, the inner width for Mamba's) at the feature axis and, except for
     S5, ``d_state`` (``conv_kernel`` for ``conv_buffer``) appended.
     """
     p = _f64(params)
@@ -181,15 +196,17 @@ def run(layer: str, kwargs: dict, params: dict, inputs):
     elif layer == "S6":
         h = np.zeros(batch + (N, d))
         for x in xw:
-            y, h = s6_step(p, x, h)
+            y, h = s6_step(p, x, h, kwargs.get("discretization", "zoh"))
             outs.append(y)
         states = {"state": np.moveaxis(h, -2, axis)}
     elif layer == "Mamba":
         K = kwargs.get("conv_kernel", 4)
-        h = np.zeros(batch + (N, d))
-        buf = np.zeros(batch + (N, K)) if K > 1 else None
+        inner = kwargs.get("expand", 1) * N
+        h = np.zeros(batch + (inner, d))
+        buf = np.zeros(batch + (inner, K)) if K > 1 else None
+        options = {"discretization": kwargs.get("discretization", "zoh"), "residual": kwargs.get("residual", True)}
         for x in xw:
-            y, h, buf = mamba_step(p, x, h, buf)
+            y, h, buf = mamba_step(p, x, h, buf, **options)
             outs.append(y)
         states = {"ssm_state": np.moveaxis(h, -2, axis)}
         if buf is not None:

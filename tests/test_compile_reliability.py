@@ -43,7 +43,7 @@ def _short_blocks(monkeypatch):
 
 
 def _key(dtype):
-    return (BLOCK, BATCH, N, D_STATE, dtype, torch.device("cpu"), None)  # None: autocast off
+    return (BLOCK, BATCH, N, D_STATE, dtype, torch.device("cpu"), None, "zoh")  # None: autocast off; the rule
 
 
 def _assert_ran_compiled(dtype, compiler=None):
@@ -359,7 +359,7 @@ def test_a_failure_turns_off_its_own_key_only(monkeypatch):
             layer.scan(torch.randn(8, batch, N, dtype=torch.float64), compiled=True)
     assert len([w for w in caught if issubclass(w.category, fused.CompileFallbackWarning)]) == 1
     assert list(compiler.failed_keys) == [_key(torch.float64)]
-    assert compiler.compiled_keys() == [(BLOCK, BATCH + 1, N, D_STATE, torch.float64, torch.device("cpu"), None)]
+    assert compiler.compiled_keys() == [(BLOCK, BATCH + 1, N, D_STATE, torch.float64, torch.device("cpu"), None, "zoh")]
 
 
 # ----------------------------------------------------------------------------- accuracy where dt * A is small

@@ -224,7 +224,7 @@ def test_failure_inside_the_math_stores_nothing(binding, case, monkeypatch):
     layers = list(each_layer(binding, case))
     # The zero-order hold runs mid-step (for Mamba after its conv buffer was shifted).
     monkeypatch.setattr(ssm_core.lti, "zoh", boom)
-    monkeypatch.setattr(ssm_core.selective, "zoh", boom)
+    monkeypatch.setattr(ssm_core.selective, "discretized", boom)
     problems = []
     for where, mode, layer in layers:
         problems += run_modes(binding, layer, np.ones((2, N), np.float32), mode, Boom, where)

@@ -2,9 +2,10 @@
 
 Shapes, dtypes and libraries only: a non-floating input, input/state/parameter
 dtypes that differ, arrays of two libraries, a parameter of another shape than
-the layer's (even one that would broadcast), half of Mamba's convolution pair,
-a state whose batch shape is not the input's, a wrong feature size, a sequence
-without a time axis.
+the layer's (even one that would broadcast), a convolution bias without its
+kernel, a state whose batch shape is not the input's, a wrong feature size, a
+sequence without a time axis; and a layer's options given as ``config=``,
+which the parameters must then fit.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ LAYERS = {
     "s6": (S6, ssm_core.S6, dict(d_state=D_STATE)),
     "mamba": (Mamba, ssm_core.Mamba, dict(d_state=D_STATE)),
     "mamba_noconv": (Mamba, ssm_core.Mamba, dict(d_state=D_STATE, conv_kernel=1)),
+    # expand, the projection biases and no conv bias: sizes and presence the parameters show
+    "mamba_wide": (Mamba, ssm_core.Mamba, dict(d_state=D_STATE, expand=2, bias=True, conv_bias=False)),
 }
 
 
@@ -38,9 +41,9 @@ def _setup(key, dtype=np.float64, batch=(BATCH,)):
     return spec, params, state, name
 
 
-def _call(spec, name, mode, x, state, params):
+def _call(spec, name, mode, x, state, params, **options):
     function = getattr(ssm_core, f"{name}_{mode}")
-    return function(x, state, params)
+    return function(x, state, params, **options)
 
 
 def _input(mode, shape, dtype=np.float64):
@@ -158,12 +161,16 @@ def test_arrays_of_two_libraries_are_named(key, mode):
 
 
 @pytest.mark.parametrize("mode", ["step", "scan"])
-@pytest.mark.parametrize("missing", ["conv_bias", "conv_weights"])
-def test_mamba_convolution_pair_is_given_whole(missing, mode):
+def test_mamba_convolution_bias_needs_its_kernel(mode):
     spec, params, state, name = _setup("mamba")
-    given = "conv_weights" if missing == "conv_bias" else "conv_bias"
-    with pytest.raises(TypeError, match=rf"mamba_{mode}: parameter {given} is given but {missing} is None; pass both"):
-        _call(spec, name, mode, _input(mode, (BATCH, N)), state, params._replace(**{missing: None}))
+    with pytest.raises(TypeError, match=rf"mamba_{mode}: parameter conv_bias is given but conv_weights is None"):
+        _call(spec, name, mode, _input(mode, (BATCH, N)), state, params._replace(conv_weights=None))
+    # A kernel without its bias is a convolution without bias (conv_bias=False), as the layer makes it.
+    layer = Mamba(N, d_state=D_STATE, conv_bias=False, dtype=np.float64, seed=0)
+    layer.load_state_dict({k: v for k, v in spec.params_to_mapping(params).items() if k != "conv_bias"})
+    x = np.random.default_rng(0).standard_normal(_input(mode, (BATCH, N)).shape)
+    y, _ = _call(spec, name, mode, x, state, params._replace(conv_bias=None))
+    assert np.array_equal(y, layer.scan(x) if mode == "scan" else layer(x))
 
 
 @pytest.mark.parametrize("mode", ["step", "scan"])
@@ -182,3 +189,80 @@ def test_config_from_params_gives_back_the_layers_config(key):
     layer = cls(N, dtype=np.float32, seed=0, **kwargs, **extra)
     params = spec.params_from_mapping(layer.state_dict())
     assert spec.config.from_params(params) == dataclasses.replace(layer.config, dim=-1)
+
+
+# ----------------------------------------------------------------------------- options: config=
+
+OPTIONS = dict(expand=2, discretization="euler", residual=False, bias=True, conv_bias=False)
+
+
+@pytest.mark.parametrize("mode", ["step", "scan"])
+def test_config_gives_the_options_the_parameters_cannot_show(mode):
+    """``config=`` carries the discretization and the residual: the numbers of the layer with those options."""
+    layer = Mamba(N, d_state=D_STATE, dtype=np.float64, seed=0, **OPTIONS)
+    spec = ssm_core.Mamba
+    params = spec.params_from_mapping(layer.state_dict())
+    state = spec.zero_state(layer.config, (BATCH,), ssm_core.namespace(params.A_log), np.float64)
+    x = np.random.default_rng(1).standard_normal(_input(mode, (BATCH, N)).shape)
+    y, new_state = _call(spec, "mamba", mode, x, state, params, config=layer.config)
+    assert np.array_equal(y, layer.scan(x) if mode == "scan" else layer(x))
+    assert new_state.ssm_state.shape == (BATCH, 2 * N, D_STATE)
+    # Without it the parameters give the sizes, and the options are the defaults: other numbers.
+    y_default, _ = _call(spec, "mamba", mode, x, state, params)
+    assert np.abs(y_default - y).max() > 1e-3
+    s6 = S6(N, d_state=D_STATE, discretization="euler", dtype=np.float64, seed=0)
+    s6_params = ssm_core.S6.params_from_mapping(s6.state_dict())
+    s6_state = ssm_core.S6.zero_state(s6.config, (BATCH,), np, np.float64)
+    y, _ = _call(ssm_core.S6, "s6", mode, x, s6_state, s6_params, config=s6.config)
+    assert np.array_equal(y, s6.scan(x) if mode == "scan" else s6(x))
+
+
+@pytest.mark.parametrize("mode", ["step", "scan"])
+def test_parameters_must_fit_the_config_given(mode):
+    spec, params, state, name = _setup("mamba_wide")
+    x = _input(mode, (BATCH, N))
+    config = ssm_core.MambaConfig(N, d_state=D_STATE, **OPTIONS)
+    _call(spec, name, mode, x, state, params, config=config)  # fits
+    with pytest.raises(ValueError, match=rf"mamba_{mode}: parameter A_log must have shape \(24, 3\) "
+                                        r"\(num_neurons=8, .*expand=3.* of the config given\), got \(16, 3\)"):
+        _call(spec, name, mode, x, state, params, config=dataclasses.replace(config, expand=3))
+    with pytest.raises(ValueError, match=rf"mamba_{mode}: parameter conv_bias is given .* but the layer of .*"
+                                        r"conv_bias=False of the config given has none"):
+        _call(spec, name, mode, x, state, params._replace(conv_bias=np.zeros(2 * N)), config=config)
+    with pytest.raises(TypeError, match=rf"mamba_{mode}: parameter out_proj_bias is missing \(None\); expected shape \(8,\)"):
+        _call(spec, name, mode, x, state, params._replace(out_proj_bias=None), config=config)
+    with pytest.raises(TypeError, match=rf"mamba_{mode}: config must be a MambaConfig, got S6Config"):
+        _call(spec, name, mode, x, state, params, config=ssm_core.S6Config(N))
+
+
+@pytest.mark.parametrize("mode", ["step", "scan"])
+def test_half_the_projection_biases_is_refused(mode):
+    spec, params, state, name = _setup("mamba_wide")
+    with pytest.raises(TypeError, match=rf"mamba_{mode}: parameter out_proj_bias is missing \(None\); "
+                                        r"expected shape \(8,\) \(.*bias=True.* from "):
+        _call(spec, name, mode, _input(mode, (BATCH, N)), state, params._replace(out_proj_bias=None))
+
+
+@pytest.mark.parametrize("mode", ["step", "scan"])
+def test_an_inner_width_that_is_no_multiple_of_the_features_is_refused(mode):
+    spec, params, state, name = _setup("mamba_wide")
+    narrow = params._replace(in_proj_weight=np.zeros((4 * N, N - 3)))
+    with pytest.raises(ValueError, match=rf"mamba_{mode}: the parameters give no layer .*A_log's 16 rows .* "
+                                        r"not a whole multiple of the 5 features"):
+        _call(spec, name, mode, _input(mode, (BATCH, N)), state, narrow)
+
+
+def test_config_options_are_checked():
+    with pytest.raises(ValueError, match=r"Mamba: discretization must be one of 'zoh', 'euler', got 'forward'"):
+        ssm_core.MambaConfig(N, discretization="forward")
+    with pytest.raises(ValueError, match=r"S6: discretization must be one of 'zoh', 'euler', got 'ZOH'"):
+        ssm_core.S6Config(N, discretization="ZOH")
+    with pytest.raises(ValueError, match=r"Mamba: expand must be an int >= 1, got 0"):
+        ssm_core.MambaConfig(N, expand=0)
+    with pytest.raises(TypeError, match=r"Mamba: expand must be an int, got float 2.0"):
+        ssm_core.MambaConfig(N, expand=2.0)
+    for name in ("residual", "bias", "conv_bias"):
+        with pytest.raises(TypeError, match=rf"Mamba: {name} must be True or False, got int 1"):
+            ssm_core.MambaConfig(N, **{name: 1})
+    with pytest.raises(TypeError, match="positional"):
+        ssm_core.MambaConfig(N, 16, -1, -1, 4, 2)  # the options are keyword-only

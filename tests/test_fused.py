@@ -29,8 +29,10 @@ from tracetorch.ssm._backend import backend as torch_backend
 
 N, D_STATE, BLOCK = 8, 4, 4
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-CASES = [("S6", {}), ("Mamba", {}), ("Mamba", {"conv_kernel": 1})]
-CASE_IDS = ["S6", "Mamba", "Mamba-k1"]
+# Hugging Face's options: Euler's rule reaches the compiled block (the rest of them run around it).
+HF_OPTIONS = {"expand": 2, "discretization": "euler", "residual": False, "bias": True, "conv_bias": False}
+CASES = [("S6", {}), ("Mamba", {}), ("Mamba", {"conv_kernel": 1}), ("Mamba", HF_OPTIONS)]
+CASE_IDS = ["S6", "Mamba", "Mamba-k1", "Mamba-hf"]
 DTYPES = [torch.float64, torch.float32]
 DTYPE_IDS = ["float64", "float32"]
 # (dim, step input shape): 6 batch elements however they are laid out
@@ -116,8 +118,9 @@ def test_no_graph_breaks_in_the_block_and_the_step():
     B, C = torch.randn(BLOCK, 6, D_STATE, generator=gen), torch.randn(BLOCK, 6, D_STATE, generator=gen)
     h = torch.randn(6, N, D_STATE, generator=gen)
     A, inv_A = ssm_core.selective_decay(torch.randn(N, D_STATE, generator=gen))
-    explanation = dynamo.explain(_fused._flat_block)(u, dt, B, C, h, A, inv_A, torch.ones(N))
-    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    for rule in ssm_core.discretize.DISCRETIZATIONS:
+        explanation = dynamo.explain(_fused._flat_block)(u, dt, B, C, h, A, inv_A, torch.ones(N), rule)
+        assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
     for name, kwargs in CASES:
         layer = _layer(name, kwargs, torch.float32)
         spec, params = layer.spec, layer._core_params()
@@ -314,6 +317,28 @@ def test_numpy_has_no_compiler_and_says_so_once(monkeypatch):
     layer.zero_states()
     np.testing.assert_array_equal(outs[0], layer.scan(xs, compiled=False))
     assert outs[0].shape == eager.shape
+
+
+def test_compiled_blocks_are_keyed_by_their_discretization():
+    """Layers alike but for the rule: each compiled scan runs its own rule (eager's numbers), under its own key."""
+    dtype = torch.float64
+    euler = _layer("Mamba", HF_OPTIONS, dtype)
+    zoh = tt.ssm.Mamba(N, d_state=D_STATE, **{**HF_OPTIONS, "discretization": "zoh"}).to(dtype)
+    zoh.load_state_dict(euler.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    warmup, xs = torch.randn(2, 6, N, generator=gen, dtype=dtype), torch.randn(8, 6, N, generator=gen, dtype=dtype)
+    results = {}
+    with torch.no_grad():
+        for layer in (euler, zoh):
+            eager_ys, _ = _run(layer, warmup, xs, compiled=False)
+            fused_ys, _ = _run(layer, warmup, xs, compiled=True)
+            assert _rel(fused_ys, eager_ys) <= TOL[dtype], layer.config.discretization
+            results[layer.config.discretization] = fused_ys
+    # The rules differ far beyond the tolerance: a block of one rule would have failed the other's check.
+    assert _rel(results["euler"], results["zoh"]) > 1e3 * TOL[dtype]
+    keys = [key for key in _fused.block_compiler.compiled_keys() if key[2] == 2 * N and key[4] == dtype]
+    assert sorted(key[-1] for key in keys) == ["euler", "zoh"], keys  # the width is the inner one, 2 N
+    assert len({key[:-1] for key in keys}) == 1  # one shape, told apart by the rule alone
 
 
 # ----------------------------------------------------------------------------- TTcompile's step

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import ssm_core
+from ssm_core.lm import flat_weights
 from ssm_core.pretrained import MIXER_KEYS, MambaLMConfig, read_config, read_weights
 
 FRAMEWORKS = ("numpy", "torch", "mlx", "cupy", "array_api_strict")
@@ -448,13 +449,7 @@ def test_mamba_ssm_config_errors(tmp_path, changes, field):
 
 def flat(weights) -> dict:
     """``{name: array}`` of read_weights' result."""
-    out = {"embedding": weights["embedding"], "norm_f": weights["norm_f"]}
-    if weights["lm_head"] is not None:
-        out["lm_head"] = weights["lm_head"]
-    for index, layer in enumerate(weights["layers"]):
-        out[f"{index}.norm"] = layer["norm"]
-        out.update({f"{index}.{key}": value for key, value in layer["mixer"].items()})
-    return out
+    return flat_weights(weights)
 
 
 def to_numpy(array):

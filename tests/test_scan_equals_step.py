@@ -9,7 +9,10 @@ and the gradients where the library has autograd. Both start from the same non-z
 steps in), and every number is finite. Over:
 
 - the layers: S4, S5, S6 (``dt_rank=2``), Mamba, and Mamba without its
-  convolution (``FIVE`` of ``conftest``);
+  convolution (``FIVE`` of ``conftest``), and the options of Hugging Face's
+  checkpoints: S6 with Euler's rule, Mamba with ``expand=2``, Euler, the
+  projection biases, no conv bias and no residual (``OPTIONED``), given to
+  ``ssm_core``'s functions as their ``config=``;
 - the bindings: the torch layers ``tt.ssm.*`` (CPU, and CUDA where there is
   one) and the stateful layers of every backend (NumPy, MLX,
   array-api-strict, CuPy), each with the scan method its backend's plan picks
@@ -53,7 +56,7 @@ import torch
 
 import ssm_core
 from conftest import (
-    BINDINGS, FIVE, GRAD_TOL, TOL, get_binding, random_weights, rel_err, skip_mlx_float64_on_gpu,
+    BINDINGS, FIVE, GRAD_TOL, OPTIONED, TOL, get_binding, random_weights, rel_err, skip_mlx_float64_on_gpu,
 )
 from ssm_core import fused
 from ssm_core.lti import LTI_SCAN_METHODS, S4_CHUNK, S5_CHUNK, S5_CHUNKED_FROM
@@ -90,6 +93,12 @@ FUNCTIONAL_SEQUENCES = [(1, (2,)), (ACROSS_A_BLOCK, (3, 2)), (OVER_TWO_CHUNKS, (
 FUNCTIONAL_IDS = [f"T{T}-batch{'x'.join(map(str, batch)) or '0'}" for T, batch in FUNCTIONAL_SEQUENCES]
 STEP = {"S4": ssm_core.s4_step, "S5": ssm_core.s5_step, "S6": ssm_core.s6_step, "Mamba": ssm_core.mamba_step}
 SCAN = {"S4": ssm_core.s4_scan, "S5": ssm_core.s5_scan, "S6": ssm_core.s6_scan, "Mamba": ssm_core.mamba_scan}
+CASES = FIVE + OPTIONED
+
+
+def _config(name: str, kwargs: dict):
+    """The case's config: the functions take its options (the discretization, the residual) as ``config=``."""
+    return ssm_core.LAYERS[name].config(**kwargs)
 
 
 def _methods(layer: str) -> tuple:
@@ -98,7 +107,7 @@ def _methods(layer: str) -> tuple:
 
 # (case, method): every scan method of every layer case
 METHOD_PARAMS = [
-    pytest.param(p.values[0], method, id=f"{p.id}-{method}") for p in FIVE for method in _methods(p.values[0][1])
+    pytest.param(p.values[0], method, id=f"{p.id}-{method}") for p in CASES for method in _methods(p.values[0][1])
 ]
 
 
@@ -127,7 +136,7 @@ def _assert_states_close(got: dict, expected: dict, tol: float, what: str = "") 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("T", "dim", "time_dim", "shape"), SEQUENCE_PARAMS)
-@pytest.mark.parametrize("case", FIVE)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("binding", LAYER_BINDINGS, indirect=True)
 def test_layer_scan_equals_stepping(binding, case, T, dim, time_dim, shape, dtype):
     """``layer.scan(xs, time_dim)`` from held states: stepping's outputs and final states, and the next step."""
@@ -154,7 +163,7 @@ def test_layer_scan_equals_stepping(binding, case, T, dim, time_dim, shape, dtyp
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("T", "dim", "time_dim", "shape"), SEQUENCE_PARAMS)
-@pytest.mark.parametrize("case", FIVE)
+@pytest.mark.parametrize("case", CASES)
 def test_torch_layer_scan_gradients_equal_stepping(case, T, dim, time_dim, shape, dtype):
     """Gradients of a loss of the outputs and final states, for the inputs and every parameter."""
     _, name, kwargs = case
@@ -220,11 +229,11 @@ def _functional_stepped(binding_name: str, case_id: str, T: int, batch: tuple, d
 
     Cached: every scan method of a case is held to the same steps."""
     b = get_binding(binding_name)
-    (_, name, kwargs), = (p.values[0] for p in FIVE if p.id == case_id)
+    (_, name, kwargs), = (p.values[0] for p in CASES if p.id == case_id)
     params, state, xs = _functional_case(b, name, kwargs, T, batch, dtype, seed=T)
     ys = []
     for t in range(T):
-        y, state = STEP[name](xs[t, ...], state, params)
+        y, state = STEP[name](xs[t, ...], state, params, config=_config(name, kwargs))
         ys.append(b.to_numpy(y))
     return np.stack(ys), _host_state(b, state)
 
@@ -237,7 +246,7 @@ def test_functional_scan_equals_stepping(binding, case, method, T, batch, dtype)
     b, (case_id, name, kwargs) = binding, case
     skip_mlx_float64_on_gpu(b, dtype)
     params, state, xs = _functional_case(b, name, kwargs, T, batch, dtype, seed=T)
-    ys, final = SCAN[name](xs, state, params, method=method)
+    ys, final = SCAN[name](xs, state, params, method=method, config=_config(name, kwargs))
     assert isinstance(ys, b.array_types)
     stepped, stepped_state = _functional_stepped(b.name, case_id, T, batch, dtype)
     _assert_close(b.to_numpy(ys), stepped, TOL[dtype], f"{method} outputs")
@@ -258,10 +267,11 @@ def test_functional_scan_equals_stepping_in_every_form(binding, case, method, ex
     T, batch = ACROSS_A_BLOCK, (3, 2)
     forms = ssm_core.Plan(expm1=expm1, readout=readout)
     params, state, xs = _functional_case(b, name, kwargs, T, batch, "float64", seed=T + 4)
-    ys, final = SCAN[name](xs, state, params, plan=forms._replace(method=method))
+    config = _config(name, kwargs)
+    ys, final = SCAN[name](xs, state, params, plan=forms._replace(method=method), config=config)
     stepped = []
     for t in range(T):
-        y, state = STEP[name](xs[t, ...], state, params, plan=forms)
+        y, state = STEP[name](xs[t, ...], state, params, plan=forms, config=config)
         stepped.append(b.to_numpy(y))
     _assert_close(b.to_numpy(ys), np.stack(stepped), TOL["float64"], f"{method} outputs")
     _assert_states_close(_host_state(b, final), _host_state(b, state), TOL["float64"], f"{method} ")
@@ -289,7 +299,7 @@ def test_functional_scan_gradients_equal_stepping(binding, case, method, T, batc
     """Gradients (torch.autograd, mx.grad) for the inputs, every parameter and the initial state, float64."""
     b, (_, name, kwargs) = binding, case
     skip_mlx_float64_on_gpu(b, "float64")
-    spec = ssm_core.LAYERS[name]
+    spec, config = ssm_core.LAYERS[name], _config(name, kwargs)
     params, state, xs = _functional_case(b, name, kwargs, T, batch, "float64", seed=T + 2)
     present = [k for k, v in params._asdict().items() if v is not None]
     state_names = [k for k, v in state._asdict().items() if v is not None]
@@ -300,11 +310,11 @@ def test_functional_scan_gradients_equal_stepping(binding, case, method, T, batc
             p = spec.params(**dict(zip(present, leaves[: len(present)])))
             s = spec.state(**dict(zip(state_names, leaves[len(present):])))
             if scan:
-                ys, final = SCAN[name](xs, s, p, method=method)
+                ys, final = SCAN[name](xs, s, p, method=method, config=config)
             else:
                 ys = []
                 for t in range(xs.shape[0]):
-                    y, s = STEP[name](xs[t, ...], s, p)
+                    y, s = STEP[name](xs[t, ...], s, p, config=config)
                     ys.append(y)
                 ys, final = b.library.stack(ys), s
             return (ys * weights).sum() + sum((f**2).sum() for f in final if f is not None)
@@ -324,7 +334,11 @@ def test_functional_scan_gradients_equal_stepping(binding, case, method, T, batc
 # per dtype, with and without autograd): in one pytest process, and through inductor's cache across runs, these
 # cells compile nothing new. T = 13 is whole compiled blocks and a shorter last block, which runs eagerly.
 FUSED_N, FUSED_D_STATE, FUSED_BLOCK, FUSED_T = 8, 4, 4, 13
-COMPILED_LAYERS = ["S6", "Mamba"]
+# (id, layer, options): Hugging Face's options compile the Euler block of width 2 N, as test_fused.py does.
+COMPILED_LAYERS = [
+    ("S6", "S6", {}), ("Mamba", "Mamba", {}),
+    ("Mamba-hf", "Mamba", dict(expand=2, discretization="euler", residual=False, bias=True, conv_bias=False)),
+]
 
 
 @pytest.fixture
@@ -333,26 +347,28 @@ def fused_block_key(monkeypatch):
     monkeypatch.delenv(fused.ENV_VAR, raising=False)
 
 
-def _ran_compiled(b, dtype: str) -> bool:
-    """Whether ``b``'s compiled block of the fused key (6 batch elements) is compiled, checked and in use."""
+def _ran_compiled(b, dtype: str, config) -> bool:
+    """Whether ``b``'s compiled block of the fused key (6 batch elements, the config's width and rule) is
+    compiled, checked and in use."""
     backend = torch_backend if b.name == "torch" else b.mod.backend
     array_dtype = getattr(torch, dtype) if b.name == "torch" else backend.dtype(dtype)
-    key = (backend.fused_block, 6, FUSED_N, FUSED_D_STATE, array_dtype)
-    return any(tuple(k[:5]) == key for k in backend.block_compiler.compiled_keys())
+    width = getattr(config, "d_inner", config.num_neurons)
+    key = (backend.fused_block, 6, width, FUSED_D_STATE, array_dtype)
+    return any(tuple(k[:5]) == key and k[-1] == config.discretization for k in backend.block_compiler.compiled_keys())
 
 
 @pytest.mark.filterwarnings("error::ssm_core.fused.CompileFallbackWarning")  # a silent eager fallback is no pass
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", COMPILED_LAYERS)
+@pytest.mark.parametrize(("name", "options"), [pytest.param(*c[1:], id=c[0]) for c in COMPILED_LAYERS])
 @pytest.mark.parametrize("binding", ["torch", "mlx"], indirect=True)
-def test_compiled_scan_equals_stepping(fused_block_key, binding, name, dtype):
+def test_compiled_scan_equals_stepping(fused_block_key, binding, name, options, dtype):
     """``scan(compiled=True)``: stepping's outputs, final states and next step; torch's gradients too.
 
     Features first (``dim=0``) on steps of shape ``[N, 3, 2]``: the compiled block sees 6 batch elements
     in a row, whatever their layout."""
     b = binding
     skip_mlx_float64_on_gpu(b, dtype)
-    kwargs = dict(num_neurons=FUSED_N, d_state=FUSED_D_STATE, dim=0)
+    kwargs = dict(num_neurons=FUSED_N, d_state=FUSED_D_STATE, dim=0, **options)
     weights = random_weights(name, {k: v for k, v in kwargs.items() if k != "dim"}, seed=5)
     weights["dt_proj.bias"] = weights["dt_proj.bias"] + 1.0  # a larger dt: the state carries across blocks
     stepper, scanner = b.make(name, kwargs, dtype, weights), b.make(name, kwargs, dtype, weights)
@@ -363,7 +379,7 @@ def test_compiled_scan_equals_stepping(fused_block_key, binding, name, dtype):
     stepped = b.steps(stepper, xs)
     with torch.no_grad():
         scanned = b.to_numpy(scanner.scan(b.asarray(xs), compiled=True))
-    assert _ran_compiled(b, dtype), "the scan ran no compiled block"
+    assert _ran_compiled(b, dtype, scanner.config), "the scan ran no compiled block"
     _assert_close(scanned, stepped, TOL[dtype], "outputs")
     _assert_states_close(b.host_states(scanner), b.host_states(stepper), TOL[dtype])
     _assert_close(b.steps(scanner, after), b.steps(stepper, after), TOL[dtype], "the step after the sequence")

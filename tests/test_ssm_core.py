@@ -104,9 +104,10 @@ def test_layer_steps_as_the_functional_step(binding, case):
     layer = b.make(name, kwargs, dtype="float64")
     spec = ssm_core.LAYERS[name]
     params = spec.params_from_mapping({k: b.asarray(v) for k, v in random_weights(name, kwargs).items()})
-    state = spec.zero_state(spec.config(**kwargs), (2,), b.library, b.library.float64)
+    config = spec.config(**kwargs)  # its options (discretization, residual) are the layer's
+    state = spec.zero_state(config, (2,), b.library, b.library.float64)
     for x in np.random.default_rng(0).standard_normal((4, 2, N)):
-        y_core, state = spec.step(b.asarray(x), state, params)
+        y_core, state = spec.step(b.asarray(x), state, params, config=config)
         assert rel_err(b.to_numpy(b.step(layer, b.asarray(x))), b.to_numpy(y_core)) <= TOL["float64"]
     for key, value in b.host_states(layer).items():
         assert rel_err(value, b.to_numpy(getattr(state, key))) <= TOL["float64"], key

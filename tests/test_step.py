@@ -53,7 +53,7 @@ def _expected_state_shape(cls_name, kwargs, name, x_shape, axis):
     if name == "global_state":
         shape[axis] = kwargs["d_state"]
         return tuple(shape)
-    shape[axis] = kwargs["num_neurons"]
+    shape[axis] = kwargs["num_neurons"] * kwargs.get("expand", 1)  # Mamba's states have its inner width
     trailing = kwargs.get("conv_kernel", 4) if name == "conv_buffer" else kwargs["d_state"]
     return tuple(shape) + (trailing,)
 

@@ -19,7 +19,7 @@ import tracetorch as tt
 from tracetorch import _compat
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOORED = ("torch", "numpy", "array-api-compat", "mlx")
+FLOORED = ("torch", "numpy", "array-api-compat", "mlx", "safetensors")
 
 
 def _version(text: str) -> tuple:

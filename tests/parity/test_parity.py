@@ -35,6 +35,13 @@ LAYER_CASES = [
     ("S6", "S6", dict(num_neurons=8, d_state=4, dt_rank=2)),
     ("Mamba", "Mamba", dict(num_neurons=8, d_state=4)),
     ("Mamba_k1", "Mamba", dict(num_neurons=8, d_state=4, conv_kernel=1)),
+    # The options of Hugging Face's checkpoints, each away from its default.
+    ("S6_euler", "S6", dict(num_neurons=8, d_state=4, dt_rank=2, discretization="euler")),
+    ("Mamba_hf", "Mamba", dict(
+        num_neurons=8, d_state=4, dt_rank=2, expand=2, discretization="euler", residual=False, bias=True,
+        conv_bias=False,
+    )),
+    ("Mamba_x3", "Mamba", dict(num_neurons=6, d_state=3, conv_kernel=3, expand=3, bias=True)),
 ]
 CASES = {case_id: (layer, kwargs) for case_id, layer, kwargs in LAYER_CASES}
 # (id, position of the feature axis in the 3-d input, the layer's dim)

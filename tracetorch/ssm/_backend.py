@@ -67,8 +67,8 @@ class TorchBackend(Backend):
         # fuses it), and under a torch.func transform it is what gets transformed.
         return torch.compiler.is_compiling() or xs.device.type not in ("cpu", "cuda") or _fused.functorch_active()
 
-    def block_key(self, xs, batch, d_state):
-        return (*super().block_key(xs, batch, d_state), xs.device, _compat.autocast_dtype(xs.device.type))
+    def block_key(self, xs, batch, width, d_state):
+        return (*super().block_key(xs, batch, width, d_state), xs.device, _compat.autocast_dtype(xs.device.type))
 
 
 backend = TorchBackend()

@@ -101,13 +101,14 @@ def forms(x: torch.Tensor, grad: bool, time_invariant: bool = False, state_eleme
 # ----------------------------------------------------------------------------- the scan's block
 
 
-def _flat_block(*arrays):
-    # One batch axis: a compiled block then serves every batch shape of the same size.
-    u, dt, B, C, h, A, inv_A, D = arrays
+def _flat_block(u, dt, B, C, h, A, inv_A, D, discretization="zoh"):
+    # The fields of BlockInputs. One batch axis: a compiled block then serves every batch shape of the
+    # same size. The rule is a constant of the compiled graph, which dynamo guards: a graph runs the
+    # rule it was traced with.
     L, N, d = u.shape[0], u.shape[-1], h.shape[-1]
     flat = BlockInputs(
         u.reshape(L, -1, N), dt.reshape(L, -1, N), B.reshape(L, -1, d), C.reshape(L, -1, d), h.reshape(-1, N, d),
-        A, inv_A, D,
+        A, inv_A, D, discretization,
     )
     ys, h_L = ssm_core.selective_block(flat, xp_torch, forms(u, torch.is_grad_enabled()))  # [L, batch, N], [batch, N, d]
     return ys.reshape(u.shape), h_L.reshape(h.shape)  # [L, ..., N], [..., N, d]
@@ -133,7 +134,7 @@ class _CompiledBlock(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, compiled, *arrays):
+    def forward(ctx, compiled, *arrays):  # compiled: one rule's _CompiledPair
         ctx.compiled = compiled
         ctx.save_for_backward(*arrays)
         if _saved_tensor_hooks_active():
@@ -148,7 +149,7 @@ class _CompiledBlock(torch.autograd.Function):
         graph, ctx.graph = ctx.graph, None  # used once; a second backward (retain_graph=True) makes it again
         needed = ctx.needs_input_grad[1:]
         if torch.is_grad_enabled():  # create_graph=True: a graph of these gradients is being built
-            return (None, *_eager_gradients(arrays, grads, needed, create_graph=True))
+            return (None, *_eager_gradients(ctx.compiled.rule, arrays, grads, needed, create_graph=True))
         return (None, *ctx.compiled.gradients(arrays, grads, needed, graph))
 
 
@@ -158,8 +159,8 @@ def _saved_tensor_hooks_active() -> bool:
     return top is None or top(False) is not None
 
 
-def _eager_gradients(arrays, grads, needed, create_graph=False):
-    """The gradients of :func:`_flat_block`'s ``arrays`` for ``grads`` of its outputs (None where not ``needed``).
+def _eager_gradients(rule, arrays, grads, needed, create_graph=False):
+    """The gradients of :func:`_flat_block`'s ``arrays`` (by ``rule``) for ``grads`` of its outputs (None where not ``needed``).
 
     With ``create_graph`` the arrays are the graph's own, and a graph of the
     gradients is built; else detached copies. Either way the graph
@@ -174,7 +175,7 @@ def _eager_gradients(arrays, grads, needed, create_graph=False):
             arrays = [a.detach().requires_grad_(need) for a, need in zip(arrays, needed)]
         wanted = [a for a, need in zip(arrays, needed) if need]
         found = iter(torch.autograd.grad(
-            _flat_block(*arrays), wanted, grads, create_graph=create_graph, allow_unused=True
+            _flat_block(*arrays, rule), wanted, grads, create_graph=create_graph, allow_unused=True
         ))
     return [next(found) if need else None for need in needed]
 
@@ -182,18 +183,20 @@ def _eager_gradients(arrays, grads, needed, create_graph=False):
 
 
 class _CompiledPair:
-    """One key's compiled block, its gradients, and the first backward's check against eager.
+    """One key's compiled block for one discretization ``rule``, its gradients, and the first backward's check.
 
     The first forward call is checked by the :class:`~ssm_core.fused.BlockCompiler`,
     the first backward here.
     """
 
-    def __init__(self, key):
+    def __init__(self, key, rule):
         self.key = key
+        self.rule = rule
         # One code object, two graphs: without autograd and with it.
-        self.forward = torch.compile(
+        compiled = torch.compile(
             _own_code(_flat_block), fullgraph=True, dynamic=False, options=_compat.inductor_options()
         )
+        self.forward = lambda *arrays: compiled(*arrays, rule)
         self.checked = False
 
     def graph(self, arrays):
@@ -212,16 +215,16 @@ class _CompiledPair:
         """The gradients of ``arrays`` (None where not ``needed``), through ``graph`` when the forward kept one."""
         compiler = block_compiler  # looked up now: the policy in force
         if self.key in compiler.failed_keys:
-            return _eager_gradients(arrays, grads, needed)
+            return _eager_gradients(self.rule, arrays, grads, needed)
         try:
             found = self._compiled_gradients(arrays, grads, needed, graph)
         except Exception as error:
             if not _is_compiler_failure(error):
                 raise
             compiler.fail(self.key, error)
-            return _eager_gradients(arrays, grads, needed)
+            return _eager_gradients(self.rule, arrays, grads, needed)
         if not self.checked:
-            expected = _eager_gradients(arrays, grads, needed)
+            expected = _eager_gradients(self.rule, arrays, grads, needed)
             problem = fused.disagreement(found, expected, [f"gradient of {name}" for name in BlockInputs._fields])
             if problem is not None:
                 compiler.fail(self.key, f"its first gradients differ from the eager block's, {problem}")
@@ -231,12 +234,14 @@ class _CompiledPair:
 
 
 def _compile_block(key):
-    compiled = _CompiledPair(key)
+    pairs = {}  # rule -> its compiled pair: one, as the key names the rule (a stray rule gets its own)
 
     def block(inputs):
+        rule = inputs.discretization
+        compiled = pairs.get(rule) or pairs.setdefault(rule, _CompiledPair(key, rule))
         # Dynamo specialises a graph on its inputs' strides: contiguous inputs
         # make one graph without autograd and one with it per key.
-        arrays = tuple(a.contiguous() for a in inputs)  # shapes unchanged
+        arrays = tuple(a.contiguous() for a in inputs[:-1])  # the arrays, shapes unchanged
         if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
             return _CompiledBlock.apply(compiled, *arrays)
         return compiled.forward(*arrays)
@@ -283,15 +288,16 @@ def _check_first_call(compiled, eager, args, autograd=True):
 # ----------------------------------------------------------------------------- TTcompile's step
 
 
-def _step_of(spec):
+def _step_of(spec, config):
     def step(x, state, params, decay):
-        return spec.step(x, state, params, xp=xp_torch, prepared=decay, plan=forms(x, torch.is_grad_enabled()))
+        plan = forms(x, torch.is_grad_enabled())
+        return spec.step(x, state, params, xp=xp_torch, prepared=decay, plan=plan, config=config)
 
     return step
 
 
 def _compile_step(key):
-    eager = _step_of(ssm_core.LAYERS[key[0]])
+    eager = _step_of(ssm_core.LAYERS[key[0]], key[1])  # the key's config: its options are the step's
     compiled = torch.compile(_own_code(eager), fullgraph=True, dynamic=False, options=_compat.inductor_options())
 
     def step(x, state, params, decay):
@@ -318,7 +324,7 @@ def step_function(spec, config, x: torch.Tensor):
     kind and size share it (the weights are arguments, not constants). Under
     a ``torch.func`` transform a step runs eagerly.
     """
-    eager = _step_of(spec)
+    eager = _step_of(spec, config)
     if torch.compiler.is_compiling():
         return eager
     key = (spec.name, config, tuple(x.shape), x.dtype, x.device, _compat.autocast_dtype(x.device.type))

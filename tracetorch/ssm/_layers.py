@@ -136,6 +136,10 @@ class S6(SelectiveLayer):
         Rank of the timestep projection; ``-1`` uses ``max(1, num_neurons // 16)``.
     dim : int, default -1
         Input axis the layer operates along.
+    discretization : {"zoh", "euler"}, default "zoh", keyword-only
+        How the state's input is held over a step: ``"zoh"`` (zero-order
+        hold, ``B_bar = expm1(dt A) / A * B``, traceTorch's) or ``"euler"``
+        (``B_bar = dt * B``, the Mamba reference code's); ``A_bar = exp(dt A)`` for both.
 
     Variables
     ---------
@@ -164,8 +168,9 @@ class S6(SelectiveLayer):
 
     spec = ssm_core.S6
 
-    def __init__(self, num_neurons: int, d_state: int = 16, dt_rank: int = -1, dim: int = -1):
-        config = ssm_core.S6Config(num_neurons, d_state, dt_rank, dim)
+    def __init__(self, num_neurons: int, d_state: int = 16, dt_rank: int = -1, dim: int = -1, *,
+                 discretization: str = "zoh"):
+        config = ssm_core.S6Config(num_neurons, d_state, dt_rank, dim, discretization=discretization)
         super().__init__(config.num_neurons, config.dim, d_state=config.d_state)
         self.dt_rank = config.dt_rank
         self.x_proj = _linear(config.num_neurons, config.dt_rank + 2 * config.d_state, bias=False)
@@ -177,10 +182,16 @@ class S6(SelectiveLayer):
 class Mamba(SelectiveLayer):
     r"""A compact Mamba block, one timestep per call, with its states kept inside.
 
-    An input projection splits into a main and a gate branch; the main branch
-    passes a causal depthwise convolution over the last ``conv_kernel`` inputs
-    (kept in ``conv_buffer``), a SiLU and the S6 selective core; the result is
-    gated by ``silu(gate)``, projected back and added to the input (residual).
+    An input projection splits into a main and a gate branch (``d_inner =
+    expand * num_neurons`` features each); the main branch passes a causal
+    depthwise convolution over the last ``conv_kernel`` inputs (kept in
+    ``conv_buffer``), a SiLU and the S6 selective core; the result is gated by
+    ``silu(gate)``, projected back and added to the input (residual).
+
+    The keyword options default to traceTorch 0.19.2's block; Hugging Face's
+    Mamba checkpoints use ``expand=2, discretization="euler", residual=False``
+    (their model adds the residual around the block, after an RMSNorm), some
+    with ``bias=True`` or ``conv_bias=False``.
 
     Parameters
     ----------
@@ -194,28 +205,39 @@ class Mamba(SelectiveLayer):
         Rank of the timestep projection; ``-1`` uses ``max(1, num_neurons // 16)``.
     conv_kernel : int, default 4
         Causal convolution length; values ``<= 1`` disable the convolution.
+    expand : int, default 1, keyword-only
+        The inner width is ``d_inner = expand * num_neurons``.
+    discretization : {"zoh", "euler"}, default "zoh", keyword-only
+        As in :class:`S6`.
+    residual : bool, default True, keyword-only
+        Add the input to the output; False returns the block's output alone.
+    bias : bool, default False, keyword-only
+        Give ``in_proj`` and ``out_proj`` biases.
+    conv_bias : bool, default True, keyword-only
+        Give the convolution a bias.
 
     Variables
     ---------
     ssm_state : Tensor or None
         Per-feature selective SSM state: the input's shape with
-        ``num_neurons`` at ``dim`` and ``d_state`` appended.
+        ``d_inner`` at ``dim`` and ``d_state`` appended.
     conv_buffer : Tensor or None
         The last ``conv_kernel`` main-branch inputs, oldest first: the input's
-        shape with ``num_neurons`` at ``dim`` and ``conv_kernel`` appended.
+        shape with ``d_inner`` at ``dim`` and ``conv_kernel`` appended.
         Present when ``conv_kernel > 1``.
-    in_proj : nn.Linear ``num_neurons -> 2 * num_neurons``, no bias
-    out_proj : nn.Linear ``num_neurons -> num_neurons``, no bias
-    ssm_proj : nn.Linear ``num_neurons -> dt_rank + 2 * d_state``, no bias
-    dt_proj : nn.Linear ``dt_rank -> num_neurons``
+    in_proj : nn.Linear ``num_neurons -> 2 * d_inner``, bias when ``bias``
+    out_proj : nn.Linear ``d_inner -> num_neurons``, bias when ``bias``
+    ssm_proj : nn.Linear ``d_inner -> dt_rank + 2 * d_state``, no bias
+    dt_proj : nn.Linear ``dt_rank -> d_inner``
         As in :class:`S6` (Mamba's ``dt`` init).
-    conv_weights : Parameter ``[num_neurons, conv_kernel]``
-    conv_bias : Parameter ``[num_neurons]``
+    conv_weights : Parameter ``[d_inner, conv_kernel]``
+    conv_bias : Parameter ``[d_inner]``
         Depthwise causal convolution, ``nn.Conv1d``'s default init
-        ``U(+-conv_kernel**-0.5)``; present when ``conv_kernel > 1``.
-    A_log : Parameter ``[num_neurons, d_state]``
+        ``U(+-conv_kernel**-0.5)``; present when ``conv_kernel > 1`` (the
+        bias when ``conv_bias`` too).
+    A_log : Parameter ``[d_inner, d_state]``
         S4D-Real init.
-    D : Parameter ``[num_neurons]``
+    D : Parameter ``[d_inner]``
         SSM skip connection; ones.
 
     Notes
@@ -228,27 +250,33 @@ class Mamba(SelectiveLayer):
 
     spec = ssm_core.Mamba
 
-    def __init__(self, num_neurons: int, d_state: int = 16, dim: int = -1, dt_rank: int = -1, conv_kernel: int = 4):
-        config = ssm_core.MambaConfig(num_neurons, d_state, dim, dt_rank, conv_kernel)
+    def __init__(
+        self, num_neurons: int, d_state: int = 16, dim: int = -1, dt_rank: int = -1, conv_kernel: int = 4, *,
+        expand: int = 1, discretization: str = "zoh", residual: bool = True, bias: bool = False,
+        conv_bias: bool = True,
+    ):
+        config = ssm_core.MambaConfig(
+            num_neurons, d_state, dim, dt_rank, conv_kernel,
+            expand=expand, discretization=discretization, residual=residual, bias=bias, conv_bias=conv_bias,
+        )
         super().__init__(config.num_neurons, config.dim, d_state=config.d_state)
         self.conv_kernel = config.conv_kernel
         self.dt_rank = config.dt_rank
-        N, R, d = config.num_neurons, config.dt_rank, config.d_state
-        self.in_proj = _linear(N, 2 * N, bias=False)
-        self.out_proj = _linear(N, N, bias=False)
-        self.ssm_proj = _linear(N, R + 2 * d, bias=False)
-        self.dt_proj = _linear(R, N, bias=True)
+        self.d_inner = config.d_inner
+        N, inner, R, d = config.num_neurons, config.d_inner, config.dt_rank, config.d_state
+        self.in_proj = _linear(N, 2 * inner, bias=config.bias)
+        self.out_proj = _linear(inner, N, bias=config.bias)
+        self.ssm_proj = _linear(inner, R + 2 * d, bias=False)
+        self.dt_proj = _linear(R, inner, bias=True)
         self._init_parameters(config)
         if config.has_conv:
             self._initialize_state("conv_buffer")
         self._initialize_state("ssm_state")
 
     def _ensure_state(self, state_name, reference_tensor):
-        r"""Create a state as zeros; ``conv_buffer`` gets ``conv_kernel`` as its trailing axis."""
-        if state_name != "conv_buffer":
-            return super()._ensure_state(state_name, reference_tensor)
-        if self.conv_buffer is None:
+        r"""Create a state as zeros: ``d_inner`` at ``dim``, and ``conv_kernel`` (``conv_buffer``) or ``d_state`` appended."""
+        if getattr(self, state_name) is None:
             shape = list(reference_tensor.shape)
-            shape[self.dim] = self.num_neurons
-            shape.append(self.conv_kernel)
-            self.conv_buffer = reference_tensor.new_zeros(shape)
+            shape[self.dim] = self.config.d_inner
+            shape.append(self.conv_kernel if state_name == "conv_buffer" else self.d_state)
+            setattr(self, state_name, reference_tensor.new_zeros(shape))

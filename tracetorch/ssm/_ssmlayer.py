@@ -238,9 +238,10 @@ class Layer(BaseLayer):
         out_dtype = self._check_input(x) if checked is None else checked[0]
         x_c, params = self._compute_inputs(x)
         run_core = self._core_scan if sequence else self._core_step
+        config = self.config
 
         def core(x_last, state):
-            return run_core(x_last, state, params, self.backend.plan(self.spec, x_last, params, sequence, compiled))
+            return run_core(x_last, state, params, self.backend.plan(self.spec, x_last, params, sequence, compiled, config))
 
         if checked is None:
             y, states = run(
@@ -307,7 +308,8 @@ class Layer(BaseLayer):
         return self.spec.prepare(params, xp_torch, plan)
 
     def _core_step(self, x, state, params, plan):
-        return self.spec.step(x, state, params, xp=xp_torch, prepared=self._prepared(params, plan), plan=plan)
+        prepared = self._prepared(params, plan)
+        return self.spec.step(x, state, params, xp=xp_torch, prepared=prepared, plan=plan, config=self.config)
 
     def _compiled_step(self, x, state, params, prepared):
         """``TTcompile()``'s step: ``spec.step`` compiled with ``torch.compile`` (:func:`_fused.step_function`)."""
@@ -394,8 +396,8 @@ class Layer(BaseLayer):
     def _core_scan(self, xs, state, params, plan):
         if self.spec.time_invariant:
             with _autocast_off(xs):  # the chunk products carry the recurrence: float32 (see _autocast_off)
-                return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan)
-        return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan)
+                return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan, config=self.config)
+        return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan, config=self.config)
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
         super()._check_loaded_state(state_name, value, key)
