@@ -104,6 +104,7 @@ class S5(TimeInvariantLayer):
     """
 
     spec = ssm_core.S5
+    _fuses_step = False  # see TimeInvariantLayer
 
     def __init__(self, num_neurons: int, d_state: int = 64, dim: int = -1):
         config = ssm_core.S5Config(num_neurons, d_state, dim)

@@ -439,10 +439,14 @@ class TimeInvariantLayer(Layer):
     """
 
     _COMPILED = "_compiled_dynamics_"
+    # Whether TTcompile() also compiles the step: where it is elementwise over a [batch, N, d_state] state (S4),
+    # fused into one pass; S5's is two matrix products around a [batch, d_state] state, which the compiled
+    # step ran slower than eager (1.9x 0.19.2's eager step against 1.3x, batch 32, 256 features, AVX-512).
+    _fuses_step = True
 
     def _core_step(self, x, state, params, plan):
         with _autocast_off(x):  # S5's x @ B_bar feeds the recurrence: float32 (see _autocast_off)
-            if self._COMPILED + "A_bar" in self._buffers:
+            if self._fuses_step and self._COMPILED + "A_bar" in self._buffers:
                 return self._compiled_step(x, state, params, self._prepared(params, plan))
             return super()._core_step(x, state, params, plan)
 
@@ -457,10 +461,11 @@ class TimeInvariantLayer(Layer):
         r"""Discretize the system once and compile the step, for fast inference; the weights are frozen until
         ``TTdecompile()``.
 
-        Steps then run one function compiled with ``torch.compile`` (the
+        S4's steps then run one function compiled with ``torch.compile`` (the
         update and the readout fused), compiled at the first step of each input
         shape, dtype and device, and checked against the eager step there, as
-        S6's and Mamba's (see :meth:`SelectiveLayer.TTcompile`).
+        S6's and Mamba's (see :meth:`SelectiveLayer.TTcompile`); S5's step, two
+        matrix products, runs eagerly on the frozen dynamics.
         """
         super().TTcompile()
         params, _ = in_compute_dtype(self._core_params(), xp_torch)
