@@ -233,6 +233,29 @@ def _dtype(fields: _Fields):
 
 
 # transformers' MambaConfig fields that change what the model computes, beyond those MambaLMConfig keeps:
+# The mixer's options: MambaLMConfig's field -> its name in transformers' config, and in mamba-ssm's ssm_cfg.
+_TRANSFORMERS_MIXER = dict(
+    state_size="state_size", expand="expand", conv_kernel="conv_kernel", time_step_rank="time_step_rank",
+    use_bias="use_bias", use_conv_bias="use_conv_bias",
+)
+_MAMBA_SSM_MIXER = dict(
+    state_size="d_state", expand="expand", conv_kernel="d_conv", time_step_rank="dt_rank", use_bias="bias",
+    use_conv_bias="conv_bias",
+)
+
+
+def _mixer_options(fields: _Fields, names: dict, hidden_size: int) -> dict:
+    """The mixer's options read from ``fields`` under ``names`` (see ``_TRANSFORMERS_MIXER``), with their defaults."""
+    return dict(
+        state_size=fields.int(names["state_size"], 16),
+        expand=_expand(fields, names["expand"], 2),
+        conv_kernel=_conv_kernel(fields, names["conv_kernel"], 4),
+        time_step_rank=_time_step_rank(fields, names["time_step_rank"], hidden_size),
+        use_bias=fields.bool(names["use_bias"], False),
+        use_conv_bias=fields.bool(names["use_conv_bias"], True),
+    )
+
+
 # hidden_act is the activation after the convolution (the gate's SiLU is fixed); intermediate_size is
 # recomputed from expand by transformers itself. Fields not named here (time_step_min/max/scale/floor/
 # init_scheme, initializer_range, rescale_prenorm_residual: initialisation only; use_mambapy,
@@ -257,12 +280,7 @@ def _transformers_config(raw: dict, where: str) -> MambaLMConfig:
         hidden_size=hidden_size,
         num_hidden_layers=fields.int("num_hidden_layers", 32),
         vocab_size=fields.int("vocab_size", 50280),
-        state_size=fields.int("state_size", 16),
-        expand=expand,
-        conv_kernel=_conv_kernel(fields, "conv_kernel", 4),
-        time_step_rank=_time_step_rank(fields, "time_step_rank", hidden_size),
-        use_bias=fields.bool("use_bias", False),
-        use_conv_bias=fields.bool("use_conv_bias", True),
+        **_mixer_options(fields, _TRANSFORMERS_MIXER, hidden_size),
         layer_norm_epsilon=fields.epsilon("layer_norm_epsilon", 1e-5),
         tie_word_embeddings=fields.bool("tie_word_embeddings", True),
         residual_in_fp32=fields.bool("residual_in_fp32", True),
@@ -324,12 +342,7 @@ def _mamba_ssm_config(raw: dict, where: str) -> MambaLMConfig:
         hidden_size=hidden_size,
         num_hidden_layers=fields.int("n_layer"),
         vocab_size=vocab_size,
-        state_size=ssm.int("d_state", 16),
-        expand=_expand(ssm, "expand", 2),
-        conv_kernel=_conv_kernel(ssm, "d_conv", 4),
-        time_step_rank=_time_step_rank(ssm, "dt_rank", hidden_size),
-        use_bias=ssm.bool("bias", False),
-        use_conv_bias=ssm.bool("conv_bias", True),
+        **_mixer_options(ssm, _MAMBA_SSM_MIXER, hidden_size),
         layer_norm_epsilon=fields.epsilon("norm_epsilon", 1e-5),
         tie_word_embeddings=fields.bool("tie_embeddings", True),
         residual_in_fp32=fields.bool("residual_in_fp32", True),
