@@ -203,9 +203,9 @@ class LanguageModel(Generation):
             layer = self.layers[index]
             return layer(x) if time_dim is None else layer.scan(x, time_dim=time_dim, compiled=compiled)
 
-        with self._atomic():
+        with self._atomic():  # a lazy library's failure surfaces at finish(): inside, so it restores the states too
             logits = mamba_lm_apply(ids, self.params, self.config, mixer, backend.xp, last)
-        backend.finish((logits, *(s for layer in self.layers for s in layer._states.values())))
+            backend.finish((logits, *(s for layer in self.layers for s in layer._states.values())))
         return logits
 
     def _host(self, array):

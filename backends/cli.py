@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssm-anywhere", description="Pretrained Mamba language models on any backend.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="continue a prompt, streaming the new text")
-    generate.add_argument("--model", required=True, help="a checkpoint directory (config.json and model.safetensors)")
+    generate.add_argument("--model", required=True,
+                          help="a checkpoint directory (config.json and model.safetensors), or a Hugging Face "
+                               "repository id (downloaded with huggingface_hub)")
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text (tokenized with the checkpoint's tokenizer.json)")
     prompt.add_argument("--prompt-ids", help="the prompt as comma-separated token ids")
@@ -86,7 +88,12 @@ def _prompt_ids(args, tokenizer) -> list:
 
 
 def _generate(args, out) -> None:
-    model = Path(args.model)
+    from ssm_core.lm import checkpoint_folder
+
+    try:  # a directory, or a Hugging Face repository id where huggingface_hub is installed
+        model = checkpoint_folder(args.model, "ssm-anywhere")
+    except FileNotFoundError as error:
+        raise UsageError(str(error).removeprefix("ssm-anywhere: ")) from None
     if not model.is_dir():
         raise UsageError(f"no checkpoint directory {str(model)!r}")
     if args.max_new_tokens < 1:
@@ -106,7 +113,7 @@ def _generate(args, out) -> None:
     first = None
     for step in lm.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed):
         if first is None:
-            first = time.perf_counter()  # the prompt's scan and the first step
+            first = time.perf_counter()  # the prompt's scan, which gives the first new token
         new.append(int(step[0]))
         if tokenizer is None:
             out.write(f"{new[-1]} ")

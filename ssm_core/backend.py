@@ -66,7 +66,8 @@ class Backend:
         is made and keyed for (None: the default zero-order hold).
         """
         grad = self.records_gradients(x, params)
-        state_elements = math.prod(x.shape[1 if sequence else 0 :]) * params.A_log.shape[-1]  # one step's, at most
+        # One step's selective state: the batch times A_log's [width, d_state] (Mamba's width is expand * N).
+        state_elements = math.prod(x.shape[1 if sequence else 0 : -1]) * math.prod(params.A_log.shape)
         plan = self.forms(x, grad, spec.time_invariant, state_elements)
         if not sequence:
             return plan

@@ -166,6 +166,10 @@ class Generation:
         if pad_token_id is None:
             pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else (eos or (0,))[0]
         _check_int(name, "pad_token_id", pad_token_id, 0)
+        vocab = self.config.vocab_size
+        for what, ids in (("pad_token_id", (pad_token_id,)), ("eos_token_id", eos or ())):
+            if any(i >= vocab for i in ids):  # fed back as the next step's input
+                raise ValueError(f"{name}: {what} must be below the vocabulary size {vocab}, got {max(ids)}")
 
         def steps():
             self.zero_states()

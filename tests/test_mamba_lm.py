@@ -379,6 +379,8 @@ def test_bad_generation_arguments():
         (dict(top_k=0), ValueError, "top_k must be an int >= 1 or None"),
         (dict(seed=1.5), ValueError, "seed must be"),
         (dict(eos_token_id="x"), ValueError, "eos_token_id must be None, a token id or a list"),
+        (dict(eos_token_id=5, pad_token_id=100), ValueError, "pad_token_id must be below the vocabulary size 100"),
+        (dict(eos_token_id=[5, 100]), ValueError, "eos_token_id must be below the vocabulary size 100"),
     ]
     for changes, kind, words in cases:
         kwargs = {"prompt_ids": [[1, 2]], "max_new_tokens": 3, **changes}

@@ -77,3 +77,18 @@ def test_a_torch_layer_moved_to_another_dtype_checks_its_input_again():
         with pytest.raises(TypeError, match="expected input of dtype torch.float64"):
             layer(x)
         assert layer(x.double()).dtype == torch.float64
+
+
+def test_a_torch_layer_whose_dim_changes_checks_its_square_input_again():
+    """A square input fits either feature axis: a step after ``dim`` changes must use the new one."""
+    layer = _torch_layer("S6")
+    x = torch.randn(8, 8)
+    with torch.no_grad():
+        layer(x)
+        layer.zero_states()
+        layer.dim = 0
+        got = layer(x)
+        reference = _torch_layer("S6")
+        reference.dim = 0
+        expected = reference(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

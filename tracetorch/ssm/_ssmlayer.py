@@ -257,7 +257,8 @@ class Layer(BaseLayer):
 
         A loop of steps gives the checks the same input signature at every call
         (the input's type, shape, dtype and device, the parameters' dtype and
-        device, the autocast state, the held states' shapes and dtypes): they
+        device, the layer's ``dim`` and width, the autocast state, the held
+        states' shapes and dtypes): they
         run once per signature, and any other input is checked again. States
         given as arguments (the stateless form) and traced calls are checked at
         every call.
@@ -266,7 +267,7 @@ class Layer(BaseLayer):
             return None
         reference = self._reference_param()
         signature = (
-            type(x), x.shape, x.dtype, x.device, reference.dtype, reference.device,
+            type(x), x.shape, x.dtype, x.device, reference.dtype, reference.device, self.dim, self.num_neurons,
             _compat.autocast_dtype(x.device.type),
             *(None if state is None else (state.shape, state.dtype) for state in held.values()),
         )
