@@ -17,7 +17,8 @@ import sys
 from array_api_compat import array_namespace
 
 __all__ = [
-    "namespace", "register_namespace", "softplus", "silu", "linear", "muladd", "reciprocal", "at_least", "readout",
+    "namespace", "register_namespace", "softplus", "silu", "linear", "muladd", "reciprocal", "subtract_from", "at_least",
+    "readout",
     "moveaxis", "unstack",
 ]
 
@@ -123,6 +124,13 @@ def reciprocal(x, xp):
     if _is_torch(xp):
         return sys.modules["torch"].reciprocal(x)  # 1 / tensor is a reciprocal and a multiply by 1
     return 1.0 / x
+
+
+def subtract_from(value: float, x, xp):
+    """``value - x`` for a Python float ``value``, elementwise."""
+    if _is_torch(xp):
+        return sys.modules["torch"].rsub(x, value)  # the reflected operator goes through a Python wrapper in torch
+    return value - x
 
 
 def at_least(x, floor: float, xp):

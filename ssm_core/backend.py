@@ -57,15 +57,17 @@ class Backend:
 
     # ------------------------------------------------------------- the plan
 
-    def plan(self, spec, x, params, sequence: bool, compiled=None, config=None) -> Plan:
+    def plan(self, spec, x, params, sequence: bool, compiled=None, config=None, grad=None) -> Plan:
         """How a call of layer ``spec`` on ``x`` (features last; ``[T, ..., N]`` for a ``sequence``) runs.
 
         ``params`` are the parameters the call uses; ``compiled``: a scan's
         switch for the compiled S6/Mamba block (see :mod:`ssm_core.fused`);
         ``config``: the layer's config, whose discretization a compiled block
-        is made and keyed for (None: the default zero-order hold).
+        is made and keyed for (None: the default zero-order hold); ``grad``:
+        whether autograd records the call, when the caller knows it already.
         """
-        grad = self.records_gradients(x, params)
+        if grad is None:
+            grad = self.records_gradients(x, params)
         # One step's selective state: the batch times A_log's [width, d_state] (Mamba's width is expand * N).
         state_elements = math.prod(x.shape[1 if sequence else 0 : -1]) * math.prod(params.A_log.shape)
         plan = self.forms(x, grad, spec.time_invariant, state_elements)

@@ -1,6 +1,7 @@
 """Discretization of a diagonal system ``h' = A h + B x``, ``A = -exp(A_log)``: the one module for it.
 
-:func:`decay_rates_from_log` makes ``(A, 1 / A)`` for S4, S5, S6 and Mamba alike; :func:`zoh` is the
+:func:`decay_rate_from_log` makes ``A`` for S4, S5, S6 and Mamba alike (:func:`decay_rates_from_log`
+with ``1 / A``, which S6 and Mamba reuse over the steps of a block); :func:`zoh` is the
 zero-order hold over a step ``dt``, in the form of ``expm1`` the call's plan names (:data:`~ssm_core.plan.EXPM1_FORMS`).
 """
 
@@ -8,31 +9,41 @@ from __future__ import annotations
 
 import math
 
-from ._array import at_least, muladd, namespace, reciprocal
+from ._array import at_least, muladd, namespace, reciprocal, subtract_from
 from .plan import EXPM1_FORMS
 
-__all__ = ["zoh", "zoh_terms", "decay_rates", "decay_rates_from_log", "phi1"]
+__all__ = ["zoh", "zoh_terms", "decay_rates", "decay_rates_from_log", "decay_rate_from_log", "phi1"]
 
 
-def decay_rates_from_log(A_log, xp=None):
-    """``(A, 1 / A)`` for ``A = -exp(A_log)``, kept off zero as :func:`decay_rates` does; ``A_log``'s shape."""
+def decay_rate_from_log(A_log, xp=None):
+    """``A = -exp(A_log)``, kept off zero as :func:`decay_rates` does; ``A_log``'s shape."""
     xp = namespace(A_log, xp=xp)
     floor, shift = _rate_floor(xp, A_log.dtype)
     magnitude = xp.exp(A_log)  # [parameter shape]
-    # The negation and the shift in one operator: every step of S4, S5, S6 and Mamba makes these.
-    A = (-floor) - magnitude if shift else -at_least(magnitude, floor, xp)  # [parameter shape]
+    # The negation and the shift in one operator: every step of S4, S5, S6 and Mamba makes A.
+    return subtract_from(-floor, magnitude, xp) if shift else -at_least(magnitude, floor, xp)  # [parameter shape]
+
+
+def decay_rates_from_log(A_log, xp=None):
+    """``(A, 1 / A)`` for ``A = -exp(A_log)`` (:func:`decay_rate_from_log`): what a caller reusing ``1 / A`` keeps."""
+    xp = namespace(A_log, xp=xp)
+    A = decay_rate_from_log(A_log, xp)  # [parameter shape]
     return A, reciprocal(A, xp)
 
 
 def decay_rates(A, xp=None):
     """``(A, 1 / A)`` with ``A`` kept at least a tiny floor away from zero (see :func:`zoh`)."""
     xp = namespace(A, xp=xp)
+    A = _off_zero(A, xp)  # [parameter shape]
+    return A, reciprocal(A, xp)
+
+
+def _off_zero(A, xp):
     floor, shift = _rate_floor(xp, A.dtype)
     # A shift is one operator (and traces under torch.compile); it moves only
     # |A| below about 1e-154 (float64) or 1e-19 (float32). float16's floor is
     # too large for that: there A is clamped instead.
-    A = A - floor if shift else xp.minimum(A, -floor)  # [parameter shape]
-    return A, reciprocal(A, xp)
+    return A - floor if shift else xp.minimum(A, -floor)  # [parameter shape]
 
 
 def zoh(dt, A, xp=None, inv_A=None, expm1="expm1"):
@@ -46,7 +57,9 @@ def zoh(dt, A, xp=None, inv_A=None, expm1="expm1"):
         Diagonal of the (negative) continuous dynamics; a parameter-sized array.
     inv_A : array, optional
         ``1 / A`` when ``(A, inv_A)`` come from :func:`decay_rates` already
-        (reused across steps); otherwise computed here.
+        (reused across steps). Otherwise ``A`` is kept off zero here, and the
+        gain divides by it: one operation where a reciprocal used once
+        and a product are two.
     expm1 : str, default "expm1"
         The form of ``expm1`` (:data:`~ssm_core.plan.EXPM1_FORMS`): the same
         numbers to a few ulp, at speeds that depend on the library and device.
@@ -71,22 +84,30 @@ def zoh(dt, A, xp=None, inv_A=None, expm1="expm1"):
     """
     xp = namespace(dt, A, xp=xp)
     if inv_A is None:
-        A, inv_A = decay_rates(A, xp)  # [parameter shape] x2
-    return zoh_terms(dt * A, inv_A, xp, expm1)  # [broadcast shape] x2
+        A = _off_zero(A, xp)  # [parameter shape]
+    return zoh_terms(dt * A, inv_A, xp, expm1, A)  # [broadcast shape] x2
 
 
-def zoh_terms(z, inv_A, xp, expm1="expm1"):
-    """``(exp(z), expm1(z) * inv_A)``: the two terms of a zero-order hold with ``z = dt * A``."""
+def zoh_terms(z, inv_A, xp, expm1="expm1", A=None):
+    """``(exp(z), expm1(z) * inv_A)``: the two terms of a zero-order hold with ``z = dt * A``.
+
+    ``inv_A`` None: the gain is ``expm1(z) / A`` (``A`` off zero, see :func:`decay_rate_from_log`).
+    """
+    if expm1 == "expm1":
+        decay_minus_one = xp.expm1(z)  # [z shape]
+        gain = decay_minus_one / A if inv_A is None else decay_minus_one * inv_A  # [z shape]
+        # exp(z), not expm1(z) + 1.0: the same to an ulp, and torch converts a
+        # Python scalar at every call, which costs more than exp on small arrays.
+        return xp.exp(z), gain  # [z shape] x2
+    if inv_A is None:  # the other forms multiply by 1 / A in a fused operation
+        inv_A = reciprocal(A, xp)  # [parameter shape]
     if expm1 == "exp":
         return _zoh_terms_from_exp(z, inv_A, xp)
     if expm1 == "tanh":
         # expm1(z) = tanh(z/2) * (exp(z) + 1), exact to a few ulp, from two vectorised kernels.
         decay = xp.exp(z)  # [z shape]
         return decay, xp.tanh(z * 0.5) * muladd(decay, inv_A, inv_A, xp)  # [z shape] x2
-    if expm1 != "expm1":
-        raise ValueError(f"zoh: expm1 must be one of {EXPM1_FORMS}, got {expm1!r}")
-    decay_minus_one = xp.expm1(z)  # [z shape]
-    return decay_minus_one + 1.0, decay_minus_one * inv_A  # [z shape] x2
+    raise ValueError(f"zoh: expm1 must be one of {EXPM1_FORMS}, got {expm1!r}")
 
 
 # expm1(z) = z * sum_k z**k / (k+1)!, k < degree, for |z| < _SERIES_BOUND: the

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ._array import at_least, muladd, namespace, unstack
 from .checks import check_sizes
-from .discretize import decay_rates_from_log, zoh
+from .discretize import decay_rate_from_log, zoh_terms
 from .plan import Plan, with_method
 from .scan import contiguous
 from .init import Draws, log_uniform_log_dt, s4d_real_A_log
@@ -117,8 +117,8 @@ def s4_init(config: S4Config, draws: Draws) -> S4Params:
 def s4_discretize(params: S4Params, xp=None, plan: Plan | None = None) -> S4Dynamics:
     """Zero-order hold of S4's parameters (in ``plan``'s form of expm1); depends on no input."""
     xp = namespace(params.A_log, xp=xp)
-    A, inv_A = decay_rates_from_log(params.A_log, xp)  # [N, d] x2
-    A_bar, gain = zoh(xp.exp(params.log_dt)[:, None], A, xp, inv_A, (plan or _DEFAULT_PLAN).expm1)  # [N, d] x2
+    A = decay_rate_from_log(params.A_log, xp)  # [N, d]
+    A_bar, gain = zoh_terms(xp.exp(params.log_dt)[:, None] * A, None, xp, (plan or _DEFAULT_PLAN).expm1, A)  # [N, d] x2
     return S4Dynamics(A_bar, gain * params.B, params.C, params.D)
 
 
@@ -410,8 +410,8 @@ def s5_init(config: S5Config, draws: Draws) -> S5Params:
 def s5_discretize(params: S5Params, xp=None, plan: Plan | None = None) -> S5Dynamics:
     """Zero-order hold of S5's parameters (in ``plan``'s form of expm1); depends on no input."""
     xp = namespace(params.A_log, xp=xp)
-    A, inv_A = decay_rates_from_log(params.A_log, xp)  # [d] x2
-    A_bar, gain = zoh(xp.exp(params.log_dt), A, xp, inv_A, (plan or _DEFAULT_PLAN).expm1)  # [d] x2
+    A = decay_rate_from_log(params.A_log, xp)  # [d]
+    A_bar, gain = zoh_terms(xp.exp(params.log_dt) * A, None, xp, (plan or _DEFAULT_PLAN).expm1, A)  # [d] x2
     return S5Dynamics(A_bar, params.B * gain, params.C, params.D)
 
 

@@ -223,7 +223,7 @@ def test_failure_inside_the_math_stores_nothing(binding, case, monkeypatch):
 
     layers = list(each_layer(binding, case))
     # The zero-order hold runs mid-step (for Mamba after its conv buffer was shifted).
-    monkeypatch.setattr(ssm_core.lti, "zoh", boom)
+    monkeypatch.setattr(ssm_core.lti, "zoh_terms", boom)
     monkeypatch.setattr(ssm_core.selective, "discretized", boom)
     problems = []
     for where, mode, layer in layers:

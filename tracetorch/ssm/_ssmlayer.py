@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Literal, NamedTuple, Optional
 
 import array_api_compat.torch as xp_torch
 import torch
@@ -33,11 +33,27 @@ from ._backend import backend as torch_backend
 
 __all__ = ["Layer", "Stateless"]
 
+
+class _CheckedStep(NamedTuple):
+    """What the checks of one step signature found (see ``Layer._checked_step``)."""
+
+    signature: tuple
+    out_dtype: torch.dtype
+    axis: int  # the input's feature axis
+    compute_dtype: torch.dtype
+    autocast: Optional[torch.dtype]  # autocast's dtype on the input's device, None where it is off
+    direct: bool  # features last and every state held: nothing to move or create
+    plans: dict  # {autograd records the step: its plan}, filled as they occur
+
+
 _STATELESS_HINT = (
     "{layer}: {what} cannot carry the hidden state the layer keeps between calls (it would start every call "
     "from zeros). Capture the stateless form instead, which takes and returns the states: "
     "torch.export.export(layer.stateless(), (x, *layer.initial_states(x)))"
 )
+
+
+_UNCHANGED = contextlib.nullcontext()
 
 
 def _autocast_off(x: torch.Tensor):
@@ -50,7 +66,7 @@ def _autocast_off(x: torch.Tensor):
     that autocast could lower, so all of their math runs in float32.
     """
     if _compat.autocast_dtype(x.device.type) is None:
-        return contextlib.nullcontext()
+        return _UNCHANGED
     return torch.autocast(x.device.type, enabled=False)
 
 
@@ -235,13 +251,17 @@ class Layer(BaseLayer):
         """
         sequence = time_dim is not None
         checked = None if sequence else self._checked_step(x, held)
-        out_dtype = self._check_input(x) if checked is None else checked[0]
+        if checked is not None and checked.direct:
+            return self._direct_step(checked, x, held)
+        out_dtype = self._check_input(x) if checked is None else checked.out_dtype
         x_c, params = self._compute_inputs(x)
         run_core = self._core_scan if sequence else self._core_step
         config = self.config
 
         def core(x_last, state):
-            return run_core(x_last, state, params, self.backend.plan(self.spec, x_last, params, sequence, compiled, config))
+            plan = self.backend.plan(self.spec, x_last, params, sequence, compiled, config)
+            with self._math_context(x_last):
+                return run_core(x_last, state, params, plan)
 
         if checked is None:
             y, states = run(
@@ -249,11 +269,41 @@ class Layer(BaseLayer):
                 time_dim,
             )
         else:
-            y, states = run_step(checked[1], self.spec, self._slots, x_c, held, core, xp_torch)
+            y, states = run_step(checked.axis, self.spec, self._slots, x_c, held, core, xp_torch)
         return (y if y.dtype == out_dtype else y.to(out_dtype)), states
 
-    def _checked_step(self, x, held: dict):
-        """``(output dtype, feature axis)`` of a step's checked input, or None where the call is not checked here.
+    def _direct_step(self, checked: "_CheckedStep", x, held: dict):
+        """A checked step of features-last input with every state held: ``run_step`` without its moves.
+
+        What a loop of steps runs from its second call on; its plan is the
+        signature's, per autograd mode.
+        """
+        params = self._core_params()
+        compute = checked.compute_dtype
+        for p in params:
+            if p is not None and p.dtype != compute:  # a parameter converted since: a copy per call
+                params, _ = in_compute_dtype(params, xp_torch)
+                break
+        x_c = x if x.dtype == compute else x.to(compute)
+        grad = self.backend.records_gradients(x_c, params)
+        plan = checked.plans.get(grad)
+        if plan is None:
+            plan = checked.plans[grad] = self.backend.plan(self.spec, x_c, params, False, config=self.config, grad=grad)
+        state = self.spec.state(*held.values())
+        if checked.autocast is None:
+            y, new_state = self._core_step(x_c, state, params, plan)
+        else:
+            with self._math_context(x_c):
+                y, new_state = self._core_step(x_c, state, params, plan)
+        return (y if y.dtype == checked.out_dtype else y.to(checked.out_dtype)), dict(zip(held, new_state))
+
+    def _math_context(self, x):
+        """Where the step's or scan's math runs: autocast off for S4/S5, whose matrix products carry the
+        recurrence (see :func:`_autocast_off`); as the caller has it for S6/Mamba."""
+        return _autocast_off(x) if self.spec.time_invariant else _UNCHANGED
+
+    def _checked_step(self, x, held: dict) -> "Optional[_CheckedStep]":
+        """What the checks of a step's input found, or None where the call is not checked here.
 
         A loop of steps gives the checks the same input signature at every call
         (the input's type, shape, dtype and device, the parameters' dtype and
@@ -266,18 +316,23 @@ class Layer(BaseLayer):
         if type(held) is not dict or not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
             return None
         reference = self._reference_param()
+        device = x.device
         signature = (
-            type(x), x.shape, x.dtype, x.device, reference.dtype, reference.device, self.dim, self.num_neurons,
-            _compat.autocast_dtype(x.device.type),
-            *(None if state is None else (state.shape, state.dtype) for state in held.values()),
+            type(x), x.shape, x.dtype, device, reference.dtype, reference.device, self.dim, self.num_neurons,
+            _compat.autocast_dtype(device.type),
+            *[None if state is None else (state.shape, state.dtype) for state in held.values()],
         )
         cached = self.__dict__.get("_step_signature")
-        if cached is not None and cached[0] == signature:
-            return cached[1]
+        if cached is not None and cached.signature == signature:
+            return cached
         out_dtype = self._check_input(x)
         x_c, _ = self._compute_inputs(x)
-        checked = out_dtype, step_axis(type(self).__name__, x_c, held, self._slots, self.dim, self.num_neurons)
-        self.__dict__["_step_signature"] = (signature, checked)
+        axis = step_axis(type(self).__name__, x_c, held, self._slots, self.dim, self.num_neurons)
+        # Held states in the order the state record takes them: _direct_step builds it from held's values.
+        in_order = tuple(held) == self.spec.state._fields
+        direct = axis == x.ndim - 1 and in_order and all(state is not None for state in held.values())
+        checked = _CheckedStep(signature, out_dtype, axis, x_c.dtype, signature[8], direct, {})
+        self.__dict__["_step_signature"] = checked
         return checked
 
     def _held_states(self) -> dict:
@@ -298,19 +353,15 @@ class Layer(BaseLayer):
         self.__dict__.update(states)  # states are plain attributes: skip nn.Module.__setattr__
         return y
 
-    def _prepared(self, params, plan):
-        """``spec.prepare(params)``, what a step needs of the parameters alone, from their current values.
-
-        Recomputed on every call: no key on a parameter (its version, its data
-        pointer) sees every way its values change (writes through ``p.data``
-        bump no version), and a stale value here is a silently wrong output.
-        Only ``TTcompile()`` keeps such values across calls, by explicit request.
-        """
-        return self.spec.prepare(params, xp_torch, plan)
-
     def _core_step(self, x, state, params, plan):
-        prepared = self._prepared(params, plan)
-        return self.spec.step(x, state, params, xp=xp_torch, prepared=prepared, plan=plan, config=self.config)
+        """One eager step of ``spec.step``, which discretizes from the parameters' current values.
+
+        At every call: no key on a parameter (its version, its data pointer)
+        sees every way its values change (writes through ``p.data`` bump no
+        version), and a stale value here is a silently wrong output. Only
+        ``TTcompile()`` keeps such values across calls, by explicit request.
+        """
+        return self.spec.step(x, state, params, xp=xp_torch, plan=plan, config=self.config)
 
     def _compiled_step(self, x, state, params, prepared):
         """``TTcompile()``'s step: ``spec.step`` compiled with ``torch.compile`` (:func:`_fused.step_function`)."""
@@ -395,9 +446,6 @@ class Layer(BaseLayer):
         """
         return Stateless(self, time_dim)
     def _core_scan(self, xs, state, params, plan):
-        if self.spec.time_invariant:
-            with _autocast_off(xs):  # the chunk products carry the recurrence: float32 (see _autocast_off)
-                return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan, config=self.config)
         return self.spec.scan(xs, state, params, xp=xp_torch, plan=plan, config=self.config)
 
     def _check_loaded_state(self, state_name: str, value: torch.Tensor, key: str) -> None:
@@ -440,23 +488,23 @@ class TimeInvariantLayer(Layer):
     """
 
     _COMPILED = "_compiled_dynamics_"
+    _FROZEN = _COMPILED + "A_bar"  # present from TTcompile() to TTdecompile()
     # Whether TTcompile() also compiles the step: where it is elementwise over a [batch, N, d_state] state (S4),
     # fused into one pass; S5's is two matrix products around a [batch, d_state] state, which the compiled
     # step ran slower than eager (1.9x 0.19.2's eager step against 1.3x, batch 32, 256 features, AVX-512).
     _fuses_step = True
 
     def _core_step(self, x, state, params, plan):
-        with _autocast_off(x):  # S5's x @ B_bar feeds the recurrence: float32 (see _autocast_off)
-            if self._fuses_step and self._COMPILED + "A_bar" in self._buffers:
-                return self._compiled_step(x, state, params, self._prepared(params, plan))
+        if self._FROZEN not in self._buffers:
             return super()._core_step(x, state, params, plan)
+        dynamics = self._frozen_dynamics(params.C.dtype)  # the compute dtype: float32 for a half-precision layer
+        if self._fuses_step:
+            return self._compiled_step(x, state, params, dynamics)
+        return self.spec.step(x, state, params, xp=xp_torch, prepared=dynamics, plan=plan, config=self.config)
 
-    def _prepared(self, params, plan):
+    def _frozen_dynamics(self, dtype):
         buffers = self._buffers
-        if self._COMPILED + "A_bar" in buffers:
-            dtype = params.C.dtype  # the compute dtype: float32 for a half-precision layer
-            return self.spec.dynamics(*(buffers[self._COMPILED + f].to(dtype) for f in self.spec.dynamics._fields))
-        return super()._prepared(params, plan)
+        return self.spec.dynamics(*(buffers[self._COMPILED + f].to(dtype) for f in self.spec.dynamics._fields))
 
     def TTcompile(self) -> None:
         r"""Discretize the system once and compile the step, for fast inference; the weights are frozen until
