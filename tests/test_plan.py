@@ -35,12 +35,14 @@ def _plan_of(layer, x, sequence=False, compiled=False):
     return torch_backend.plan(layer.spec, x, params, sequence, compiled)
 
 
-def test_torch_plans_the_forms_of_expm1_by_autograd_and_compiler():
+def test_torch_plans_the_forms_of_expm1_by_size_autograd_and_compiler():
     layer = tt.ssm.S6(8)
     x = torch.randn(3, 8)
+    large = torch.randn(64, 8)  # a state of 64 * 8 * 16 elements, above _fused._SMALL_DISCRETIZATION
     with torch.no_grad():
-        assert _plan_of(layer, x).expm1 == "tanh"  # expm1 is not vectorised on CPUs: see _fused.forms
-    assert _plan_of(layer, x).expm1 == "expm1"  # the parameters require grad: the tanh form's backward costs more
+        assert _plan_of(layer, large).expm1 == "tanh"  # expm1 is not vectorised on CPUs: see _fused.forms
+        assert _plan_of(layer, x).expm1 == "expm1"  # a small state: the tanh form's two more kernels cost more
+    assert _plan_of(layer, large).expm1 == "expm1"  # the parameters require grad: the tanh form's backward costs more
     traced = torch.compile(lambda x: _plan_of(layer, x).expm1 == "exp", fullgraph=True, backend="eager")
     assert traced(x)  # inductor's C++ lowers expm1 to exp(z) - 1: the series form inside a trace
 

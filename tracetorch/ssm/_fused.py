@@ -78,12 +78,16 @@ _TRACED_CPU = Plan(expm1="exp", readout="sum")
 _TRACED_GPU = Plan(expm1="expm1", readout="sum")
 # Eager on CPUs, torch's expm1 is not vectorised (at [32, 256, 16]: float32 5x exp and
 # 2x tanh, float64 14x exp and 6x tanh, on AVX-512 and AVX2 alike), while the tanh
-# form is two vectorised kernels. It pays on input-sized arrays (S6, Mamba) only:
-# on S4/S5's parameter-sized ones the two more kernels cost more than they save, and
-# under autograd its backward costs more than it saves.
+# form is two vectorised kernels. It pays on large input-sized arrays (S6, Mamba) only:
+# on S4/S5's parameter-sized ones, and on selective states up to _SMALL_DISCRETIZATION
+# elements, the two more kernels cost more than they save (S6's eager step with expm1
+# took 0.81-0.98x its time with the tanh form at 1,024-4,096 state elements, float32 and
+# float64, under AVX-512, AVX2 and the default build alike; from 8,192 on it varied).
+# Under autograd its backward costs more than it saves.
 # The readout: a batched product takes 8 dispatches (views, bmm), vecdot 3, and the
 # product's faster loop pays for its dispatches from about this many state elements on.
 _SMALL_STATE = 1 << 14
+_SMALL_DISCRETIZATION = 1 << 12
 _EAGER = {
     (expm1, readout): Plan(expm1=expm1, readout=readout) for expm1 in ("expm1", "tanh") for readout in ("matmul", "vecdot")
 }
@@ -94,7 +98,8 @@ def forms(x: torch.Tensor, grad: bool, time_invariant: bool = False, state_eleme
     ``time_invariant``: the discretization is of parameter-sized arrays; ``state_elements``: one step's state)."""
     if torch.compiler.is_compiling():
         return _TRACED_GPU if x.is_cuda else _TRACED_CPU
-    expm1 = "expm1" if grad or time_invariant or x.is_cuda else "tanh"
+    small = state_elements <= _SMALL_DISCRETIZATION
+    expm1 = "expm1" if grad or time_invariant or small or x.is_cuda else "tanh"
     return _EAGER[expm1, "vecdot" if state_elements <= _SMALL_STATE else "matmul"]
 
 
