@@ -285,7 +285,7 @@ class Layer(BaseLayer):
                 params, _ = in_compute_dtype(params, xp_torch)
                 break
         x_c = x if x.dtype == compute else x.to(compute)
-        grad = self.backend.records_gradients(x_c, params)
+        grad = torch.is_grad_enabled() and self.backend.records_gradients(x_c, params)  # no call under no_grad
         plan = checked.plans.get(grad)
         if plan is None:
             plan = checked.plans[grad] = self.backend.plan(self.spec, x_c, params, False, config=self.config, grad=grad)
@@ -315,7 +315,7 @@ class Layer(BaseLayer):
         """
         if type(held) is not dict or not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
             return None
-        reference = self._reference_param()
+        reference = self._parameters["A_log"]  # _reference_param(), inlined: the signature is made at every step
         device = x.device
         signature = (
             type(x), x.shape, x.dtype, device, reference.dtype, reference.device, self.dim, self.num_neurons,
@@ -495,8 +495,8 @@ class TimeInvariantLayer(Layer):
     _fuses_step = True
 
     def _core_step(self, x, state, params, plan):
-        if self._FROZEN not in self._buffers:
-            return super()._core_step(x, state, params, plan)
+        if self._FROZEN not in self._buffers:  # Layer._core_step's eager step, inlined: a call less per step
+            return self.spec.step(x, state, params, xp=xp_torch, plan=plan, config=self.config)
         dynamics = self._frozen_dynamics(params.C.dtype)  # the compute dtype: float32 for a half-precision layer
         if self._fuses_step:
             return self._compiled_step(x, state, params, dynamics)
