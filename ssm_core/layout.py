@@ -51,17 +51,20 @@ def compute_dtype(dtype, xp):
 _COMPUTE_DTYPES: dict = {}
 
 
-def in_compute_dtype(params, xp) -> tuple:
+def in_compute_dtype(params, xp, dtype=None) -> tuple:
     """``(params, dtype)``: a layer's parameters (a ``spec.params`` record) in its compute dtype, and that dtype.
 
     The dtype is :func:`compute_dtype` of the parameters' (a layer's
-    parameters share one). Absent parameters stay None; those already in the
-    compute dtype are passed on, not copied.
+    parameters share one), or ``dtype`` where the caller knows it already.
+    Absent parameters stay None; those already in the compute dtype are
+    passed on, not copied.
     """
-    dtype = compute_dtype(next(p for p in params if p is not None).dtype, xp)
-    if all(p is None or p.dtype == dtype for p in params):  # the usual case, at every call: nothing to make
-        return params, dtype
-    return type(params)(*(p if p is None or p.dtype == dtype else xp.astype(p, dtype) for p in params)), dtype
+    if dtype is None:
+        dtype = compute_dtype(next(p for p in params if p is not None).dtype, xp)
+    for p in params:  # the usual case, at every call: nothing to make (a loop: no generator per call)
+        if p is not None and p.dtype != dtype:
+            return type(params)(*(p if p is None or p.dtype == dtype else xp.astype(p, dtype) for p in params)), dtype
+    return params, dtype
 
 
 def expected_state_shape(x_shape: tuple, axis: int, size: int, trailing: int | None) -> tuple:

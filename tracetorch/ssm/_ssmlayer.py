@@ -278,12 +278,8 @@ class Layer(BaseLayer):
         What a loop of steps runs from its second call on; its plan is the
         signature's, per autograd mode.
         """
-        params = self._core_params()
         compute = checked.compute_dtype
-        for p in params:
-            if p is not None and p.dtype != compute:  # a parameter converted since: a copy per call
-                params, _ = in_compute_dtype(params, xp_torch)
-                break
+        params, _ = in_compute_dtype(self._core_params(), xp_torch, compute)
         x_c = x if x.dtype == compute else x.to(compute)
         grad = torch.is_grad_enabled() and self.backend.records_gradients(x_c, params)  # no call under no_grad
         plan = checked.plans.get(grad)
