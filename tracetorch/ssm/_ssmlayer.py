@@ -311,7 +311,7 @@ class Layer(BaseLayer):
         """
         if type(held) is not dict or not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
             return None
-        reference = self._parameters["A_log"]  # _reference_param(), inlined: the signature is made at every step
+        reference = self._reference_param()
         device = x.device
         signature = (
             type(x), x.shape, x.dtype, device, reference.dtype, reference.device, self.dim, self.num_neurons,
