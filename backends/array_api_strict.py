@@ -26,6 +26,7 @@ class ArrayApiStrictBackend(Backend):
     xp = xp
     array_types = (type(xp.asarray(0.0)),)
     default_dtype = xp.float32
+    overwrites_temporaries = True  # the standard's in-place operators, checked strictly
 
     def dtype(self, spec):
         if spec is None:

@@ -18,7 +18,7 @@ from array_api_compat import array_namespace
 
 __all__ = [
     "namespace", "register_namespace", "softplus", "silu", "linear", "muladd", "reciprocal", "subtract_from", "at_least",
-    "readout",
+    "readout", "vecdot", "scaled", "elementwise",
     "moveaxis", "unstack",
 ]
 
@@ -112,11 +112,47 @@ def unstack(x, axis, xp):
     return xp.unstack(x, axis=axis)
 
 
-def muladd(a, b, c, xp):
-    """``a * b + c``, elementwise with broadcasting."""
+def muladd(a, b, c, xp, overwrite: bool = False):
+    """``a * b + c``, elementwise with broadcasting; into ``c`` where ``overwrite`` (see :func:`scaled`)."""
     if _is_torch(xp):
+        if overwrite:
+            return c.addcmul_(a, b)
         return sys.modules["torch"].addcmul(c, a, b)  # one pass over memory instead of two
+    if overwrite:
+        c += a * b
+        return c
     return a * b + c
+
+
+# Overwriting the arrays a call made itself (a plan's ``inplace``): a step on a large
+# state makes several temporaries of the state's size and frees them at its end, and
+# glibc's malloc hands such memory back to the system when enough of it lies free at the
+# top of the heap, so that the next step faults every page of it in again (torch, S6 at
+# [32, 256, 16]: 160-480 page faults and three times the time of the same step with its
+# temporaries overwritten, which faulted none). Only where nothing records the arrays for
+# a backward pass, and only on arrays no one else holds.
+
+
+def scaled(a, b, xp, overwrite: bool = False):
+    """``a * b``; into ``a`` where ``overwrite``: ``a`` is the caller's own, of the result's shape and dtype."""
+    if overwrite:
+        a *= b  # the standard's in-place operator
+        return a
+    return a * b
+
+
+# Libraries whose elementwise functions write into an `out=` array (NumPy's and CuPy's ufuncs).
+_UFUNC_NAMES = frozenset({"numpy", "array_api_compat.numpy", "cupy", "array_api_compat.cupy"})
+
+
+def elementwise(name: str, x, xp, overwrite: bool = False):
+    """``xp.<name>(x)`` (``"exp"``, ``"expm1"``, ``"tanh"``); into ``x`` where ``overwrite`` and the library can."""
+    if overwrite:
+        if _is_torch(xp):
+            return getattr(x, name + "_")()
+        if getattr(xp, "__name__", None) in _UFUNC_NAMES:
+            return getattr(xp, name)(x, out=x)
+    return getattr(xp, name)(x)
 
 
 def reciprocal(x, xp):
@@ -155,7 +191,12 @@ def readout(h, C, xp, form="matmul"):
     if form == "sum":
         return xp.sum(h * C[..., None, :], axis=-1)  # [..., N]
     if form == "vecdot":
-        if _is_torch(xp):
-            return sys.modules["torch"].linalg.vecdot(h, C[..., None, :])  # [..., N]; array-api-compat's moves axes first
-        return xp.vecdot(h, C[..., None, :], axis=-1)  # [..., N]
+        return vecdot(h, C[..., None, :], xp)  # [..., N]
     return (h @ C[..., None])[..., 0]  # [..., N]
+
+
+def vecdot(a, b, xp):
+    """The standard's ``vecdot`` over the last axis (real arrays): ``sum(a * b, axis=-1)`` without the product's array."""
+    if _is_torch(xp):
+        return sys.modules["torch"].linalg.vecdot(a, b)  # array-api-compat's moves axes first
+    return xp.vecdot(a, b, axis=-1)

@@ -22,6 +22,7 @@ from .selective import selective_block
 __all__ = ["Backend"]
 
 _STANDARD = Plan()
+_OVERWRITING = Plan(inplace=True)
 
 
 class Backend:
@@ -42,6 +43,9 @@ class Backend:
     compile_auto = False
 
     reads_torch_pickles = False  # whether read_tensors reads pytorch_model.bin
+    # Whether a call may overwrite the temporaries it makes (Plan.inplace): arrays that
+    # are mutable and that no autograd records (NumPy, CuPy, array-api-strict).
+    overwrites_temporaries = False
 
     def read_tensors(self, file) -> dict:
         """``{name: array}`` of one safetensors file, as this library's arrays: through NumPy, unless overridden."""
@@ -90,7 +94,7 @@ class Backend:
         ``time_invariant``: the call discretizes parameter-sized arrays only (S4, S5), not input-sized ones;
         ``state_elements``: the size of one step's selective state (S6, Mamba).
         """
-        return _STANDARD
+        return _OVERWRITING if self.overwrites_temporaries else _STANDARD
 
     def scan_method(self, time_invariant: bool, xs) -> str:
         """The scan method for ``xs`` ``[T, ..., N]``.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ._array import at_least, muladd, namespace, reciprocal, subtract_from
+from ._array import at_least, elementwise, muladd, namespace, reciprocal, scaled, subtract_from
 from .plan import EXPM1_FORMS
 
 __all__ = ["zoh", "zoh_terms", "decay_rates", "decay_rates_from_log", "decay_rate_from_log", "phi1"]
@@ -46,7 +46,7 @@ def _off_zero(A, xp):
     return A - floor if shift else xp.minimum(A, -floor)  # [parameter shape]
 
 
-def zoh(dt, A, xp=None, inv_A=None, expm1="expm1"):
+def zoh(dt, A, xp=None, inv_A=None, expm1="expm1", overwrite=False):
     """Discretize ``h' = A h + B x`` over a step ``dt`` with a zero-order hold.
 
     Parameters
@@ -63,6 +63,9 @@ def zoh(dt, A, xp=None, inv_A=None, expm1="expm1"):
     expm1 : str, default "expm1"
         The form of ``expm1`` (:data:`~ssm_core.plan.EXPM1_FORMS`): the same
         numbers to a few ulp, at speeds that depend on the library and device.
+    overwrite : bool, default False
+        Reuse the temporary arrays made here for the results (a plan's
+        ``inplace``, see :func:`~ssm_core._array.scaled`): the same numbers.
 
     Returns
     -------
@@ -85,29 +88,40 @@ def zoh(dt, A, xp=None, inv_A=None, expm1="expm1"):
     xp = namespace(dt, A, xp=xp)
     if inv_A is None:
         A = _off_zero(A, xp)  # [parameter shape]
-    return zoh_terms(dt * A, inv_A, xp, expm1, A)  # [broadcast shape] x2
+    return zoh_terms(dt * A, inv_A, xp, expm1, A, overwrite)  # [broadcast shape] x2
 
 
-def zoh_terms(z, inv_A, xp, expm1="expm1", A=None):
+def zoh_terms(z, inv_A, xp, expm1="expm1", A=None, overwrite=False):
     """``(exp(z), expm1(z) * inv_A)``: the two terms of a zero-order hold with ``z = dt * A``.
 
     ``inv_A`` None: the gain is ``expm1(z) / A`` (``A`` off zero, see :func:`decay_rate_from_log`).
+    ``overwrite``: ``z`` is the caller's own, and one of the results is written into it.
     """
     if expm1 == "expm1":
         decay_minus_one = xp.expm1(z)  # [z shape]
-        gain = decay_minus_one / A if inv_A is None else decay_minus_one * inv_A  # [z shape]
+        if inv_A is None:
+            gain = decay_minus_one / A if not overwrite else _divided_in_place(decay_minus_one, A)  # [z shape]
+        else:
+            gain = scaled(decay_minus_one, inv_A, xp, overwrite)  # [z shape]
         # exp(z), not expm1(z) + 1.0: the same to an ulp, and torch converts a
         # Python scalar at every call, which costs more than exp on small arrays.
-        return xp.exp(z), gain  # [z shape] x2
+        return elementwise("exp", z, xp, overwrite), gain  # [z shape] x2
     if inv_A is None:  # the other forms multiply by 1 / A in a fused operation
         inv_A = reciprocal(A, xp)  # [parameter shape]
     if expm1 == "exp":
         return _zoh_terms_from_exp(z, inv_A, xp)
     if expm1 == "tanh":
-        # expm1(z) = tanh(z/2) * (exp(z) + 1), exact to a few ulp, from two vectorised kernels.
+        # expm1(z) = tanh(z/2) * (exp(z) + 1), exact to a few ulp, from two vectorised kernels;
+        # the gain t + t * exp(z) with t = tanh(z/2) / A, which a plan's inplace writes into z.
         decay = xp.exp(z)  # [z shape]
-        return decay, xp.tanh(z * 0.5) * muladd(decay, inv_A, inv_A, xp)  # [z shape] x2
+        t = scaled(elementwise("tanh", scaled(z, 0.5, xp, overwrite), xp, overwrite), inv_A, xp, overwrite)  # [z shape]
+        return decay, muladd(t, decay, t, xp, overwrite)  # [z shape] x2
     raise ValueError(f"zoh: expm1 must be one of {EXPM1_FORMS}, got {expm1!r}")
+
+
+def _divided_in_place(x, divisor):
+    x /= divisor
+    return x
 
 
 # expm1(z) = z * sum_k z**k / (k+1)!, k < degree, for |z| < _SERIES_BOUND: the
@@ -177,7 +191,7 @@ DISCRETIZATIONS = ("zoh", "euler")
 __all__ += ["DISCRETIZATIONS", "euler", "discretized"]
 
 
-def euler(dt, A, xp=None):
+def euler(dt, A, xp=None, overwrite=False):
     """``(A_bar, gain)`` of the rule the Mamba reference code uses: ``A_bar = exp(dt * A)``, ``gain = dt``.
 
     ``B_bar = gain * B = dt * B``: the input is held by Euler's rule (exact
@@ -186,16 +200,17 @@ def euler(dt, A, xp=None):
     trained with them need it. ``gain`` is ``dt`` itself, broadcast against ``B``.
     """
     xp = namespace(dt, A, xp=xp)
-    return xp.exp(dt * A), dt  # [broadcast shape], [dt shape]
+    return elementwise("exp", dt * A, xp, overwrite), dt  # [broadcast shape], [dt shape]
 
 
-def discretized(rule: str, dt, A, xp, inv_A=None, expm1="expm1"):
+def discretized(rule: str, dt, A, xp, inv_A=None, expm1="expm1", overwrite=False):
     """``(A_bar, gain)`` by ``rule`` (one of :data:`DISCRETIZATIONS`): :func:`zoh` or :func:`euler`.
 
     ``inv_A`` and ``expm1`` serve the zero-order hold (see :func:`zoh`); Euler's rule needs neither.
+    ``overwrite``: reuse the temporaries made here (see :func:`zoh`); ``dt`` is never written.
     """
     if rule == "zoh":
-        return zoh(dt, A, xp, inv_A, expm1)  # [broadcast shape] x2
+        return zoh(dt, A, xp, inv_A, expm1, overwrite)  # [broadcast shape] x2
     if rule == "euler":
-        return euler(dt, A, xp)  # [broadcast shape], [dt shape]
+        return euler(dt, A, xp, overwrite)  # [broadcast shape], [dt shape]
     raise ValueError(f"discretized: rule must be one of {DISCRETIZATIONS}, got {rule!r}")

@@ -35,7 +35,10 @@ class Plan(NamedTuple):
     per time block of an S6/Mamba scan; ``block_fn(inputs)``: a compiled
     :func:`~ssm_core.selective.selective_block` for blocks of ``block`` steps
     (None: the eager block); ``expm1`` and ``readout``: the forms of those
-    operations (:data:`EXPM1_FORMS`, :data:`READOUT_FORMS`).
+    operations (:data:`EXPM1_FORMS`, :data:`READOUT_FORMS`); ``inplace``:
+    the call may overwrite the temporary arrays it makes itself (never its
+    inputs), for libraries whose arrays are mutable, where nothing records
+    the call for a backward pass. The numbers are the same either way.
     """
 
     method: Optional[str] = None
@@ -43,6 +46,7 @@ class Plan(NamedTuple):
     block_fn: Optional[Callable] = None
     expm1: str = "expm1"
     readout: str = "matmul"
+    inplace: bool = False
 
 
 def with_method(plan: Optional[Plan], method: Optional[str]) -> Plan:

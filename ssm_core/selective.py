@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ._array import linear, moveaxis, muladd, namespace, readout, silu, softplus, unstack
+from ._array import linear, moveaxis, muladd, namespace, readout, scaled, silu, softplus, unstack
 from .checks import check_bool, check_choice, check_int, check_sizes
 from .discretize import DISCRETIZATIONS, decay_rates_from_log, discretized
 from .init import Draws, inverse_softplus, log_uniform_log_dt, s4d_real_A_log, uniform_fan_in
@@ -84,8 +84,12 @@ def _selective_update(u, dt, B, C, h, A, inv_A, xp, plan, rule):
     ``u``, ``dt`` ``[..., N]``; ``B``, ``C`` ``[..., d]``; ``h`` ``[..., N, d]``;
     ``A``, ``inv_A`` ``[N, d]``; ``rule``: the discretization.
     """
-    decay, gain = discretized(rule, dt[..., None], A, xp, inv_A, plan.expm1)  # [..., N, d], [..., N, d or 1]
-    h = muladd(decay, h, (gain * B[..., None, :]) * u[..., None], xp)  # [..., N, d]
+    own = plan.inplace  # overwrite the temporaries made here (never u, dt, B, C, h)
+    decay, gain = discretized(rule, dt[..., None], A, xp, inv_A, plan.expm1, own)  # [..., N, d], [..., N, d or 1]
+    # Euler's gain is dt itself, of fewer elements: its product with B is a new array.
+    drive = scaled(gain, B[..., None, :], xp, own and rule == "zoh")  # [..., N, d]
+    drive = scaled(drive, u[..., None], xp, own)  # [..., N, d]
+    h = muladd(decay, h, drive, xp, own)  # [..., N, d]
     return readout(h, C, xp, plan.readout), h  # [..., N], [..., N, d]
 
 

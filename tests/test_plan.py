@@ -10,7 +10,7 @@ import torch
 
 import ssm_core
 import tracetorch as tt
-from conftest import ROOT
+from conftest import ALL, ROOT, random_weights
 from ssm_core.backend import Backend
 from tracetorch.ssm._backend import backend as torch_backend
 
@@ -89,3 +89,62 @@ def test_a_plan_reaches_the_functional_api():
     np.testing.assert_allclose(planned, loop, rtol=1e-13, atol=1e-14)
     with pytest.raises(ValueError, match="expm1 must be one of"):
         ssm_core.s6_step(xs[0], state, params, plan=ssm_core.Plan(expm1="exp1m"))
+
+
+# ----------------------------------------------------------------------------- overwriting a call's own temporaries
+
+_OVERWRITING_LIBRARIES = {
+    "torch": lambda: __import__("array_api_compat.torch", fromlist=["torch"]),
+    "numpy": lambda: __import__("array_api_compat.numpy", fromlist=["numpy"]),
+    "array_api_strict": lambda: pytest.importorskip("array_api_strict", reason="array-api-strict is not installed"),
+}
+
+
+def _copies(arrays, xp):
+    return [None if a is None else xp.asarray(a, copy=True) for a in arrays]
+
+
+def _equal(got, expected):
+    for a, b in zip(got, expected):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("library", sorted(_OVERWRITING_LIBRARIES))
+@pytest.mark.parametrize("expm1", ["expm1", "tanh"])
+@pytest.mark.parametrize("case", ALL)
+def test_overwriting_temporaries_changes_no_number_and_no_input(case, expm1, library):
+    """A plan's ``inplace`` writes into the call's own temporaries: the same numbers to the bit, and the
+    inputs, states and parameters it was given as they were."""
+    _, layer, kwargs = case
+    xp = _OVERWRITING_LIBRARIES[library]()
+    spec = ssm_core.LAYERS[layer]
+    config = spec.config(**kwargs)
+    params = spec.params_from_mapping({k: xp.asarray(v) for k, v in random_weights(layer, kwargs).items()})
+    xs = xp.asarray(np.random.default_rng(1).standard_normal((6, 2, kwargs["num_neurons"])))
+    state = spec.zero_state(config, (2,), xp, xp.float64)
+    for t in range(3):  # states away from zero
+        _, state = spec.step(xs[t, ...], state, params, xp=xp, config=config)
+    x = xs[3, ...]
+    given = _copies([x, *state, *params], xp)
+    plain = spec.step(x, state, params, xp=xp, plan=ssm_core.Plan(expm1=expm1), config=config)
+    overwriting = spec.step(x, state, params, xp=xp, plan=ssm_core.Plan(expm1=expm1, inplace=True), config=config)
+    _equal([overwriting[0], *overwriting[1]], [plain[0], *plain[1]])
+    scanned = spec.scan(xs, state, params, xp=xp, plan=ssm_core.Plan(method="loop", expm1=expm1), config=config)
+    overwriting_scan = spec.scan(
+        xs, state, params, xp=xp, plan=ssm_core.Plan(method="loop", expm1=expm1, inplace=True), config=config
+    )
+    _equal([overwriting_scan[0], *overwriting_scan[1]], [scanned[0], *scanned[1]])
+    _equal([x, *state, *params], given)
+
+
+def test_torch_overwrites_temporaries_only_where_nothing_records_them():
+    layer = tt.ssm.S6(8)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert _plan_of(layer, x).inplace
+        assert torch.func.vmap(lambda x: torch.tensor(_plan_of(layer, x).inplace))(x).logical_not().all()
+    assert not _plan_of(layer, x).inplace  # the parameters require grad
+    traced = torch.compile(lambda x: not _plan_of(layer, x).inplace, fullgraph=True, backend="eager")
+    assert traced(x)  # a trace makes its own buffers

@@ -88,8 +88,11 @@ _TRACED_GPU = Plan(expm1="expm1", readout="sum")
 # product's faster loop pays for its dispatches from about this many state elements on.
 _SMALL_STATE = 1 << 14
 _SMALL_DISCRETIZATION = 1 << 12
+# Without autograd, an eager call overwrites its own temporaries (Plan.inplace): under a
+# torch.func transform it does not, as vmap cannot write a batched value into an unbatched array.
 _EAGER = {
-    (expm1, readout): Plan(expm1=expm1, readout=readout) for expm1 in ("expm1", "tanh") for readout in ("matmul", "vecdot")
+    (expm1, readout, inplace): Plan(expm1=expm1, readout=readout, inplace=inplace)
+    for expm1 in ("expm1", "tanh") for readout in ("matmul", "vecdot") for inplace in (False, True)
 }
 
 
@@ -100,7 +103,8 @@ def forms(x: torch.Tensor, grad: bool, time_invariant: bool = False, state_eleme
         return _TRACED_GPU if x.is_cuda else _TRACED_CPU
     small = state_elements <= _SMALL_DISCRETIZATION
     expm1 = "expm1" if grad or time_invariant or small or x.is_cuda else "tanh"
-    return _EAGER[expm1, "vecdot" if state_elements <= _SMALL_STATE else "matmul"]
+    readout = "vecdot" if state_elements <= _SMALL_STATE else "matmul"
+    return _EAGER[expm1, readout, not (grad or functorch_active())]
 
 
 # ----------------------------------------------------------------------------- the scan's block

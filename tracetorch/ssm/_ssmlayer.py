@@ -43,7 +43,7 @@ class _CheckedStep(NamedTuple):
     compute_dtype: torch.dtype
     autocast: Optional[torch.dtype]  # autocast's dtype on the input's device, None where it is off
     direct: bool  # features last and every state held: nothing to move or create
-    plans: dict  # {autograd records the step: its plan}, filled as they occur
+    plans: dict  # {(autograd records the step, a torch.func transform runs): its plan}, filled as they occur
 
 
 _STATELESS_HINT = (
@@ -282,9 +282,10 @@ class Layer(BaseLayer):
         params, _ = in_compute_dtype(self._core_params(), xp_torch, compute)
         x_c = x if x.dtype == compute else x.to(compute)
         grad = torch.is_grad_enabled() and self.backend.records_gradients(x_c, params)  # no call under no_grad
-        plan = checked.plans.get(grad)
+        mode = (grad, _fused.functorch_active())  # what the plan's forms depend on besides the signature
+        plan = checked.plans.get(mode)
         if plan is None:
-            plan = checked.plans[grad] = self.backend.plan(self.spec, x_c, params, False, config=self.config, grad=grad)
+            plan = checked.plans[mode] = self.backend.plan(self.spec, x_c, params, False, config=self.config, grad=grad)
         state = self.spec.state(*held.values())
         if checked.autocast is None:
             y, new_state = self._core_step(x_c, state, params, plan)
