@@ -56,12 +56,17 @@ class Plan:
 class Timing:
     name: str
     per_unit_s: list = field(default_factory=list)  # one entry per round, in round order
+    faults_per_unit: list = field(default_factory=list)  # minor page faults, one entry per round
     warmup_s: Optional[float] = None
     error: Optional[str] = None
 
     @property
     def median_s(self) -> Optional[float]:
         return statistics.median(self.per_unit_s) if self.per_unit_s else None
+
+    @property
+    def median_faults(self) -> Optional[float]:
+        return statistics.median(self.faults_per_unit) if self.faults_per_unit else None
 
 
 def error_text(error: BaseException, limit: int = 200) -> str:
@@ -71,17 +76,24 @@ def error_text(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _timed_loop(contender: Contender, calls: int) -> float:
+def minor_faults() -> int:
+    """This process's minor page faults so far: memory the allocator took from the system and touched anew."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed_loop(contender: Contender, calls: int) -> tuple:
+    """``(seconds, minor page faults)`` of ``calls`` calls."""
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection landing in one contender's loop would be charged to it alone
     try:
         with contender.context():
             contender.sync()
+            faults = minor_faults()
             start = time.perf_counter()
             for _ in range(calls):
                 contender.call()
             contender.sync()
-            return time.perf_counter() - start
+            return time.perf_counter() - start, minor_faults() - faults
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -106,7 +118,7 @@ def measure(contenders: list, plan: Plan) -> dict:
             calls = 1
             if plan.target_s > 0:
                 if last_s is None or contender.warmup is not None:
-                    last_s = _timed_loop(contender, 1)
+                    last_s, _ = _timed_loop(contender, 1)
                 calls = min(100_000, math.ceil(plan.target_s / max(last_s, 1e-9)))
         except Exception as error:  # a failing contender is recorded, not fatal
             timing.error = error_text(error)
@@ -124,12 +136,13 @@ def measure(contenders: list, plan: Plan) -> dict:
             if timing.error is not None:
                 continue
             try:
-                seconds = _timed_loop(contender, calls)
+                seconds, faults = _timed_loop(contender, calls)
             except Exception as error:
                 timing.error = error_text(error)
                 continue
             entry[2] += seconds
             timing.per_unit_s.append(seconds / (calls * contender.units))
+            timing.faults_per_unit.append(faults / (calls * contender.units))
     return timings
 
 
@@ -161,6 +174,7 @@ class Row:
     shape: tuple  # (T, batch) for sequences, (batch, features) for steps
     contender: str
     seconds: Optional[float] = None  # median per unit
+    faults: Optional[float] = None  # median minor page faults per unit
     ratio: Optional[float] = None
     ratio_quartiles: Optional[tuple] = None  # (first, third) quartile of the round-by-round ratios
     baseline: str = ""
@@ -178,7 +192,7 @@ def fill(rows: dict, timings: dict, speedup: bool) -> None:
     """
     for name, timing in timings.items():
         row, base = rows[name], timings.get(rows[name].baseline)
-        row.seconds, row.rounds = timing.median_s, len(timing.per_unit_s)
+        row.seconds, row.faults, row.rounds = timing.median_s, timing.median_faults, len(timing.per_unit_s)
         if timing.error:
             row.notes.append(f"error: {timing.error}")
         if base is not None and base is not timing:

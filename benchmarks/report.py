@@ -198,6 +198,9 @@ def step_markdown(results, info: dict, command: str) -> str:
         "ratio = median over rounds of (this / vs); **< 1 means this is faster**; the rounds' quartiles: "
         "the middle half of the round-by-round ratios (wide: a noisy run)",
         f"{TRAINING}: zero_states, {steps} steps, sum of outputs, backward(); µs per step = total / {steps}",
+        "page faults / step: the median over rounds of the process's minor page faults per step, memory the "
+        "allocator took from the system anew (glibc returns freed memory at the top of its heap, and taking it "
+        "back costs a fault per page): they depend on the whole process's allocations, and slow the step they land in",
     ])
     cells = table(results)
     lines += [f"## Targets: ours / 0.19.2 on torch {TABLE_DEVICE.upper()}", "",
@@ -217,6 +220,7 @@ def step_markdown(results, info: dict, command: str) -> str:
         "contender": lambda r: r.contender, "µs/step": lambda r: _num(r.seconds and r.seconds * 1e6),
         "ratio": lambda r: _times(r.ratio), "rounds' quartiles": _quartiles,
         "vs": lambda r: r.baseline if r.ratio is not None else "",
+        "page faults / step": lambda r: "" if r.faults is None else _num(r.faults),
         "rounds": lambda r: r.rounds, "notes": lambda r: "; ".join(r.notes),
     })
     if results.memory:

@@ -104,3 +104,24 @@ def test_ratios_are_taken_round_by_round_with_their_spread():
     assert rows["ours"].ratio == 1.0
     assert rows["ours"].ratio_quartiles == pytest.approx((0.275, 1.75))  # statistics.quantiles' exclusive method
     assert rows[PUBLISHED].ratio is None
+
+
+def test_each_round_counts_the_page_faults_of_its_calls():
+    """A call that takes fresh memory from the system and touches it faults; one that takes none does not."""
+    import numpy as np
+
+    from benchmarks._measure import Contender, Plan, fill, measure
+
+    size = 64 << 20  # above glibc's largest mmap threshold: each array is mapped anew, and freed to the system
+
+    def fresh():
+        np.ones(size, dtype=np.uint8)
+
+    idle = Contender("idle", lambda: None)
+    touching = Contender("touching", fresh)
+    timings = measure([idle, touching], Plan(rounds=3, target_s=0, warmup_calls=1))
+    rows = {name: Row("s", "S4", (1, 64), name) for name in timings}
+    fill(rows, timings, speedup=False)
+    assert rows["idle"].faults == 0
+    # The kernel may map several pages per fault (huge pages, fault-around): 64 MiB took 544 here, one per 120 KiB.
+    assert rows["touching"].faults >= size // (2 << 20)
