@@ -18,7 +18,7 @@ from array_api_compat import array_namespace
 
 __all__ = [
     "namespace", "register_namespace", "softplus", "silu", "linear", "muladd", "reciprocal", "subtract_from", "at_least",
-    "readout", "vecdot", "scaled", "elementwise",
+    "readout", "vecdot", "scaled", "divided", "elementwise",
     "moveaxis", "unstack",
 ]
 
@@ -114,6 +114,7 @@ def unstack(x, axis, xp):
 
 def muladd(a, b, c, xp, overwrite: bool = False):
     """``a * b + c``, elementwise with broadcasting; into ``c`` where ``overwrite`` (see :func:`scaled`)."""
+    overwrite = overwrite and a.dtype == c.dtype and b.dtype == c.dtype
     if _is_torch(xp):
         if overwrite:
             return c.addcmul_(a, b)
@@ -130,15 +131,28 @@ def muladd(a, b, c, xp, overwrite: bool = False):
 # top of the heap, so that the next step faults every page of it in again (torch, S6 at
 # [32, 256, 16]: 160-480 page faults and three times the time of the same step with its
 # temporaries overwritten, which faulted none). Only where nothing records the arrays for
-# a backward pass, and only on arrays no one else holds.
+# a backward pass, and only on arrays no one else holds. An array of another dtype than the
+# one written into (autocast's lower precision, a state of a wider dtype) makes a new array
+# as the plain operation does: an in-place result keeps the dtype it is written into.
 
 
 def scaled(a, b, xp, overwrite: bool = False):
-    """``a * b``; into ``a`` where ``overwrite``: ``a`` is the caller's own, of the result's shape and dtype."""
-    if overwrite:
+    """``a * b``; into ``a`` where ``overwrite``: ``a`` is the caller's own, of the result's shape.
+
+    ``b`` a Python float, or an array of ``a``'s dtype; otherwise a new array, of the promoted dtype.
+    """
+    if overwrite and (isinstance(b, float) or b.dtype == a.dtype):
         a *= b  # the standard's in-place operator
         return a
     return a * b
+
+
+def divided(a, b, xp, overwrite: bool = False):
+    """``a / b``; into ``a`` as :func:`scaled` writes."""
+    if overwrite and b.dtype == a.dtype:
+        a /= b
+        return a
+    return a / b
 
 
 # Libraries whose elementwise functions write into an `out=` array (NumPy's and CuPy's ufuncs).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ._array import at_least, elementwise, muladd, namespace, reciprocal, scaled, subtract_from
+from ._array import at_least, divided, elementwise, muladd, namespace, reciprocal, scaled, subtract_from
 from .plan import EXPM1_FORMS
 
 __all__ = ["zoh", "zoh_terms", "decay_rates", "decay_rates_from_log", "decay_rate_from_log", "phi1"]
@@ -100,7 +100,7 @@ def zoh_terms(z, inv_A, xp, expm1="expm1", A=None, overwrite=False):
     if expm1 == "expm1":
         decay_minus_one = xp.expm1(z)  # [z shape]
         if inv_A is None:
-            gain = decay_minus_one / A if not overwrite else _divided_in_place(decay_minus_one, A)  # [z shape]
+            gain = divided(decay_minus_one, A, xp, overwrite)  # [z shape]
         else:
             gain = scaled(decay_minus_one, inv_A, xp, overwrite)  # [z shape]
         # exp(z), not expm1(z) + 1.0: the same to an ulp, and torch converts a
@@ -118,10 +118,6 @@ def zoh_terms(z, inv_A, xp, expm1="expm1", A=None, overwrite=False):
         return decay, muladd(t, decay, t, xp, overwrite)  # [z shape] x2
     raise ValueError(f"zoh: expm1 must be one of {EXPM1_FORMS}, got {expm1!r}")
 
-
-def _divided_in_place(x, divisor):
-    x /= divisor
-    return x
 
 
 # expm1(z) = z * sum_k z**k / (k+1)!, k < degree, for |z| < _SERIES_BOUND: the

@@ -110,7 +110,7 @@ def selective_step(
     A, inv_A = decay  # [N, d] x2
     dt, B, C = _selective_inputs(u, proj_weight, dt_proj_weight, dt_proj_bias, A.shape[-1], xp)
     y, h = _selective_update(u, dt, B, C, h, A, inv_A, xp, plan, discretization)  # [..., N], [..., N, d]
-    return y + D * u, h  # two operations, not muladd: see s4_step_discrete
+    return muladd(D, u, y, xp), h  # one multiply-add, as selective_block's: step and scan round alike
 
 
 def selective_block(inputs: BlockInputs, xp, plan=_DEFAULT_PLAN):
@@ -202,7 +202,7 @@ def causal_conv_step(u, buffer, weights, bias, xp):
     Returns ``(out, new_buffer)``, ``out = sum(new_buffer * weights, -1) + bias`` (``bias`` None: no bias).
     """
     buffer = xp.concat((buffer[..., 1:], u[..., None]), axis=-1)  # [..., N, K]
-    return _plus(xp.sum(buffer * weights, axis=-1), bias), buffer  # [..., N]
+    return _plus(xp.sum(buffer * weights, axis=-1), bias), buffer  # [..., N]; not vecdot, which autocast lowers
 
 
 def _plus(x, bias):

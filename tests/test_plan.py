@@ -148,3 +148,25 @@ def test_torch_overwrites_temporaries_only_where_nothing_records_them():
     assert not _plan_of(layer, x).inplace  # the parameters require grad
     traced = torch.compile(lambda x: not _plan_of(layer, x).inplace, fullgraph=True, backend="eager")
     assert traced(x)  # a trace makes its own buffers
+
+
+@pytest.mark.parametrize("library", ["numpy", "array_api_strict"])  # torch's products take no mixed dtypes
+@pytest.mark.parametrize("layer", ["S4", "S5", "S6", "Mamba"])
+def test_overwriting_keeps_a_wider_states_dtype(layer, library):
+    """A state wider than the temporaries written into (float64 against float32 parameters) makes the new
+    state as the plain operations do, in the promoted dtype: written in place, it would be rounded to float32.
+    (In the torch layers, autocast's lower precision is the case: see test_interactions' autocast tests.)"""
+    xp = _OVERWRITING_LIBRARIES[library]()
+    spec = ssm_core.LAYERS[layer]
+    config = spec.config(4, d_state=3)
+    weights = random_weights(layer, vars(config))
+    params = spec.params_from_mapping({k: xp.asarray(v, dtype=xp.float32) for k, v in weights.items()})
+    x = xp.asarray(np.random.default_rng(1).standard_normal((2, 4)), dtype=xp.float32)
+    state = spec.state(*(xp.asarray(np.random.default_rng(2).standard_normal(s.shape), dtype=xp.float64)
+                         for s in spec.zero_state(config, (2,), xp, xp.float64)))
+    plain = spec.step(x, state, params, xp=xp, config=config)
+    overwriting = spec.step(x, state, params, xp=xp, plan=ssm_core.Plan(inplace=True), config=config)
+    for got, expected in zip(overwriting[1], plain[1]):
+        assert got.dtype == expected.dtype == xp.float64
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(overwriting[0]), np.asarray(plain[0]))
