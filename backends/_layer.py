@@ -305,7 +305,7 @@ class Layer:
         config = self.config
 
         def core(x_last, state):
-            plan = backend.plan(spec, x_last, params, sequence, compiled, config)
+            plan = backend.plan(spec, x_last, params, sequence, compiled, config, state=state)
             return run_core(x_last, state, params, xp=xp, plan=plan, config=config)
 
         if sequence:

@@ -61,17 +61,18 @@ class Backend:
 
     # ------------------------------------------------------------- the plan
 
-    def plan(self, spec, x, params, sequence: bool, compiled=None, config=None, grad=None) -> Plan:
+    def plan(self, spec, x, params, sequence: bool, compiled=None, config=None, grad=None, state=()) -> Plan:
         """How a call of layer ``spec`` on ``x`` (features last; ``[T, ..., N]`` for a ``sequence``) runs.
 
         ``params`` are the parameters the call uses; ``compiled``: a scan's
         switch for the compiled S6/Mamba block (see :mod:`ssm_core.fused`);
         ``config``: the layer's config, whose discretization a compiled block
         is made and keyed for (None: the default zero-order hold); ``grad``:
-        whether autograd records the call, when the caller knows it already.
+        whether autograd records the call, when the caller knows it already,
+        else asked of ``x``, ``params`` and ``state`` (the arrays of the call's state record).
         """
         if grad is None:
-            grad = self.records_gradients(x, params)
+            grad = self.records_gradients(x, params, state)
         # One step's selective state: the batch times A_log's [width, d_state] (Mamba's width is expand * N).
         state_elements = math.prod(x.shape[1 if sequence else 0 : -1]) * math.prod(params.A_log.shape)
         plan = self.forms(x, grad, spec.time_invariant, state_elements)
@@ -84,8 +85,8 @@ class Backend:
         block_fn, block = self.scan_block(x, tuple(params.A_log.shape), compiled, plan, grad, rule)
         return plan._replace(block=block, block_fn=block_fn)
 
-    def records_gradients(self, x, params) -> bool:
-        """Whether autograd records the call (libraries without autograd: never)."""
+    def records_gradients(self, x, params, state=()) -> bool:
+        """Whether autograd records a call on ``x``, ``params`` and ``state`` (libraries without autograd: never)."""
         return False
 
     def forms(self, x, grad: bool, time_invariant: bool = False, state_elements: int = 0) -> Plan:

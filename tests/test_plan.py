@@ -170,3 +170,25 @@ def test_overwriting_keeps_a_wider_states_dtype(layer, library):
         assert got.dtype == expected.dtype == xp.float64
         np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
     np.testing.assert_array_equal(np.asarray(overwriting[0]), np.asarray(plain[0]))
+
+
+@pytest.mark.parametrize("layer", ["S4", "S5", "S6", "Mamba"])
+def test_states_that_require_grad_make_a_recorded_call(layer):
+    """Frozen parameters and an input without grad, but states that require grad: autograd records the step
+    (Mamba's conv buffer puts all of it in the graph), which then overwrites nothing, and the states get
+    their gradients, held or given to the stateless form (gradcheck against finite differences, float64)."""
+    module = getattr(tt.ssm, layer)(4, d_state=3).double().requires_grad_(False)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    states = [s.normal_().requires_grad_() for s in module.initial_states(x)]
+    params, _ = ssm_core.layout.in_compute_dtype(module._core_params(), torch_backend.xp)
+    assert not torch_backend.plan(module.spec, x, params, False, state=states).inplace
+    assert torch_backend.plan(module.spec, x, params, False, state=[s.detach() for s in states]).inplace
+    stateless = module.stateless()
+
+    def held(*values):
+        for name, value in zip(module.state_names, values):
+            setattr(module, name, value)  # held states that require grad, as a learned initial state is
+        return module(x), *(getattr(module, name) for name in module.state_names)
+
+    for step in (lambda *values: stateless(x, *values), held):
+        assert torch.autograd.gradcheck(step, tuple(states))

@@ -43,8 +43,12 @@ class TorchBackend(Backend):
 
         return load_file(name)
 
-    def records_gradients(self, x, params) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+    def records_gradients(self, x, params, state=()) -> bool:
+        # The states too: a held state that requires grad (a stateless form's, a loaded one) puts
+        # every array made from it in autograd's graph, Mamba's conv buffer the whole step's.
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(a is not None and a.requires_grad for arrays in (params, state) for a in arrays)
+        )
 
     def forms(self, x, grad, time_invariant=False, state_elements=0):
         return _fused.forms(x, grad, time_invariant, state_elements)

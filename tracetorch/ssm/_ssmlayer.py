@@ -259,7 +259,7 @@ class Layer(BaseLayer):
         config = self.config
 
         def core(x_last, state):
-            plan = self.backend.plan(self.spec, x_last, params, sequence, compiled, config)
+            plan = self.backend.plan(self.spec, x_last, params, sequence, compiled, config, state=state)
             with self._math_context(x_last):
                 return run_core(x_last, state, params, plan)
 
@@ -281,7 +281,7 @@ class Layer(BaseLayer):
         compute = checked.compute_dtype
         params, _ = in_compute_dtype(self._core_params(), xp_torch, compute)
         x_c = x if x.dtype == compute else x.to(compute)
-        grad = torch.is_grad_enabled() and self.backend.records_gradients(x_c, params)  # no call under no_grad
+        grad = torch.is_grad_enabled() and self.backend.records_gradients(x_c, params, held.values())  # none under no_grad
         mode = (grad, _fused.functorch_active())  # what the plan's forms depend on besides the signature
         plan = checked.plans.get(mode)
         if plan is None:
