@@ -119,7 +119,6 @@ def zoh_terms(z, inv_A, xp, expm1="expm1", A=None, overwrite=False):
     raise ValueError(f"zoh: expm1 must be one of {EXPM1_FORMS}, got {expm1!r}")
 
 
-
 # expm1(z) = z * sum_k z**k / (k+1)!, k < degree, for |z| < _SERIES_BOUND: the
 # truncation stays below half an ulp there (degree 6 in float32, 12 in float64).
 _SERIES_BOUND = 0.25

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ._array import at_least, muladd, namespace, unstack, vecdot
+from ._array import at_least, muladd, namespace, unstack
 from .checks import check_sizes
 from .discretize import decay_rate_from_log, zoh_terms
 from .plan import Plan, with_method
@@ -122,20 +122,15 @@ def s4_discretize(params: S4Params, xp=None, plan: Plan | None = None) -> S4Dyna
     return S4Dynamics(A_bar, gain * params.B, params.C, params.D)
 
 
-def s4_step_discrete(x, state: S4State, dynamics: S4Dynamics, xp=None, overwrite=False):
-    """One S4 step from precomputed dynamics; returns ``(y, new_state)``.
-
-    ``overwrite``: the new state is written into the step's own temporary (a plan's ``inplace``).
-    """
+def s4_step_discrete(x, state: S4State, dynamics: S4Dynamics, xp=None):
+    """One S4 step from precomputed dynamics; returns ``(y, new_state)``."""
     xp = namespace(x, xp=xp)
-    h = muladd(dynamics.A_bar, state.state, dynamics.B_bar * x[..., None], xp, overwrite)  # [..., N, d]
+    h = muladd(dynamics.A_bar, state.state, dynamics.B_bar * x[..., None], xp)  # [..., N, d]
     # The output as traceTorch 0.19.2 forms it, a sum and then + D x, not one fused multiply-add:
     # a caller keeping every step's output measured far less heap growth with it under glibc
     # (S4, batch 8: 29 against 420 MiB over 1,024 steps). That growth is the allocator's
     # fragmentation and varies from run to run; for whole sequences, scan allocates little.
-    # The sum as a vecdot: no product of the state's size (NumPy: a quarter of the time of
-    # multiply and sum at [32, 256, 64]; torch: the same bits, one call fewer).
-    y = vecdot(h, dynamics.C, xp) + dynamics.D * x  # [..., N]
+    y = xp.sum(h * dynamics.C, axis=-1) + dynamics.D * x  # [..., N]
     return y, S4State(h)
 
 
@@ -149,8 +144,7 @@ def s4_step(x, state: S4State, params: S4Params, xp=None, prepared: S4Dynamics |
     and S5 have no options that change the numbers).
     """
     xp = namespace(x, xp=xp)
-    dynamics = s4_discretize(params, xp, plan) if prepared is None else prepared
-    return s4_step_discrete(x, state, dynamics, xp, plan is not None and plan.inplace)
+    return s4_step_discrete(x, state, s4_discretize(params, xp, plan) if prepared is None else prepared, xp)
 
 
 def _scan_method(method: str, xs, xp, chunked_from: int) -> str:
@@ -178,14 +172,14 @@ def _lti_scan(xs, state, params, xp, plan, prepared, discretize, step_discrete, 
         return xs, state
     dynamics = discretize(params, xp, plan) if prepared is None else prepared
     if _scan_method(plan.method or "auto", xs, xp, chunked_from) == "loop":
-        return _step_loop(step_discrete, xs, state, dynamics, xp, plan.inplace)
+        return _step_loop(step_discrete, xs, state, dynamics, xp)
     return chunked_scan(xs, state, dynamics, xp)
 
 
-def _step_loop(step_discrete, xs, state, dynamics, xp, overwrite=False):
+def _step_loop(step_discrete, xs, state, dynamics, xp):
     ys = []
     for x in unstack(xs, 0, xp):  # not xs[t]: see linear_recurrence
-        y, state = step_discrete(x, state, dynamics, xp, overwrite)
+        y, state = step_discrete(x, state, dynamics, xp)
         ys.append(y)
     return xp.stack(ys, axis=0), state
 
@@ -421,10 +415,10 @@ def s5_discretize(params: S5Params, xp=None, plan: Plan | None = None) -> S5Dyna
     return S5Dynamics(A_bar, params.B * gain, params.C, params.D)
 
 
-def s5_step_discrete(x, state: S5State, dynamics: S5Dynamics, xp=None, overwrite=False):
-    """One S5 step from precomputed dynamics; returns ``(y, new_state)``; ``overwrite`` as in :func:`s4_step_discrete`."""
+def s5_step_discrete(x, state: S5State, dynamics: S5Dynamics, xp=None):
+    """One S5 step from precomputed dynamics; returns ``(y, new_state)``."""
     xp = namespace(x, xp=xp)
-    g = muladd(dynamics.A_bar, state.global_state, x @ dynamics.B_bar, xp, overwrite)  # [..., d]
+    g = muladd(dynamics.A_bar, state.global_state, x @ dynamics.B_bar, xp)  # [..., d]
     y = g @ dynamics.C + dynamics.D * x  # [..., N]; two operations, as in s4_step_discrete
     return y, S5State(g)
 
@@ -436,8 +430,7 @@ def s5_step(x, state: S5State, params: S5Params, xp=None, prepared: S5Dynamics |
     ``prepared``, ``plan`` and ``config`` as in :func:`s4_step`.
     """
     xp = namespace(x, xp=xp)
-    dynamics = s5_discretize(params, xp, plan) if prepared is None else prepared
-    return s5_step_discrete(x, state, dynamics, xp, plan is not None and plan.inplace)
+    return s5_step_discrete(x, state, s5_discretize(params, xp, plan) if prepared is None else prepared, xp)
 
 
 def s5_scan(xs, state: S5State, params: S5Params, xp=None, method=None, prepared: S5Dynamics | None = None, plan=None,
