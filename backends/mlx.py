@@ -82,11 +82,6 @@ def _logaddexp(x, y):
     return high + mx.log1p(_exp(-mx.abs(x - y)))
 
 
-def _vecdot(a, b, /, *, axis=-1):
-    # MLX's vecdot takes no broadcasting (S4's state [..., N, d] against C [N, d]): the product and its sum.
-    return mx.sum(a * b, axis=axis)
-
-
 class _Namespace:
     """``mlx.core`` completed where it differs from the array API standard."""
 
@@ -110,7 +105,6 @@ xp = _Namespace(
     astype=lambda x, dtype, copy=True: x.astype(dtype),  # MLX arrays share no views: a copy is moot
     exp=_exp,
     logaddexp=_logaddexp,
-    vecdot=_vecdot,
 )
 
 

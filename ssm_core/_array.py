@@ -18,7 +18,7 @@ from array_api_compat import array_namespace
 
 __all__ = [
     "namespace", "register_namespace", "softplus", "silu", "linear", "muladd", "reciprocal", "subtract_from", "at_least",
-    "readout", "vecdot", "scaled", "divided", "elementwise",
+    "readout", "scaled", "elementwise",
     "moveaxis", "unstack",
 ]
 
@@ -147,14 +147,6 @@ def scaled(a, b, xp, overwrite: bool = False):
     return a * b
 
 
-def divided(a, b, xp, overwrite: bool = False):
-    """``a / b``; into ``a`` as :func:`scaled` writes."""
-    if overwrite and b.dtype == a.dtype:
-        a /= b
-        return a
-    return a / b
-
-
 # Libraries whose elementwise functions write into an `out=` array (NumPy's and CuPy's ufuncs).
 _UFUNC_NAMES = frozenset({"numpy", "array_api_compat.numpy", "cupy", "array_api_compat.cupy"})
 
@@ -205,12 +197,7 @@ def readout(h, C, xp, form="matmul"):
     if form == "sum":
         return xp.sum(h * C[..., None, :], axis=-1)  # [..., N]
     if form == "vecdot":
-        return vecdot(h, C[..., None, :], xp)  # [..., N]
+        if _is_torch(xp):
+            return sys.modules["torch"].linalg.vecdot(h, C[..., None, :])  # [..., N]; array-api-compat's moves axes first
+        return xp.vecdot(h, C[..., None, :], axis=-1)  # [..., N]
     return (h @ C[..., None])[..., 0]  # [..., N]
-
-
-def vecdot(a, b, xp):
-    """The standard's ``vecdot`` over the last axis (real arrays): ``sum(a * b, axis=-1)`` without the product's array."""
-    if _is_torch(xp):
-        return sys.modules["torch"].linalg.vecdot(a, b)  # array-api-compat's moves axes first
-    return xp.vecdot(a, b, axis=-1)

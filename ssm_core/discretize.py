@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ._array import at_least, divided, elementwise, muladd, namespace, reciprocal, scaled, subtract_from
+from ._array import at_least, elementwise, muladd, namespace, reciprocal, scaled, subtract_from
 from .plan import EXPM1_FORMS
 
 __all__ = ["zoh", "zoh_terms", "decay_rates", "decay_rates_from_log", "decay_rate_from_log", "phi1"]
@@ -99,10 +99,8 @@ def zoh_terms(z, inv_A, xp, expm1="expm1", A=None, overwrite=False):
     """
     if expm1 == "expm1":
         decay_minus_one = xp.expm1(z)  # [z shape]
-        if inv_A is None:
-            gain = divided(decay_minus_one, A, xp, overwrite)  # [z shape]
-        else:
-            gain = scaled(decay_minus_one, inv_A, xp, overwrite)  # [z shape]
+        # Without inv_A (S4's and S5's parameter-sized discretization) a division, into a new array.
+        gain = decay_minus_one / A if inv_A is None else scaled(decay_minus_one, inv_A, xp, overwrite)  # [z shape]
         # exp(z), not expm1(z) + 1.0: the same to an ulp, and torch converts a
         # Python scalar at every call, which costs more than exp on small arrays.
         return elementwise("exp", z, xp, overwrite), gain  # [z shape] x2

@@ -259,7 +259,7 @@ SELECTIVE_METHOD_PARAMS = [p for p in METHOD_PARAMS if not ssm_core.LAYERS[p.val
 @pytest.mark.parametrize("readout", READOUT_FORMS)
 @pytest.mark.parametrize("expm1", EXPM1_FORMS)
 @pytest.mark.parametrize(("case", "method"), SELECTIVE_METHOD_PARAMS)
-@pytest.mark.parametrize("binding", ["numpy", "torch"], indirect=True)
+@pytest.mark.parametrize("binding", ["numpy", "torch", "mlx"], indirect=True)
 def test_functional_scan_equals_stepping_in_every_form(binding, case, method, expm1, readout):
     """S6/Mamba under a plan naming the forms of ``expm1`` and of the readout (the bindings pick them per
     library, device and autograd): the scan equals the steps run with the same forms, float64."""
