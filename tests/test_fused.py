@@ -373,6 +373,75 @@ def test_ttcompiled_steps_equal_eager_steps_and_freeze_the_weights(name, kwargs)
         assert _rel(layer(xs[0]), eager[0]) > 1e-6  # follows the parameters again
 
 
+def _graph_compiler_or_skip():
+    if _fused._graph_compiler() is None:
+        pytest.skip(f"torch {torch.__version__} has no torch._inductor.standalone_compile: the step is dynamo's")
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_ttcompiled_cpu_steps_run_one_graph_without_dynamo(name, kwargs):
+    """On CPUs the step is an inductor graph called directly: dynamo traces no frame of it, at any call."""
+    _graph_compiler_or_skip()
+    layer = _layer(name, kwargs, torch.float32)
+    layer.TTcompile()
+    xs = torch.randn(4, 5, N)  # a batch of 5: a key of its own among the tests
+    dynamo.utils.counters.clear()
+    with torch.no_grad():
+        ys = [layer(x) for x in xs]
+    assert not dynamo.utils.counters["stats"], dict(dynamo.utils.counters["stats"])  # dynamo captured no graph
+    key = (name, layer.config, (5, N), torch.float32, torch.device("cpu"), None)
+    assert key in _fused.step_compiler.compiled_keys(), _fused.step_compiler.failed_keys
+    layer.TTdecompile()
+    layer.zero_states()
+    with torch.no_grad():
+        for x, y in zip(xs, ys):
+            assert _rel(y, layer(x)) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_ttcompiled_steps_of_strided_inputs_equal_eager_steps(name, kwargs):
+    """The graph assumes its first call's strides: inputs laid out otherwise (time slices of a
+    batch-first sequence, a transposed state) are made contiguous first, not read wrongly."""
+    dtype = torch.float64
+    layer = _layer(name, kwargs, dtype)
+    xs = torch.randn(6, 7, N, dtype=dtype)  # [batch, time, N]: xs[:, t] strides over time
+    with torch.no_grad():
+        layer.zero_states()
+        eager = [layer(xs[:, t]) for t in range(7)]
+        eager_states = _states(layer)
+        layer.TTcompile()
+        layer.zero_states()
+        layer(xs[:, 0].contiguous())  # the graph is made for contiguous arrays
+        layer.zero_states()
+        compiled = [layer(xs[:, t]) for t in range(7)]
+    for a, b in zip(compiled, eager):
+        assert _rel(a, b) <= TOL[dtype]
+    for key, value in _states(layer).items():
+        assert _rel(value, eager_states[key]) <= TOL[dtype], key
+
+
+def test_a_graph_step_runs_eagerly_for_arrays_unlike_its_first_calls():
+    """Another dtype, or an absent field where the first call had one, is not fed to the graph."""
+    standalone = _fused._graph_compiler()
+    if standalone is None:
+        pytest.skip(f"torch {torch.__version__} has no torch._inductor.standalone_compile")
+    spec, config = ssm_core.S6, ssm_core.S6Config(N, D_STATE)
+    eager = _fused._step_of(spec, config)
+    step = _fused._graph_step(spec, config, eager, standalone)
+    torch.manual_seed(3)
+    params = spec.init(config, torch_backend.draws(torch.float64))
+    decay = spec.prepare(params, xp_torch)
+    x, state = torch.randn(2, N, dtype=torch.float64), spec.state(torch.randn(2, N, D_STATE, dtype=torch.float64))
+    with torch.no_grad():
+        step(x, state, params, decay)  # traced for float64
+        as32 = lambda record: type(record)(*(None if a is None else a.float() for a in record))
+        args32 = (x.float(), as32(state), as32(params), tuple(a.float() for a in decay))
+        y, new_state = step(*args32)
+        y_eager, state_eager = eager(*args32)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, y_eager) and torch.equal(new_state.state, state_eager.state)
+
+
 # ----------------------------------------------------------------------------- MLX and the series
 
 

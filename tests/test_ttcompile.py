@@ -9,6 +9,8 @@ decompiled. That a compiled layer keeps the weights it was compiled with is
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -108,6 +110,25 @@ def test_ttcompile_then_dtype_conversion(case):
         y_p = run_steps(plain, xs)
     assert y_c.dtype == torch.float32
     assert rel_err(y_c, y_p) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["S4", "S5", "S6", "Mamba"])
+def test_a_conversion_after_ttcompile_reaches_the_steps(name):
+    """The step keeps the frozen weights as it takes them; converting the layer (here to half
+    precision and back: the same dtype, other values) makes it take them anew, as a copy does."""
+    torch.manual_seed(6)
+    layer = getattr(tt.ssm, name)(N, d_state=D_STATE)
+    layer.TTcompile()
+    xs = torch.randn(T, 2, N)
+    with torch.no_grad():
+        before = run_steps(layer, xs)
+        layer.half().float()  # the frozen copies are rounded to float16's precision
+        fresh = copy.deepcopy(layer)  # takes the frozen weights from its buffers at its first step
+        layer.zero_states()
+        fresh.zero_states()
+        after, expected = run_steps(layer, xs), run_steps(fresh, xs)
+    assert torch.equal(after, expected)
+    assert not torch.equal(after, before)  # the rounding shows
 
 
 class _AllLayers(tt.Model):

@@ -2,7 +2,8 @@
 
 Both compile ``ssm_core``'s own functions, nothing written twice: the scan
 compiles :func:`ssm_core.selective_block` (C++/OpenMP through inductor on
-CPUs, Triton on CUDA GPUs), ``TTcompile()`` the layer's whole step. When to
+CPUs, Triton on CUDA GPUs), ``TTcompile()`` the layer's whole step (on CPUs
+as one graph called without dynamo, :func:`_graph_step`). When to
 compile, the first call's check against eager, and the eager fallback, is
 :mod:`ssm_core.fused`'s policy; what counts as a compiler's failure, and how
 a compiled block takes part in autograd, is torch's and lives here.
@@ -15,6 +16,7 @@ eagerly past that in a model of many layer sizes.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 
@@ -41,6 +43,10 @@ def _own_code(fn):
 # ----------------------------------------------------------------------------- what is torch's, not the compiler's
 
 
+class GraphCompileError(RuntimeError):
+    """Tracing a step to a graph, or compiling that graph, failed (see :func:`_graph_step`)."""
+
+
 def _is_compiler_failure(error: BaseException) -> bool:
     """Whether ``error``, raised by a compiled function's call, is torch.compile's own failure.
 
@@ -51,7 +57,7 @@ def _is_compiler_failure(error: BaseException) -> bool:
     (``torch.utils.checkpoint`` ends a recomputation early with an exception),
     and is not ours to catch.
     """
-    failures = []
+    failures = [GraphCompileError]
     dynamo_exc = sys.modules.get("torch._dynamo.exc")  # loaded by any compile: nothing to import here
     if dynamo_exc is not None:
         failures.append(dynamo_exc.TorchDynamoException)
@@ -305,9 +311,98 @@ def _step_of(spec, config):
     return step
 
 
+def _graph_compiler():
+    """``torch._inductor.standalone_compile`` where this torch has it (from 2.8 on), else None."""
+    import torch._inductor
+
+    standalone = getattr(torch._inductor, "standalone_compile", None)
+    if standalone is None or "dynamic_shapes" not in inspect.signature(standalone).parameters:
+        return None
+    return standalone
+
+
+def _flat(groups) -> tuple:
+    """``(arrays, absent)``: the arrays of ``groups`` (records of arrays or None) in order, and where None stood."""
+    arrays, absent = [], []
+    for group in groups:
+        for value in group:
+            absent.append(value is None)
+            if value is not None:
+                arrays.append(value)
+    return arrays, tuple(absent)
+
+
+def _unflat(templates, absent, arrays) -> list:
+    """The records of ``templates``' types with ``arrays`` put back where ``absent`` has no None."""
+    values, position, records = iter(arrays), 0, []
+    for template in templates:
+        fields = [None if absent[position + i] else next(values) for i in range(len(template))]
+        position += len(template)
+        records.append(type(template)(*fields) if hasattr(template, "_fields") else tuple(fields))
+    return records
+
+
+def _graph_step(spec, config, eager, standalone):
+    """``step(x, state, params, decay)`` as one graph compiled by inductor, called without dynamo.
+
+    Dynamo's call of a compiled function (its frame hooks, config and guards)
+    took about 50 µs of S6's 160 µs TTcompile'd step at batch 32, 256 features:
+    the graph of the same step, traced with ``make_fx`` and compiled by
+    ``standalone_compile``, took 110 µs. So the step is traced at its first call,
+    and the graph specialises on that call: its shapes and strides (inductor's
+    code asserts both at every call: contiguous arrays pass), the arrays'
+    dtype and device, the autocast state (the caller's key) and which fields
+    are None. What dynamo's guards checked besides, this checks: a call that
+    differs runs the eager step. Tracing with fake tensors refuses a branch on
+    the data, as dynamo's ``fullgraph`` does.
+    """
+    traced = None  # (absent, dtype, compiled graph, the new state's template): the first call's
+
+    def trace(x, groups, arrays, absent):
+        new_states = []  # the new state record of the traced call: where its outputs go back
+
+        def flat_step(x, *arrays):
+            state, params, decay = _unflat(groups, absent, arrays)
+            y, new_state = spec.step(x, state, params, xp=xp_torch, prepared=decay, plan=_TRACED_CPU, config=config)
+            new_states.append(new_state)
+            return (y, *(s for s in new_state if s is not None))
+
+        try:
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            with torch.no_grad():
+                graph = make_fx(flat_step, tracing_mode="fake")(x, *arrays)
+                with torch._inductor.config.patch(_compat.inductor_options()):
+                    compiled = standalone(graph, [x, *arrays], dynamic_shapes="from_example_inputs")
+        except Exception as error:  # making the graph is compiling: whatever fails there is the compiler's
+            raise GraphCompileError(f"{type(error).__name__}: {error}") from error
+        new_state = new_states[-1]
+        return absent, x.dtype, compiled, (new_state, tuple(s is None for s in new_state))
+
+    def step(x, state, params, decay):
+        nonlocal traced
+        arrays, found = _flat((state, params, decay))
+        x, arrays = x.contiguous(), [a.contiguous() for a in arrays]  # the graph's strides: its first call's
+        if traced is None:
+            traced = trace(x, (state, params, decay), arrays, found)
+        absent, dtype, compiled, (new_state, new_absent) = traced
+        if found != absent or not all(a.is_cpu and a.dtype == dtype for a in (x, *arrays)):
+            return eager(x, state, params, decay)
+        y, *new_arrays = compiled(x, *arrays)
+        return y, _unflat((new_state,), new_absent, new_arrays)[0]
+
+    return step
+
+
 def _compile_step(key):
-    eager = _step_of(ssm_core.LAYERS[key[0]], key[1])  # the key's config: its options are the step's
-    compiled = torch.compile(_own_code(eager), fullgraph=True, dynamic=False, options=_compat.inductor_options())
+    spec, config, device = ssm_core.LAYERS[key[0]], key[1], key[4]  # the key's config: its options are the step's
+    eager = _step_of(spec, config)
+    standalone = _graph_compiler() if device.type == "cpu" else None
+    # On CUDA GPUs the step stays dynamo's: the graph form was measured and tested on CPUs only.
+    compiled = (
+        _graph_step(spec, config, eager, standalone) if standalone is not None
+        else torch.compile(_own_code(eager), fullgraph=True, dynamic=False, options=_compat.inductor_options())
+    )
 
     def step(x, state, params, decay):
         # TTcompile freezes the weights (buffers, no gradient) for inference.

@@ -368,9 +368,32 @@ class Layer(BaseLayer):
             cached = self.__dict__["_compiled_step_fn"] = (key, _fused.step_function(self.spec, self.config, x))
         return cached[1](x, state, params, prepared)
 
+    def _frozen_inputs(self, dtype):
+        """What ``TTcompile()`` froze, in ``dtype`` (the compute dtype), as the compiled step takes it.
+
+        Kept across steps: the frozen buffers change only by ``TTcompile()``,
+        ``TTdecompile()`` and a conversion of the layer (``_apply``), which drop it.
+        """
+        kept = self.__dict__.get("_frozen_inputs_kept")
+        if kept is None or kept[0] != dtype:
+            kept = self.__dict__["_frozen_inputs_kept"] = (dtype, self._make_frozen_inputs(dtype))
+        return kept[1]
+
+    def _make_frozen_inputs(self, dtype):
+        raise NotImplementedError
+
+    def _forget_frozen_inputs(self) -> None:
+        self.__dict__.pop("_frozen_inputs_kept", None)
+        self.__dict__.pop("_compiled_step_fn", None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_frozen_inputs_kept", None)  # .to(), .half(), .cuda(): the frozen buffers are new tensors
+        return super()._apply(fn, *args, **kwargs)
+
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_compiled_step_fn", None)  # a compiled function does not pickle; the next step finds it again
+        state.pop("_frozen_inputs_kept", None)  # views or copies of the buffers: made again from them
         return state
 
     def scan(self, xs: torch.Tensor, time_dim: int = 0, compiled: Optional[bool] = None) -> torch.Tensor:
@@ -494,12 +517,12 @@ class TimeInvariantLayer(Layer):
     def _core_step(self, x, state, params, plan):
         if self._FROZEN not in self._buffers:  # Layer._core_step's eager step, inlined: a call less per step
             return self.spec.step(x, state, params, xp=xp_torch, plan=plan, config=self.config)
-        dynamics = self._frozen_dynamics(params.C.dtype)  # the compute dtype: float32 for a half-precision layer
+        dynamics = self._frozen_inputs(params.C.dtype)  # the compute dtype: float32 for a half-precision layer
         if self._fuses_step:
             return self._compiled_step(x, state, params, dynamics)
         return self.spec.step(x, state, params, xp=xp_torch, prepared=dynamics, plan=plan, config=self.config)
 
-    def _frozen_dynamics(self, dtype):
+    def _make_frozen_inputs(self, dtype):
         buffers = self._buffers
         return self.spec.dynamics(*(buffers[self._COMPILED + f].to(dtype) for f in self.spec.dynamics._fields))
 
@@ -519,13 +542,14 @@ class TimeInvariantLayer(Layer):
             dynamics = self.spec.prepare(params, xp_torch, self.backend.forms(params.A_log, False, time_invariant=True))
         for field, value in zip(dynamics._fields, dynamics):
             self.register_buffer(self._COMPILED + field, value.detach().clone(), persistent=False)
+        self._forget_frozen_inputs()
 
     def TTdecompile(self) -> None:
         r"""Drop the frozen dynamics and the compiled step: steps follow the parameters again and train."""
         super().TTdecompile()
         for field in self.spec.dynamics._fields:
             self._buffers.pop(self._COMPILED + field, None)
-        self.__dict__.pop("_compiled_step_fn", None)
+        self._forget_frozen_inputs()
 
 
 class Stateless(nn.Module):
@@ -569,25 +593,29 @@ class SelectiveLayer(Layer):
     _COMPILED = "_compiled_params_"
 
     def _core_step(self, x, state, params, plan):
-        frozen = self.__dict__.get("_compiled_fields")
-        if frozen is None:
+        if "_compiled_fields" not in self.__dict__:
             return super()._core_step(x, state, params, plan)
-        dtype, buffers = x.dtype, self._buffers  # the compute dtype: float32 for a half-precision layer
+        frozen_params, decay = self._frozen_inputs(x.dtype)  # the compute dtype: float32 for a half-precision layer
+        return self._compiled_step(x, state, frozen_params, decay)
+
+    def _make_frozen_inputs(self, dtype):
+        buffers = self._buffers
 
         def frozen_value(field):
             value = buffers[self._COMPILED + field]
-            return value if value.dtype == dtype else value.to(dtype)  # a call of .to() costs more than this test
+            return value if value.dtype == dtype else value.to(dtype)
 
-        params = type(params)(*(None if f is None else frozen_value(f) for f in frozen))
-        return self._compiled_step(x, state, params, (frozen_value("A"), frozen_value("inv_A")))
+        params = self.spec.params(*(None if f is None else frozen_value(f) for f in self.__dict__["_compiled_fields"]))
+        return params, (frozen_value("A"), frozen_value("inv_A"))
 
     def TTcompile(self) -> None:
         r"""Freeze the weights and compile the step, for fast inference.
 
-        Steps then run one function compiled with ``torch.compile`` (the
-        projections as matrix products, everything else fused into few
-        kernels), compiled at the first step of each input shape, dtype and
-        device: seconds, once per process, less when inductor's disk cache has it.
+        Steps then run one function compiled by inductor (the projections as
+        matrix products, everything else fused into few kernels; on CPUs a
+        graph called without dynamo, see :func:`_fused._graph_step`),
+        compiled at the first step of each input shape, dtype and device:
+        seconds, once per process, less when inductor's disk cache has it.
 
         **The weights are frozen from ``TTcompile()`` until ``TTdecompile()``**:
         steps use copies of the parameters as they were at ``TTcompile()``, so
@@ -613,7 +641,7 @@ class SelectiveLayer(Layer):
                 if value is not None:
                     self.register_buffer(self._COMPILED + field, value.detach().clone(), persistent=False)
         self.__dict__["_compiled_fields"] = tuple(f if p is not None else None for f, p in zip(params._fields, params))
-        self.__dict__.pop("_compiled_step_fn", None)
+        self._forget_frozen_inputs()
 
     def TTdecompile(self) -> None:
         r"""Drop the frozen weights and the compiled step: steps follow the parameters again and train."""
@@ -621,4 +649,4 @@ class SelectiveLayer(Layer):
         for name in [n for n in self._buffers if n.startswith(self._COMPILED)]:
             del self._buffers[name]
         self.__dict__.pop("_compiled_fields", None)
-        self.__dict__.pop("_compiled_step_fn", None)
+        self._forget_frozen_inputs()
