@@ -592,6 +592,16 @@ class SelectiveLayer(Layer):
 
     _COMPILED = "_compiled_params_"
 
+    def _direct_step(self, checked: "_CheckedStep", x, held: dict):
+        if "_compiled_fields" not in self.__dict__:
+            return super()._direct_step(checked, x, held)
+        # TTcompile'd: the frozen weights, not the parameters, and the compiled step, which runs
+        # eagerly where autograd records or a torch.func transform runs; no plan to make.
+        compute = checked.compute_dtype
+        x_c = x if x.dtype == compute else x.to(compute)
+        y, new_state = self._compiled_step(x_c, self.spec.state(*held.values()), *self._frozen_inputs(compute))
+        return (y if y.dtype == checked.out_dtype else y.to(checked.out_dtype)), dict(zip(held, new_state))
+
     def _core_step(self, x, state, params, plan):
         if "_compiled_fields" not in self.__dict__:
             return super()._core_step(x, state, params, plan)
