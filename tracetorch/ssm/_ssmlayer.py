@@ -511,20 +511,41 @@ class TimeInvariantLayer(Layer):
     _FROZEN = _COMPILED + "A_bar"  # present from TTcompile() to TTdecompile()
     # Whether TTcompile() also compiles the step: where it is elementwise over a [batch, N, d_state] state (S4),
     # fused into one pass; S5's is two matrix products around a [batch, d_state] state, which the compiled
-    # step ran slower than eager (1.9x 0.19.2's eager step against 1.3x, batch 32, 256 features, AVX-512).
+    # step ran slower than eager on the frozen system (inductor's graph: 1.09-1.12x 0.19.2's eager step
+    # against 0.54-0.77x, batch 1 x 64 and 32 x 256 features, AVX-512).
     _fuses_step = True
+
+    def _direct_step(self, checked: "_CheckedStep", x, held: dict):
+        if self._FROZEN not in self._buffers:
+            return super()._direct_step(checked, x, held)
+        # TTcompile'd: the frozen system, not the parameters, and no plan to make.
+        compute = checked.compute_dtype
+        x_c = x if x.dtype == compute else x.to(compute)
+        state = self.spec.state(*held.values())
+        if checked.autocast is None:
+            y, new_state = self._frozen_step(x_c, state)
+        else:
+            with self._math_context(x_c):
+                y, new_state = self._frozen_step(x_c, state)
+        return (y if y.dtype == checked.out_dtype else y.to(checked.out_dtype)), dict(zip(held, new_state))
 
     def _core_step(self, x, state, params, plan):
         if self._FROZEN not in self._buffers:  # Layer._core_step's eager step, inlined: a call less per step
             return self.spec.step(x, state, params, xp=xp_torch, plan=plan, config=self.config)
-        dynamics = self._frozen_inputs(params.C.dtype)  # the compute dtype: float32 for a half-precision layer
+        return self._frozen_step(x, state)
+
+    def _frozen_step(self, x, state):
+        """A step of the frozen system in ``x``'s dtype (the compute dtype: float32 for a half-precision layer),
+        which takes no parameters (None in their record)."""
+        dynamics, no_params = self._frozen_inputs(x.dtype)
         if self._fuses_step:
-            return self._compiled_step(x, state, params, dynamics)
-        return self.spec.step(x, state, params, xp=xp_torch, prepared=dynamics, plan=plan, config=self.config)
+            return self._compiled_step(x, state, no_params, dynamics)
+        return self.spec.step(x, state, no_params, xp=xp_torch, prepared=dynamics, config=self.config)
 
     def _make_frozen_inputs(self, dtype):
-        buffers = self._buffers
-        return self.spec.dynamics(*(buffers[self._COMPILED + f].to(dtype) for f in self.spec.dynamics._fields))
+        buffers, fields = self._buffers, self.spec.dynamics._fields
+        no_params = self.spec.params(*([None] * len(self.spec.params._fields)))
+        return self.spec.dynamics(*(buffers[self._COMPILED + f].to(dtype) for f in fields)), no_params
 
     def TTcompile(self) -> None:
         r"""Discretize the system once and compile the step, for fast inference; the weights are frozen until
