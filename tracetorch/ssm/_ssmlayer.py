@@ -361,7 +361,7 @@ class Layer(BaseLayer):
         return self.spec.step(x, state, params, xp=xp_torch, plan=plan, config=self.config)
 
     def _compiled_step(self, x, state, params, prepared):
-        """``TTcompile()``'s step: ``spec.step`` compiled with ``torch.compile`` (:func:`_fused.step_function`)."""
+        """``TTcompile()``'s step: ``spec.step`` compiled by inductor (:func:`_fused.step_function`)."""
         key = (tuple(x.shape), x.dtype, x.device, _compat.autocast_dtype(x.device.type))  # a graph per autocast state
         cached = self.__dict__.get("_compiled_step_fn")
         if cached is None or cached[0] != key:
@@ -551,8 +551,8 @@ class TimeInvariantLayer(Layer):
         r"""Discretize the system once and compile the step, for fast inference; the weights are frozen until
         ``TTdecompile()``.
 
-        S4's steps then run one function compiled with ``torch.compile`` (the
-        update and the readout fused), compiled at the first step of each input
+        S4's steps then run one function compiled by inductor (the update and
+        the readout fused), compiled at the first step of each input
         shape, dtype and device, and checked against the eager step there, as
         S6's and Mamba's (see :meth:`SelectiveLayer.TTcompile`); S5's step, two
         matrix products, runs eagerly on the frozen dynamics.
@@ -608,7 +608,7 @@ class SelectiveLayer(Layer):
     r"""An SSM layer whose dynamics depend on the input (S6, Mamba).
 
     ``TTcompile()`` freezes the weights and compiles the whole step with
-    ``torch.compile`` (see :meth:`TTcompile`); ``TTdecompile()`` undoes both.
+    inductor (see :meth:`TTcompile`); ``TTdecompile()`` undoes both.
     """
 
     _COMPILED = "_compiled_params_"
