@@ -420,6 +420,23 @@ def test_ttcompiled_steps_of_strided_inputs_equal_eager_steps(name, kwargs):
         assert _rel(value, eager_states[key]) <= TOL[dtype], key
 
 
+@pytest.mark.parametrize(("name", "kwargs"), CASES[:2], ids=CASE_IDS[:2])
+def test_a_ttcompiled_layer_stepped_then_traced_by_torch_compile(name, kwargs):
+    """Stepped eagerly first (its graph made and kept), then inside the caller's torch.compile: traced whole."""
+    dtype = torch.float64
+    layer = _layer(name, kwargs, dtype)
+    reference = _layer(name, kwargs, dtype)
+    layer.TTcompile()
+    xs = torch.randn(4, 6, N, dtype=dtype)
+    compiled = torch.compile(_fused._own_code(lambda x: layer(x)), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        layer(xs[0]), reference(xs[0])
+        ys = [compiled(x) for x in xs[1:]]
+        expected = [reference(x) for x in xs[1:]]
+    for a, b in zip(ys, expected):
+        assert _rel(a, b) <= TOL[dtype]
+
+
 def test_a_graph_step_runs_eagerly_for_arrays_unlike_its_first_calls():
     """Another dtype, or an absent field where the first call had one, is not fed to the graph."""
     standalone = _fused._graph_compiler()

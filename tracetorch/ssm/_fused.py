@@ -437,6 +437,9 @@ def step_function(spec, config, x: torch.Tensor):
         return eager
 
     def step(x, state, params, decay):
-        return (eager if functorch_active() else compiled)(x, state, params, decay)
+        # Traced by someone's torch.compile (a step function made before it), the eager step is what
+        # their compile fuses: dynamo does not trace into a compiled graph of ours.
+        eager_here = functorch_active() or torch.compiler.is_compiling()
+        return (eager if eager_here else compiled)(x, state, params, decay)
 
     return step
