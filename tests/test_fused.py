@@ -437,6 +437,19 @@ def test_a_ttcompiled_layer_stepped_then_traced_by_torch_compile(name, kwargs):
         assert _rel(a, b) <= TOL[dtype]
 
 
+def test_a_ttcompiled_layer_traced_by_torch_compile_first_compiles_its_own_steps_after():
+    """Its first step inside the caller's compile runs eagerly there; its steps outside it then compile."""
+    layer = _layer("S6", {}, torch.float64)
+    layer.TTcompile()
+    xs = torch.randn(3, 7, N, dtype=torch.float64)  # a batch of 7: a key of its own among the tests
+    compiled = torch.compile(_fused._own_code(lambda x: layer(x)), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        compiled(xs[0])
+        layer(xs[1])
+    key = ("S6", layer.config, (7, N), torch.float64, torch.device("cpu"), None)
+    assert key in _fused.step_compiler.compiled_keys(), _fused.step_compiler.failed_keys
+
+
 def test_a_graph_step_runs_eagerly_for_arrays_unlike_its_first_calls():
     """Another dtype, or an absent field where the first call had one, is not fed to the graph."""
     standalone = _fused._graph_compiler()

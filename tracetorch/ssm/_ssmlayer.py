@@ -362,6 +362,10 @@ class Layer(BaseLayer):
 
     def _compiled_step(self, x, state, params, prepared):
         """``TTcompile()``'s step: ``spec.step`` compiled by inductor (:func:`_fused.step_function`)."""
+        if torch.compiler.is_compiling():
+            # Traced by someone's torch.compile: the eager step, which their compile fuses. Kept, it
+            # would be this key's step after their compile too (dynamo replays the attribute's write).
+            return _fused.step_function(self.spec, self.config, x)(x, state, params, prepared)
         key = (tuple(x.shape), x.dtype, x.device, _compat.autocast_dtype(x.device.type))  # a graph per autocast state
         cached = self.__dict__.get("_compiled_step_fn")
         if cached is None or cached[0] != key:
