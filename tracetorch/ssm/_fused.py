@@ -416,7 +416,7 @@ def _compile_step(key):
 
 
 step_compiler = BlockCompiler(
-    "the TTcompile()d step", "torch.compile", _compile_step, is_failure=_is_compiler_failure,
+    "the TTcompile()d step", "inductor", _compile_step, is_failure=_is_compiler_failure,
     check=lambda compiled, eager, args: _check_first_call(compiled, eager, args, autograd=False),
 )
 

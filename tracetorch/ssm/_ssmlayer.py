@@ -384,9 +384,11 @@ class Layer(BaseLayer):
         return kept[1]
 
     def _make_frozen_inputs(self, dtype):
+        """The frozen buffers in ``dtype``, as :meth:`_frozen_inputs` gives them (each TTcompile'd kind its own)."""
         raise NotImplementedError
 
-    def _forget_frozen_inputs(self) -> None:
+    def _forget_compiled(self) -> None:
+        """Drop what steps keep of a ``TTcompile()``: the frozen inputs and the step function."""
         self.__dict__.pop("_frozen_inputs_kept", None)
         self.__dict__.pop("_compiled_step_fn", None)
 
@@ -567,14 +569,14 @@ class TimeInvariantLayer(Layer):
             dynamics = self.spec.prepare(params, xp_torch, self.backend.forms(params.A_log, False, time_invariant=True))
         for field, value in zip(dynamics._fields, dynamics):
             self.register_buffer(self._COMPILED + field, value.detach().clone(), persistent=False)
-        self._forget_frozen_inputs()
+        self._forget_compiled()
 
     def TTdecompile(self) -> None:
         r"""Drop the frozen dynamics and the compiled step: steps follow the parameters again and train."""
         super().TTdecompile()
         for field in self.spec.dynamics._fields:
             self._buffers.pop(self._COMPILED + field, None)
-        self._forget_frozen_inputs()
+        self._forget_compiled()
 
 
 class Stateless(nn.Module):
@@ -676,7 +678,7 @@ class SelectiveLayer(Layer):
                 if value is not None:
                     self.register_buffer(self._COMPILED + field, value.detach().clone(), persistent=False)
         self.__dict__["_compiled_fields"] = tuple(f if p is not None else None for f, p in zip(params._fields, params))
-        self._forget_frozen_inputs()
+        self._forget_compiled()
 
     def TTdecompile(self) -> None:
         r"""Drop the frozen weights and the compiled step: steps follow the parameters again and train."""
@@ -684,4 +686,4 @@ class SelectiveLayer(Layer):
         for name in [n for n in self._buffers if n.startswith(self._COMPILED)]:
             del self._buffers[name]
         self.__dict__.pop("_compiled_fields", None)
-        self._forget_frozen_inputs()
+        self._forget_compiled()
