@@ -279,19 +279,23 @@ class Layer(BaseLayer):
         signature's, per autograd mode.
         """
         compute = checked.compute_dtype
-        params, _ = in_compute_dtype(self._core_params(), xp_torch, compute)
         x_c = x if x.dtype == compute else x.to(compute)
-        grad = torch.is_grad_enabled() and self.backend.records_gradients(x_c, params, held.values())  # none under no_grad
-        mode = (grad, _fused.functorch_active())  # what the plan's forms depend on besides the signature
-        plan = checked.plans.get(mode)
-        if plan is None:
-            plan = checked.plans[mode] = self.backend.plan(self.spec, x_c, params, False, config=self.config, grad=grad)
         state = self.spec.state(*held.values())
+        if self._frozen():  # TTcompile'd: the frozen weights, not the parameters, and no plan to make
+            step, args = self._frozen_step, (x_c, state)
+        else:
+            params, _ = in_compute_dtype(self._core_params(), xp_torch, compute)
+            grad = torch.is_grad_enabled() and self.backend.records_gradients(x_c, params, held.values())
+            mode = (grad, _fused.functorch_active())  # what the plan's forms depend on besides the signature
+            plan = checked.plans.get(mode)
+            if plan is None:
+                plan = checked.plans[mode] = self.backend.plan(self.spec, x_c, params, False, config=self.config, grad=grad)
+            step, args = self._core_step, (x_c, state, params, plan)
         if checked.autocast is None:
-            y, new_state = self._core_step(x_c, state, params, plan)
+            y, new_state = step(*args)
         else:
             with self._math_context(x_c):
-                y, new_state = self._core_step(x_c, state, params, plan)
+                y, new_state = step(*args)
         return (y if y.dtype == checked.out_dtype else y.to(checked.out_dtype)), dict(zip(held, new_state))
 
     def _math_context(self, x):
@@ -371,6 +375,14 @@ class Layer(BaseLayer):
         if cached is None or cached[0] != key:
             cached = self.__dict__["_compiled_step_fn"] = (key, _fused.step_function(self.spec, self.config, x))
         return cached[1](x, state, params, prepared)
+
+    def _frozen(self) -> bool:
+        """Whether ``TTcompile()`` froze the layer: its steps then run :meth:`_frozen_step`."""
+        return False
+
+    def _frozen_step(self, x, state):
+        """A step on what ``TTcompile()`` froze, in ``x``'s dtype (the compute dtype); each kind its own."""
+        raise NotImplementedError
 
     def _frozen_inputs(self, dtype):
         """What ``TTcompile()`` froze, in ``dtype`` (the compute dtype), as the compiled step takes it.
@@ -521,19 +533,8 @@ class TimeInvariantLayer(Layer):
     # against 0.54-0.77x, batch 1 x 64 and 32 x 256 features, AVX-512).
     _fuses_step = True
 
-    def _direct_step(self, checked: "_CheckedStep", x, held: dict):
-        if self._FROZEN not in self._buffers:
-            return super()._direct_step(checked, x, held)
-        # TTcompile'd: the frozen system, not the parameters, and no plan to make.
-        compute = checked.compute_dtype
-        x_c = x if x.dtype == compute else x.to(compute)
-        state = self.spec.state(*held.values())
-        if checked.autocast is None:
-            y, new_state = self._frozen_step(x_c, state)
-        else:
-            with self._math_context(x_c):
-                y, new_state = self._frozen_step(x_c, state)
-        return (y if y.dtype == checked.out_dtype else y.to(checked.out_dtype)), dict(zip(held, new_state))
+    def _frozen(self) -> bool:
+        return self._FROZEN in self._buffers
 
     def _core_step(self, x, state, params, plan):
         if self._FROZEN not in self._buffers:  # Layer._core_step's eager step, inlined: a call less per step
@@ -541,8 +542,7 @@ class TimeInvariantLayer(Layer):
         return self._frozen_step(x, state)
 
     def _frozen_step(self, x, state):
-        """A step of the frozen system in ``x``'s dtype (the compute dtype: float32 for a half-precision layer),
-        which takes no parameters (None in their record)."""
+        # The frozen system (float32 for a half-precision layer) takes no parameters: None in their record.
         dynamics, no_params = self._frozen_inputs(x.dtype)
         if self._fuses_step:
             return self._compiled_step(x, state, no_params, dynamics)
@@ -619,21 +619,17 @@ class SelectiveLayer(Layer):
 
     _COMPILED = "_compiled_params_"
 
-    def _direct_step(self, checked: "_CheckedStep", x, held: dict):
-        if "_compiled_fields" not in self.__dict__:
-            return super()._direct_step(checked, x, held)
-        # TTcompile'd: the frozen weights, not the parameters, and the compiled step, which runs
-        # eagerly where autograd records or a torch.func transform runs; no plan to make.
-        compute = checked.compute_dtype
-        x_c = x if x.dtype == compute else x.to(compute)
-        y, new_state = self._compiled_step(x_c, self.spec.state(*held.values()), *self._frozen_inputs(compute))
-        return (y if y.dtype == checked.out_dtype else y.to(checked.out_dtype)), dict(zip(held, new_state))
+    def _frozen(self) -> bool:
+        return "_compiled_fields" in self.__dict__
 
     def _core_step(self, x, state, params, plan):
         if "_compiled_fields" not in self.__dict__:
             return super()._core_step(x, state, params, plan)
-        frozen_params, decay = self._frozen_inputs(x.dtype)  # the compute dtype: float32 for a half-precision layer
-        return self._compiled_step(x, state, frozen_params, decay)
+        return self._frozen_step(x, state)
+
+    def _frozen_step(self, x, state):
+        # The compiled step, which runs eagerly where autograd records or a torch.func transform runs.
+        return self._compiled_step(x, state, *self._frozen_inputs(x.dtype))
 
     def _make_frozen_inputs(self, dtype):
         buffers = self._buffers
