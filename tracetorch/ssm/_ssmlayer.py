@@ -530,7 +530,8 @@ class TimeInvariantLayer(Layer):
     # Whether TTcompile() also compiles the step: where it is elementwise over a [batch, N, d_state] state (S4),
     # fused into one pass; S5's is two matrix products around a [batch, d_state] state, which the compiled
     # step ran slower than eager on the frozen system (inductor's graph: 1.09-1.12x 0.19.2's eager step
-    # against 0.54-0.77x, batch 1 x 64 and 32 x 256 features, AVX-512).
+    # against 0.54-0.77x at batch 1 x 64 and 32 x 256 features under AVX-512; 0.81-0.92x against
+    # 0.46-0.65x under ATEN_CPU_CAPABILITY=avx2 and default).
     _fuses_step = True
 
     def _frozen(self) -> bool:
