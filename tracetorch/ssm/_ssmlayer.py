@@ -256,9 +256,13 @@ class Layer(BaseLayer):
         out_dtype = self._check_input(x) if checked is None else checked.out_dtype
         x_c, params = self._compute_inputs(x)
         run_core = self._core_scan if sequence else self._core_step
+        frozen = not sequence and self._frozen()  # a TTcompile'd step: the frozen weights, and no plan to make
         config = self.config
 
         def core(x_last, state):
+            if frozen:
+                with self._math_context(x_last):
+                    return self._frozen_step(x_last, state)
             plan = self.backend.plan(self.spec, x_last, params, sequence, compiled, config, state=state)
             with self._math_context(x_last):
                 return run_core(x_last, state, params, plan)
@@ -537,11 +541,6 @@ class TimeInvariantLayer(Layer):
     def _frozen(self) -> bool:
         return self._FROZEN in self._buffers
 
-    def _core_step(self, x, state, params, plan):
-        if self._FROZEN not in self._buffers:  # Layer._core_step's eager step, inlined: a call less per step
-            return self.spec.step(x, state, params, xp=xp_torch, plan=plan, config=self.config)
-        return self._frozen_step(x, state)
-
     def _frozen_step(self, x, state):
         # The frozen system (float32 for a half-precision layer) takes no parameters: None in their record.
         dynamics, no_params = self._frozen_inputs(x.dtype)
@@ -622,11 +621,6 @@ class SelectiveLayer(Layer):
 
     def _frozen(self) -> bool:
         return "_compiled_fields" in self.__dict__
-
-    def _core_step(self, x, state, params, plan):
-        if "_compiled_fields" not in self.__dict__:
-            return super()._core_step(x, state, params, plan)
-        return self._frozen_step(x, state)
 
     def _frozen_step(self, x, state):
         # The compiled step, which runs eagerly where autograd records or a torch.func transform runs.
