@@ -92,3 +92,48 @@ def test_a_torch_layer_whose_dim_changes_checks_its_square_input_again():
         reference.dim = 0
         expected = reference(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the steady steps of a loop
+# From a loop's second step on, forward compares the step's key with the last checked one and runs the step
+# directly. What the key cannot see (a backward pass recomputing the call, autocast's state on the device,
+# an export tracing it) must still send the call through the full checks.
+
+
+@pytest.mark.parametrize("name", ["S4", "S5", "S6", "Mamba"])
+def test_plain_checkpointing_of_steady_steps_names_tt_checkpoint(name):
+    """Recomputed during backward from the states of a later time, a step would give wrong gradients silently."""
+    layer = _torch_layer(name)
+    x = torch.randn(4, 8, requires_grad=True)
+    for _ in range(2):
+        layer(x)  # the key of this input is checked and kept
+    ys = [torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) for _ in range(3)]
+    with pytest.raises(RuntimeError, match=rf"{name}: .*tt\.checkpoint"):
+        torch.stack(ys).sum().backward()
+
+
+@pytest.mark.parametrize("name", ["S4", "S5", "S6", "Mamba"])
+def test_a_steady_step_under_autocast_answers_as_a_first_step_there(name):
+    """Autocast turned on between two steps of one input: the output dtype and values of a layer's first step there."""
+    layer, fresh = _torch_layer(name), _torch_layer(name)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        for _ in range(2):
+            layer(x)
+            fresh(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x)
+            fresh.__dict__.pop("_step_signature")  # the full checks, as at a first step
+            expected = fresh(x)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_exporting_a_layer_after_steady_steps_points_to_the_stateless_form():
+    layer = _torch_layer("S6")
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        for _ in range(2):
+            layer(x)
+    with pytest.raises(RuntimeError, match=r"S6: torch.export .*layer.stateless\(\)"):
+        torch.export.export(layer, (x,), strict=False)

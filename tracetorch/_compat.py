@@ -16,7 +16,7 @@ import re
 
 import torch
 
-__all__ = ["TORCH_VERSION", "MIN_TORCH", "is_exporting", "is_autocast_available", "autocast_dtype", "inductor_options"]
+__all__ = ["TORCH_VERSION", "MIN_TORCH", "is_exporting", "is_autocast_available", "autocast_dtype", "autocast_dtype_of", "inductor_options"]
 
 
 def _release(version: str) -> tuple:
@@ -66,6 +66,20 @@ def autocast_dtype(device_type: str):
     if not is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_dtype_of(x: torch.Tensor):
+    """:func:`autocast_dtype` on ``x``'s device, for a loop's every step: where autocast is off on every
+    device, one call answers, without asking ``x`` its device type (which costs more than the rest).
+
+    Not for code that ``torch.compile`` traces: dynamo does not know the private call.
+    """
+    if _any_autocast_enabled is not None and not _any_autocast_enabled():
+        return None
+    return autocast_dtype(x.device.type)
 
 
 def inductor_options() -> dict:

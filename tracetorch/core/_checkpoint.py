@@ -21,6 +21,11 @@ _RESTORED_LAYERS: ContextVar[frozenset] = ContextVar("tracetorch_restored_layers
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
 
 
+def outside_backward() -> bool:
+    """Whether no backward pass runs the caller (so no checkpointing recomputes it): the usual forward call."""
+    return _graph_task_id is None or _graph_task_id() == -1
+
+
 def check_not_recomputed_unrestored(layer: nn.Module) -> None:
     """Raise if ``layer`` runs in a backward pass without ``tt.checkpoint`` having set its states back.
 

@@ -26,7 +26,7 @@ from ssm_core.layout import (
 
 from .. import _compat
 from ..core import Layer as BaseLayer
-from ..core._checkpoint import check_not_recomputed_unrestored
+from ..core._checkpoint import check_not_recomputed_unrestored, outside_backward
 from ..core._layer import _SEQUENCE_MODE
 from . import _fused
 from ._backend import backend as torch_backend
@@ -252,7 +252,8 @@ class Layer(BaseLayer):
         sequence = time_dim is not None
         checked = None if sequence else self._checked_step(x, held)
         if checked is not None and checked.direct:
-            return self._direct_step(checked, x, held)
+            y, new_states = self._direct_step(checked, x, list(held.values()))
+            return y, dict(zip(held, new_states))
         out_dtype = self._check_input(x) if checked is None else checked.out_dtype
         x_c, params = self._compute_inputs(x)
         run_core = self._core_scan if sequence else self._core_step
@@ -276,20 +277,21 @@ class Layer(BaseLayer):
             y, states = run_step(checked.axis, self.spec, self._slots, x_c, held, core, xp_torch)
         return (y if y.dtype == out_dtype else y.to(out_dtype)), states
 
-    def _direct_step(self, checked: "_CheckedStep", x, held: dict):
-        """A checked step of features-last input with every state held: ``run_step`` without its moves.
+    def _direct_step(self, checked: "_CheckedStep", x, states: list):
+        """A checked step of features-last input from every held state (in the state record's order):
+        ``run_step`` without its moves. Returns ``(y, new states)``, the states in that order.
 
         What a loop of steps runs from its second call on; its plan is the
         signature's, per autograd mode.
         """
         compute = checked.compute_dtype
         x_c = x if x.dtype == compute else x.to(compute)
-        state = self.spec.state(*held.values())
+        state = self.spec.state(*states)
         if self._frozen():  # TTcompile'd: the frozen weights, not the parameters, and no plan to make
             step, args = self._frozen_step, (x_c, state)
         else:
             params, _ = in_compute_dtype(self._core_params(), xp_torch, compute)
-            grad = torch.is_grad_enabled() and self.backend.records_gradients(x_c, params, held.values())
+            grad = torch.is_grad_enabled() and self.backend.records_gradients(x_c, params, states)
             mode = (grad, _fused.functorch_active())  # what the plan's forms depend on besides the signature
             plan = checked.plans.get(mode)
             if plan is None:
@@ -300,7 +302,7 @@ class Layer(BaseLayer):
         else:
             with self._math_context(x_c):
                 y, new_state = step(*args)
-        return (y if y.dtype == checked.out_dtype else y.to(checked.out_dtype)), dict(zip(held, new_state))
+        return (y if y.dtype == checked.out_dtype else y.to(checked.out_dtype)), new_state
 
     def _math_context(self, x):
         """Where the step's or scan's math runs: autocast off for S4/S5, whose matrix products carry the
@@ -320,13 +322,7 @@ class Layer(BaseLayer):
         """
         if type(held) is not dict or not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
             return None
-        reference = self._reference_param()
-        device = x.device
-        signature = (
-            type(x), x.shape, x.dtype, device, reference.dtype, reference.device, self.dim, self.num_neurons,
-            _compat.autocast_dtype(device.type),
-            *[None if state is None else (state.shape, state.dtype) for state in held.values()],
-        )
+        signature = self._step_key(x, held.values())
         cached = self.__dict__.get("_step_signature")
         if cached is not None and cached.signature == signature:
             return cached
@@ -336,9 +332,18 @@ class Layer(BaseLayer):
         # Held states in the order the state record takes them: _direct_step builds it from held's values.
         in_order = tuple(held) == self.spec.state._fields
         direct = axis == x.ndim - 1 and in_order and all(state is not None for state in held.values())
-        checked = _CheckedStep(signature, out_dtype, axis, x_c.dtype, signature[8], direct, {})
+        checked = _CheckedStep(signature, out_dtype, axis, x_c.dtype, _compat.autocast_dtype_of(x), direct, {})
         self.__dict__["_step_signature"] = checked
         return checked
+
+    def _step_key(self, x, states) -> tuple:
+        """What the checks of a step depend on: ``x``'s type, shape, dtype and device, the parameters' dtype and
+        device, ``dim`` and the width, the autocast state, and the held ``states``' shapes and dtypes."""
+        reference = self._reference_param()
+        return (
+            type(x), x.shape, x.dtype, x.device, reference.dtype, reference.device, self.dim, self.num_neurons,
+            _compat.autocast_dtype_of(x), *[None if state is None else (state.shape, state.dtype) for state in states],
+        )
 
     def _held_states(self) -> dict:
         check_not_recomputed_unrestored(self)  # plain torch checkpointing would recompute from later states
@@ -352,6 +357,17 @@ class Layer(BaseLayer):
         raise RuntimeError(_STATELESS_HINT.format(layer=type(self).__name__, what="torch.jit.script"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A loop's steps from its second on: the input and the held states are as the last checked step's
+        # (its key), nothing traces the call, and no backward pass recomputes it.
+        checked = None if torch.compiler.is_compiling() else self.__dict__.get("_step_signature")
+        if (checked is not None and checked.direct and type(x) is checked.signature[0]
+                and self.__dict__.get(_SEQUENCE_MODE) is None):
+            names = self.spec.state._fields
+            held = [getattr(self, name) for name in names]
+            if self._step_key(x, held) == checked.signature and outside_backward() and not _compat.is_exporting():
+                y, new_states = self._direct_step(checked, x, held)
+                self.__dict__.update(zip(names, new_states))  # states are plain attributes: skip nn.Module.__setattr__
+                return y
         self._refuse_export()
         time_dim = self.__dict__.get(_SEQUENCE_MODE)  # inside tt.sequence_mode: x is a whole sequence
         y, states = self._run(x, self._held_states(), time_dim)
@@ -374,7 +390,7 @@ class Layer(BaseLayer):
             # Traced by someone's torch.compile: the eager step, which their compile fuses. Kept, it
             # would be this key's step after their compile too (dynamo replays the attribute's write).
             return _fused.step_function(self.spec, self.config, x)(x, state, params, prepared)
-        key = (tuple(x.shape), x.dtype, x.device, _compat.autocast_dtype(x.device.type))  # a graph per autocast state
+        key = (x.shape, x.dtype, x.device, _compat.autocast_dtype_of(x))  # a graph per autocast state
         cached = self.__dict__.get("_compiled_step_fn")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_compiled_step_fn"] = (key, _fused.step_function(self.spec, self.config, x))
