@@ -357,6 +357,8 @@ def _graph_step(spec, config, eager, standalone):
     the data, as dynamo's ``fullgraph`` does.
     """
     traced = None  # (absent, dtype, compiled graph, the new state's template): the first call's
+    fixed = None  # (params, decay, their arrays, where None stood, whether they are the graph's dtype on the CPU)
+    x_dtype = None  # the first call's dtype, which the graph was traced in
 
     def trace(x, groups, arrays, absent):
         new_states = []  # the new state record of the traced call: where its outputs go back
@@ -379,16 +381,29 @@ def _graph_step(spec, config, eager, standalone):
         new_state = new_states[-1]
         return absent, x.dtype, compiled, (new_state, tuple(s is None for s in new_state))
 
+    def fixed_arrays(params, decay):
+        # The weights a TTcompile'd layer keeps are the same records at every step: flattened and checked once.
+        nonlocal fixed
+        if fixed is None or fixed[0] is not params or fixed[1] is not decay:
+            arrays, found = _flat((params, decay))
+            arrays = [a.contiguous() for a in arrays]
+            fixed = (params, decay, arrays, found, all(a.is_cpu and a.dtype == x_dtype for a in arrays))
+        return fixed[2:]
+
     def step(x, state, params, decay):
-        nonlocal traced
-        arrays, found = _flat((state, params, decay))
-        x, arrays = x.contiguous(), [a.contiguous() for a in arrays]  # the graph's strides: its first call's
+        nonlocal traced, x_dtype
+        state_arrays, state_found = _flat((state,))
+        x, state_arrays = x.contiguous(), [a.contiguous() for a in state_arrays]  # the graph's strides: its first call's
         if traced is None:
-            traced = trace(x, (state, params, decay), arrays, found)
+            x_dtype = x.dtype
+            weights, weights_found, _ = fixed_arrays(params, decay)
+            traced = trace(x, (state, params, decay), state_arrays + weights, state_found + weights_found)
         absent, dtype, compiled, (new_state, new_absent) = traced
-        if found != absent or not all(a.is_cpu and a.dtype == dtype for a in (x, *arrays)):
+        weights, weights_found, weights_fit = fixed_arrays(params, decay)
+        if (state_found + weights_found != absent or not weights_fit or x.dtype != dtype or not x.is_cpu
+                or not all(a.is_cpu and a.dtype == dtype for a in state_arrays)):
             return eager(x, state, params, decay)
-        y, *new_arrays = compiled(x, *arrays)
+        y, *new_arrays = compiled(x, *state_arrays, *weights)
         return y, _unflat((new_state,), new_absent, new_arrays)[0]
 
     return step
