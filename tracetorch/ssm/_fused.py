@@ -357,8 +357,7 @@ def _graph_step(spec, config, eager, standalone):
     the data, as dynamo's ``fullgraph`` does.
     """
     traced = None  # (absent, dtype, compiled graph, the new state's template): the first call's
-    fixed = None  # (params, decay, their arrays, where None stood, whether they are the graph's dtype on the CPU)
-    x_dtype = None  # the first call's dtype, which the graph was traced in
+    fixed = None  # (params, decay, their arrays, where None stood, whether all are of x's dtype on the CPU)
 
     def trace(x, groups, arrays, absent):
         new_states = []  # the new state record of the traced call: where its outputs go back
@@ -381,27 +380,26 @@ def _graph_step(spec, config, eager, standalone):
         new_state = new_states[-1]
         return absent, x.dtype, compiled, (new_state, tuple(s is None for s in new_state))
 
-    def fixed_arrays(params, decay):
+    def fixed_arrays(params, decay, dtype):
         # The weights a TTcompile'd layer keeps are the same records at every step: flattened and checked once.
         nonlocal fixed
         if fixed is None or fixed[0] is not params or fixed[1] is not decay:
             arrays, found = _flat((params, decay))
             arrays = [a.contiguous() for a in arrays]
-            fixed = (params, decay, arrays, found, all(a.is_cpu and a.dtype == x_dtype for a in arrays))
+            fixed = (params, decay, arrays, found, all(a.is_cpu and a.dtype == dtype for a in arrays))
         return fixed[2:]
 
     def step(x, state, params, decay):
-        nonlocal traced, x_dtype
+        nonlocal traced
         state_arrays, state_found = _flat((state,))
         x, state_arrays = x.contiguous(), [a.contiguous() for a in state_arrays]  # the graph's strides: its first call's
         if traced is None:
-            x_dtype = x.dtype
-            weights, weights_found, _ = fixed_arrays(params, decay)
+            weights, weights_found, _ = fixed_arrays(params, decay, x.dtype)
             traced = trace(x, (state, params, decay), state_arrays + weights, state_found + weights_found)
         absent, dtype, compiled, (new_state, new_absent) = traced
-        weights, weights_found, weights_fit = fixed_arrays(params, decay)
-        if (state_found + weights_found != absent or not weights_fit or x.dtype != dtype or not x.is_cpu
-                or not all(a.is_cpu and a.dtype == dtype for a in state_arrays)):
+        weights, weights_found, weights_fit = fixed_arrays(params, decay, dtype)
+        if (state_found + weights_found != absent or not weights_fit
+                or not all(a.is_cpu and a.dtype == dtype for a in (x, *state_arrays))):
             return eager(x, state, params, decay)
         y, *new_arrays = compiled(x, *state_arrays, *weights)
         return y, _unflat((new_state,), new_absent, new_arrays)[0]
