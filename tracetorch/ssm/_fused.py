@@ -408,7 +408,9 @@ def _graph_step(spec, config, eager, standalone):
         if not (fixed[4] and fits(moving, inputs[: len(moving)])):
             return eager(x, state, params, decay)
         y, *new_arrays = compiled(*moving, *weights)
-        return y, _unflat((new_state,), new_absent, new_arrays)[0]
+        if True in new_absent:
+            return y, _unflat((new_state,), new_absent, new_arrays)[0]
+        return y, type(new_state)(*new_arrays)  # every field an array: the record at once
 
     return step
 
