@@ -36,9 +36,9 @@ def check_not_recomputed_unrestored(layer: nn.Module) -> None:
     tensors fails where their shapes differ, and where they do not the
     gradients are silently wrong.
     """
-    if _graph_task_id is None or torch.compiler.is_compiling():  # a traced graph holds no Python check
+    if torch.compiler.is_compiling():  # a traced graph holds no Python check
         return
-    if _graph_task_id() == -1 or id(layer) in _RESTORED_LAYERS.get():
+    if outside_backward() or id(layer) in _RESTORED_LAYERS.get():
         return
     raise RuntimeError(
         f"{type(layer).__name__}: called during a backward pass, as checkpointing recomputes, but its hidden "

@@ -360,7 +360,7 @@ class Layer(BaseLayer):
         # A loop's steps from its second on: the input and the held states are as the last checked step's
         # (its key), nothing traces the call, and no backward pass recomputes it.
         checked = None if torch.compiler.is_compiling() else self.__dict__.get("_step_signature")
-        if (checked is not None and checked.direct and type(x) is checked.signature[0]
+        if (checked is not None and checked.direct and isinstance(x, torch.Tensor)
                 and self.__dict__.get(_SEQUENCE_MODE) is None):
             names = self.spec.state._fields
             held = [getattr(self, name) for name in names]
