@@ -113,8 +113,12 @@ def unstack(x, axis, xp):
 
 
 def muladd(a, b, c, xp, overwrite: bool = False):
-    """``a * b + c``, elementwise with broadcasting; into ``c`` where ``overwrite`` (see :func:`scaled`)."""
-    overwrite = overwrite and a.dtype == c.dtype and b.dtype == c.dtype
+    """``a * b + c``, elementwise with broadcasting; into ``c`` where ``overwrite`` (see :func:`scaled`).
+
+    Overwriting, ``a`` broadcasts into ``c`` (the callers': an array of ``c``'s or the parameters' shape);
+    ``b`` (their state) may be larger than ``c``, whose result then is a new array, as the plain operation's.
+    """
+    overwrite = overwrite and a.dtype == c.dtype and b.dtype == c.dtype and b.shape == c.shape
     if _is_torch(xp):
         if overwrite:
             return c.addcmul_(a, b)

@@ -38,8 +38,8 @@ class Plan(NamedTuple):
     operations (:data:`EXPM1_FORMS`, :data:`READOUT_FORMS`); ``inplace``:
     the call may overwrite the temporary arrays it makes itself (never its
     inputs), for libraries whose arrays are mutable, where nothing records
-    the call for a backward pass: S6's and Mamba's steps and eager scan
-    blocks do. The numbers are the same either way.
+    the call for a backward pass: S4's, S6's and Mamba's steps and eager
+    scan blocks do. The numbers are the same either way.
     """
 
     method: Optional[str] = None

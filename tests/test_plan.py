@@ -139,6 +139,24 @@ def test_overwriting_temporaries_changes_no_number_and_no_input(case, expm1, lib
     _equal([x, *state, *params], given)
 
 
+@pytest.mark.parametrize("library", sorted(_OVERWRITING_LIBRARIES))
+@pytest.mark.parametrize("layer", ["S4", "S5", "S6"])  # Mamba's conv buffer joins the input: one batch shape
+def test_overwriting_with_a_state_that_broadcasts_the_input(layer, library):
+    """A state with a batch axis the input lacks makes a batched step, overwriting or not: the temporaries
+    made from the input are then smaller than the new state, which is a new array, with the plain numbers."""
+    xp = _OVERWRITING_LIBRARIES[library]()
+    spec = ssm_core.LAYERS[layer]
+    config = spec.config(4, d_state=3)
+    params = spec.params_from_mapping({k: xp.asarray(v) for k, v in random_weights(layer, vars(config)).items()})
+    x = xp.asarray(np.random.default_rng(1).standard_normal(4))
+    state = spec.state(*(xp.asarray(np.random.default_rng(2).standard_normal(s.shape))
+                         for s in spec.zero_state(config, (2,), xp, xp.float64)))
+    plain = spec.step(x, state, params, xp=xp, config=config)
+    overwriting = spec.step(x, state, params, xp=xp, plan=ssm_core.Plan(inplace=True), config=config)
+    assert tuple(plain[0].shape) == (2, 4)
+    _equal([overwriting[0], *overwriting[1]], [plain[0], *plain[1]])
+
+
 def test_torch_overwrites_temporaries_only_where_nothing_records_them():
     layer = tt.ssm.S6(8)
     x = torch.randn(3, 8)
