@@ -179,20 +179,15 @@ class Layer(BaseLayer):
         if cls.spec is not None:  # (submodule name or "", parameter name) of each state_dict() key
             cls._param_paths = tuple(key.rpartition(".")[::2] for key in cls.spec.param_keys)
 
-    def _core_params(self, dtype: Optional[torch.dtype] = None):
-        """The parameters as ``spec.params`` (None where absent); in ``dtype`` where given (the compute dtype,
-        see :func:`~ssm_core.layout.in_compute_dtype`).
+    def _core_params(self):
+        """The parameters as ``spec.params`` (None where absent).
 
         Looked up on every call: a parameter, or the module holding it, may have been replaced.
         """
         modules, own = self._modules, self._parameters
-        values = [(modules[owner]._parameters if owner else own).get(name) for owner, name in self._param_paths]
-        params = self.spec.params(*values)
-        if dtype is not None:
-            for value in values:  # a loop's every step: nothing to convert, where the parameters are in dtype
-                if value is not None and value.dtype != dtype:
-                    return in_compute_dtype(params, xp_torch, dtype)[0]
-        return params
+        return self.spec.params(
+            *[(modules[owner]._parameters if owner else own).get(name) for owner, name in self._param_paths]
+        )
 
     @property
     def _slots(self) -> tuple:
@@ -295,7 +290,7 @@ class Layer(BaseLayer):
         if self._frozen():  # TTcompile'd: the frozen weights, not the parameters, and no plan to make
             step, args = self._frozen_step, (x_c, state)
         else:
-            params = self._core_params(compute)
+            params, _ = in_compute_dtype(self._core_params(), xp_torch, compute)
             grad = torch.is_grad_enabled() and self.backend.records_gradients(x_c, params, states)
             mode = (grad, _fused.functorch_active())  # what the plan's forms depend on besides the signature
             plan = checked.plans.get(mode)
@@ -368,7 +363,7 @@ class Layer(BaseLayer):
         if (checked is not None and checked.direct and isinstance(x, torch.Tensor)
                 and self.__dict__.get(_SEQUENCE_MODE) is None):
             names = self.spec.state._fields
-            held = [self.__dict__.get(name) for name in names]  # plain attributes; one absent gives another key
+            held = [getattr(self, name) for name in names]
             if self._step_key(x, held) == checked.signature and outside_backward() and not _compat.is_exporting():
                 y, new_states = self._direct_step(checked, x, held)
                 self.__dict__.update(zip(names, new_states))  # states are plain attributes: skip nn.Module.__setattr__
