@@ -358,7 +358,7 @@ def _graph_step(spec, config, eager, standalone):
     Inductor's own assertion of every input's size and stride is off: its
     thirteen calls took a sixth of Mamba's TTcompile'd step at batch 1, 64
     features. The arrays are made contiguous, and their shapes checked here
-    instead: the states' at every call, the weights' once (see ``fixed_arrays``).
+    instead: the states' at every call, the weights' once (see ``fixed``).
     """
     traced = None  # (absent, the inputs' (shape, dtype), compiled graph, the new state's template): the first call's
     fixed = None  # (params, decay, their arrays, where None stood, whether they fit the traced graph)
